@@ -1,0 +1,3 @@
+"""eczema-batch: catalogue eczema photographs and measure severity over time."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,75 @@
+"""Settings, read from ECZEMA_BATCH_* environment variables (and a .env file in the working folder).
+
+`get_settings()` builds them lazily once per process; tests call `get_settings.cache_clear()` after
+changing the environment.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from eczema_batch.errors import ConfigError
+
+#: The largest image ingest decodes. A 40,000 x 40,000 PNG header is a decompression bomb, not a
+#: photograph: the largest phone and dermatoscope cameras stay well under 200 MP.
+DEFAULT_MAX_IMAGE_PIXELS = 200_000_000
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ECZEMA_BATCH_", env_file=".env", extra="ignore", protected_namespaces=()
+    )
+
+    home: Path = Field(
+        default=Path(".eczema-batch"),
+        description="workspace folder: the embedded SQLite catalogue, masks, reports",
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: SQLite in the workspace folder"
+    )
+    broker_url: str | None = Field(default=None, description="Celery broker, e.g. redis://host:6379/0")
+    model_dir: Path | None = Field(
+        default=None, description="folder of model weights, one sub-folder per model name"
+    )
+    segmenter_model: str = "seggpt-vit-large"
+    embedder_model: str = "dino-vitb16"
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    batch_size: int = Field(default=8, ge=1)
+    prompts: int = Field(default=2, ge=1, description="K reference images that prompt SegGPT")
+    chunk_size: int = Field(default=64, ge=1, description="image ids per job")
+    max_image_pixels: int = Field(default=DEFAULT_MAX_IMAGE_PIXELS, ge=1)
+    image_root: Path | None = Field(
+        default=None,
+        description="where workers find study folders when they are mounted elsewhere",
+    )
+    ingest_workers: int = Field(default=0, ge=0, description="decode processes; 0 = one per core")
+    ingest_batch_files: int = Field(
+        default=500, ge=1, description="files per ingest transaction (a kill loses at most one)"
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ConfigError(
+                f"ECZEMA_BATCH_DATABASE_URL={value!r} is not a database URL: use e.g. "
+                "sqlite:///path/catalogue.sqlite3 or postgresql+psycopg://user@host/db"
+            )
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'catalogue.sqlite3').resolve()}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,216 @@
+"""`eczema-batch ingest`: catalogue a study folder.
+
+Every file ends catalogued, recognised (already catalogued, or a duplicate of a catalogued picture)
+or rejected with a reason stored in the catalogue. Files are decoded in parallel processes and
+written in batches, one transaction each: a kill at any moment leaves whole batches, and running
+the command again completes the rest (content SHA-256 says what is already there).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from eczema_batch.catalogue.models import Event, Image, Study
+from eczema_batch.errors import StudyFolderError
+from eczema_batch.ingest.manifest import Manifest, read_manifest
+from eczema_batch.ingest.read import FileRead, FileReader, ReadTask
+from eczema_batch.ingest.resolve import Identity, resolve_identities
+from eczema_batch.ingest.scan import MANIFEST_NAME, StudyScan, scan_study
+from eczema_batch.ingest.write import CatalogueWriter, NewImage
+
+log = logging.getLogger(__name__)
+
+#: Below this many files a process pool costs more than it saves.
+POOL_THRESHOLD = 64
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class IngestReport:
+    study: str
+    study_id: int
+    files: int = 0
+    catalogued: int = 0
+    already_catalogued: int = 0
+    #: labels or manual masks added to images catalogued before
+    updated: int = 0
+    duplicates: list[dict[str, str]] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0: all catalogued; 3: some files rejected; 1: nothing could be done."""
+        if self.catalogued + self.already_catalogued + len(self.duplicates) == 0:
+            return 1
+        return 3 if self.rejected else 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "study": self.study,
+            "files": self.files,
+            "catalogued": self.catalogued,
+            "already_catalogued": self.already_catalogued,
+            "updated": self.updated,
+            "duplicates": sorted(self.duplicates, key=lambda d: d["path"]),
+            "rejected": sorted(self.rejected, key=lambda d: d["path"]),
+        }
+
+
+def _study(session: Session, root: Path, name: str) -> Study:
+    study = session.scalar(select(Study).where(Study.name == name))
+    if study is None:
+        study = Study(name=name, root=str(root))
+        session.add(study)
+        session.flush()
+    elif study.root != str(root):
+        session.add(
+            Event(kind="study.moved", subject_type="study", subject_id=study.id,
+                  detail={"from": study.root, "to": str(root)})
+        )
+        study.root = str(root)
+    return study
+
+
+def _plan(scan: StudyScan, manifest: Manifest, report: IngestReport) -> list[ReadTask]:
+    """Pair images with masks; reject what the manifest or layout already rules out."""
+    images = dict(scan.images)
+    masks = dict(scan.masks)
+    for rel, row in manifest.rows.items():
+        if row.mask is not None:
+            # The manifest may name a mask file that does not follow the NAME.mask.png rule.
+            if row.mask in images:
+                scan.mask_files[row.mask] = images.pop(row.mask)
+            if row.mask not in scan.mask_files:
+                manifest.problems.setdefault(
+                    rel, f"{MANIFEST_NAME} line {row.line}: mask {row.mask} is not in the study"
+                )
+            else:
+                masks[rel] = row.mask
+        if rel not in images and rel not in manifest.problems:
+            report.rejected.append({
+                "path": rel,
+                "reason": f"{MANIFEST_NAME} line {row.line} names {rel}, which is not in the "
+                "study folder",
+            })
+    claimed = set(masks.values())
+    for mask_rel in sorted(set(scan.mask_files) - claimed):
+        report.rejected.append({
+            "path": mask_rel,
+            "reason": "mask without an image: put NAME.mask.png beside NAME.jpg (or .png, .dcm) "
+            "or name it in the mask column of manifest.csv",
+        })
+    for rel, reason in scan.rejected.items():
+        report.rejected.append({"path": rel, "reason": reason})
+    tasks = []
+    for rel in sorted(images):
+        if rel in manifest.problems:
+            report.rejected.append({"path": rel, "reason": manifest.problems[rel]})
+            continue
+        mask_rel = masks.get(rel)
+        tasks.append(
+            ReadTask(rel=rel, path=images[rel], mask_rel=mask_rel,
+                     mask_path=scan.mask_files[mask_rel] if mask_rel else None)
+        )
+    for key, reason in manifest.problems.items():
+        if key not in images and key not in scan.images:
+            report.rejected.append({"path": key, "reason": reason})
+    return tasks
+
+
+def _batches(items: Iterable[FileRead], size: int) -> Iterable[list[FileRead]]:
+    batch: list[FileRead] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def ingest_study(
+    root: Path,
+    *,
+    factory: sessionmaker[Session],
+    study_name: str | None = None,
+    max_pixels: int,
+    processes: int = 0,
+    batch_files: int = 500,
+    progress: Progress | None = None,
+) -> IngestReport:
+    if not root.exists():
+        raise StudyFolderError(f"{root} does not exist: give the folder that holds the study")
+    if not root.is_dir():
+        raise StudyFolderError(f"{root} is not a folder: give the folder that holds the study")
+    root = root.resolve()
+    name = study_name or root.name
+    scan = scan_study(root)
+    manifest = read_manifest(scan.manifest) if scan.manifest is not None else Manifest()
+
+    with factory() as session, session.begin():
+        study_id = _study(session, root, name).id
+        known = {
+            sha: (w, h)
+            for sha, w, h in session.execute(select(Image.sha256, Image.width, Image.height))
+        }
+    report = IngestReport(study=name, study_id=study_id)
+    tasks = _plan(scan, manifest, report)
+    report.files = len(tasks) + len(report.rejected)
+    log.info("study %s: %d files to read", study_id, len(tasks))
+
+    if processes <= 0:
+        processes = os.cpu_count() or 1
+    if len(tasks) < POOL_THRESHOLD:
+        processes = 1
+    writer = CatalogueWriter(factory=factory, study_id=study_id, present=set(scan.images))
+    done = 0
+    with FileReader(known=known, max_pixels=max_pixels, processes=processes) as reader:
+        for batch in _batches(reader.read(tasks), batch_files):
+            _write_batch(batch, manifest, writer, report)
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(tasks))
+    writer.record_rejections(report.rejected, report.duplicates)
+    with factory() as session, session.begin():
+        session.add(Event(kind="ingest", subject_type="study", subject_id=study_id,
+                          detail={k: v if isinstance(v, int) else len(v)
+                                  for k, v in report.as_dict().items() if k != "study"}))
+    return report
+
+
+def _write_batch(
+    batch: list[FileRead], manifest: Manifest, writer: CatalogueWriter, report: IngestReport
+) -> None:
+    new: list[FileRead] = []
+    for read in batch:
+        if read.error is not None:
+            report.rejected.append({"path": read.rel, "reason": read.error})
+        elif read.mask is not None and read.mask.error is not None:
+            report.rejected.append({"path": read.rel, "reason": read.mask.error})
+        else:
+            new.append(read)
+    identities = resolve_identities(new, manifest.rows)
+    images: list[NewImage] = []
+    for read in new:
+        identity = identities[read.rel]
+        if not isinstance(identity, Identity):
+            report.rejected.append({"path": read.rel, "reason": identity})
+            continue
+        row = manifest.rows.get(read.rel)
+        images.append(NewImage(read=read, identity=identity,
+                               severity=row.severity if row is not None else None))
+    outcome = writer.write(images)
+    report.catalogued += outcome.catalogued
+    report.already_catalogued += outcome.already
+    report.updated += outcome.updated
+    report.duplicates.extend(outcome.duplicates)
+    report.rejected.extend(outcome.rejected)

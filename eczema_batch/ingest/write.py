@@ -1,0 +1,299 @@
+"""Write ingested files into the catalogue, one transaction per batch.
+
+The fast path inserts a batch with multi-row statements. If anything in it collides (another
+ingest of the same pictures running at the same time), the batch is rolled back and written again
+file by file, each in a savepoint, so one bad record never costs the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from eczema_batch.catalogue.models import Image, Label, Mask, Patient, Rejection, Study, Visit
+from eczema_batch.ingest.read import FileRead
+from eczema_batch.ingest.resolve import Identity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NewImage:
+    read: FileRead
+    identity: Identity
+    severity: int | None
+
+
+@dataclass
+class WriteOutcome:
+    catalogued: int = 0
+    already: int = 0
+    updated: int = 0
+    duplicates: list[dict[str, str]] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Known:
+    id: int
+    path: str
+    study_id: int
+
+
+class CatalogueWriter:
+    def __init__(
+        self, *, factory: sessionmaker[Session], study_id: int, present: set[str] | None = None
+    ) -> None:
+        self._factory = factory
+        self._study_id = study_id
+        #: image paths present in the folder now (a catalogued path missing from it has moved)
+        self._present = present or set()
+        self.catalogued_paths: set[str] = set()
+        #: duplicate path -> id of the catalogued image it repeats
+        self.duplicate_of: dict[str, int] = {}
+        self._load()
+
+    def _load(self) -> None:
+        with self._factory() as session:
+            self._study_names = dict(session.execute(select(Study.id, Study.name)).tuples())
+            self._patients = {
+                code: pid
+                for pid, code in session.execute(
+                    select(Patient.id, Patient.subject_code).where(
+                        Patient.study_id == self._study_id
+                    )
+                )
+            }
+            self._visits = {
+                (pid, label): vid
+                for vid, pid, label in session.execute(
+                    select(Visit.id, Visit.patient_id, Visit.label)
+                    .join(Patient)
+                    .where(Patient.study_id == self._study_id)
+                )
+            }
+            self._by_sha = {
+                sha: _Known(iid, path, sid)
+                for iid, sha, path, sid in session.execute(
+                    select(Image.id, Image.sha256, Image.path, Image.study_id)
+                )
+            }
+
+    # -- batches ---------------------------------------------------------------------------
+
+    def write(self, images: list[NewImage]) -> WriteOutcome:
+        try:
+            with self._factory() as session, session.begin():
+                return self._write(session, images, per_file=False)
+        except IntegrityError:
+            log.warning("batch collided with another writer; writing it file by file")
+            self._load()
+            with self._factory() as session, session.begin():
+                return self._write(session, images, per_file=True)
+
+    def _write(self, session: Session, images: list[NewImage], *, per_file: bool) -> WriteOutcome:
+        outcome = WriteOutcome()
+        pending: dict[str, str] = {}  # duplicates within this batch: path -> sha
+        fresh: list[NewImage] = []
+        known: list[tuple[NewImage, _Known]] = []
+        batch_shas: dict[str, str] = {}
+        for item in images:
+            sha = item.read.sha256
+            assert sha is not None
+            existing = self._by_sha.get(sha)
+            if existing is None and sha in batch_shas:
+                outcome.duplicates.append({"path": item.read.rel, "same_as": batch_shas[sha]})
+                pending[item.read.rel] = sha
+            elif existing is None:
+                batch_shas[sha] = item.read.rel
+                fresh.append(item)
+            elif existing.study_id == self._study_id and existing.path == item.read.rel:
+                known.append((item, existing))
+            elif existing.study_id == self._study_id and existing.path not in self._present:
+                # The same picture under a new name, its old name gone: the file was moved.
+                session.execute(
+                    update(Image).where(Image.id == existing.id).values(path=item.read.rel)
+                )
+                self._by_sha[sha] = _Known(existing.id, item.read.rel, existing.study_id)
+                known.append((item, self._by_sha[sha]))
+            else:
+                same_as = existing.path
+                if existing.study_id != self._study_id:
+                    same_as = f"{self._study_names.get(existing.study_id, '?')}:{existing.path}"
+                outcome.duplicates.append({"path": item.read.rel, "same_as": same_as})
+                self.duplicate_of[item.read.rel] = existing.id
+        if per_file:
+            for item in fresh:
+                try:
+                    with session.begin_nested():
+                        self._insert(session, [item])
+                    outcome.catalogued += 1
+                except IntegrityError as exc:
+                    outcome.rejected.append({
+                        "path": item.read.rel,
+                        "reason": f"catalogue refused the record: {str(exc.orig).splitlines()[0]}",
+                    })
+        else:
+            self._insert(session, fresh)
+            outcome.catalogued += len(fresh)
+        for rel, sha in pending.items():
+            if sha in self._by_sha:
+                self.duplicate_of[rel] = self._by_sha[sha].id
+        outcome.already += len(known)
+        outcome.updated += self._sync_known(session, known)
+        self.catalogued_paths.update(item.read.rel for item in fresh)
+        self.catalogued_paths.update(item.read.rel for item, _ in known)
+        return outcome
+
+    # -- rows ------------------------------------------------------------------------------
+
+    def _patient_id(self, session: Session, identity: Identity) -> int:
+        pid = self._patients.get(identity.patient)
+        if pid is None:
+            patient = Patient(
+                study_id=self._study_id,
+                subject_code=identity.patient,
+                code_source=identity.patient_source,
+            )
+            session.add(patient)
+            session.flush()
+            pid = self._patients[identity.patient] = patient.id
+        return pid
+
+    def _visit_id(self, session: Session, identity: Identity) -> int:
+        pid = self._patient_id(session, identity)
+        key = (pid, identity.visit_label)
+        vid = self._visits.get(key)
+        if vid is None:
+            visit = Visit(
+                patient_id=pid,
+                label=identity.visit_label,
+                visit_date=identity.visit_date,
+                date_source=identity.date_source,
+            )
+            session.add(visit)
+            session.flush()
+            vid = self._visits[key] = visit.id
+        return vid
+
+    def _insert(self, session: Session, items: list[NewImage]) -> None:
+        if not items:
+            return
+        rows: list[dict[str, Any]] = []
+        for item in items:
+            read, tags = item.read, item.read.dicom
+            rows.append({
+                "study_id": self._study_id,
+                "visit_id": self._visit_id(session, item.identity),
+                "sha256": read.sha256,
+                "path": read.rel,
+                "format": read.format,
+                "size_bytes": read.size_bytes,
+                "width": read.width,
+                "height": read.height,
+                "frames": tags.frames if tags else 1,
+                "body_site": item.identity.body_site,
+                "study_uid": tags.study_uid if tags else None,
+                "series_uid": tags.series_uid if tags else None,
+                "sop_uid": tags.sop_uid if tags else None,
+                "decode_status": "ok",
+            })
+        result = session.execute(
+            insert(Image).returning(Image.id, sort_by_parameter_order=True), rows
+        )
+        ids = list(result.scalars())
+        labels, masks = [], []
+        for image_id, item in zip(ids, items, strict=True):
+            assert item.read.sha256 is not None
+            self._by_sha[item.read.sha256] = _Known(image_id, item.read.rel, self._study_id)
+            if item.severity is not None:
+                labels.append(_label_row(image_id, item.severity))
+            if item.read.mask is not None and item.read.mask.png is not None:
+                masks.append(_mask_row(image_id, item))
+        if labels:
+            session.execute(insert(Label), labels)
+        if masks:
+            session.execute(insert(Mask), masks)
+
+    def _sync_known(self, session: Session, known: list[tuple[NewImage, _Known]]) -> int:
+        """Add manifest labels and manual masks that appeared since the image was catalogued."""
+        if not known:
+            return 0
+        ids = [existing.id for _, existing in known]
+        newest: dict[int, int] = {}
+        for image_id, severity in session.execute(
+            select(Label.image_id, Label.severity)
+            .where(Label.image_id.in_(ids), Label.source == "manifest")
+            .order_by(Label.id)
+        ):
+            newest[image_id] = severity
+        has_mask = set(
+            session.scalars(
+                select(Mask.image_id).where(Mask.image_id.in_(ids), Mask.kind == "manual")
+            )
+        )
+        labels, masks = [], []
+        for item, existing in known:
+            if item.severity is not None and newest.get(existing.id) != item.severity:
+                labels.append(_label_row(existing.id, item.severity))
+            mask = item.read.mask
+            if mask is not None and mask.png is not None and existing.id not in has_mask:
+                masks.append(_mask_row(existing.id, item))
+        if labels:
+            session.execute(insert(Label), labels)
+        if masks:
+            session.execute(insert(Mask), masks)
+        return len(labels) + len(masks)
+
+    # -- rejections ------------------------------------------------------------------------
+
+    def record_rejections(
+        self, rejected: list[dict[str, str]], duplicates: list[dict[str, str]]
+    ) -> None:
+        """Replace the study's list of rejected files with this ingest's, in one transaction."""
+        now = dt.datetime.now(dt.UTC)
+        with self._factory() as session, session.begin():
+            session.execute(delete(Rejection).where(Rejection.study_id == self._study_id))
+            rows: list[dict[str, Any]] = [
+                {"study_id": self._study_id, "path": r["path"], "kind": "rejected",
+                 "reason": r["reason"], "same_as_image_id": None, "created_at": now}
+                for r in _unique(rejected)
+            ]
+            for dup in _unique(duplicates):
+                same = self.duplicate_of.get(dup["path"])
+                rows.append({"study_id": self._study_id, "path": dup["path"], "kind": "duplicate",
+                             "reason": f"same picture as {dup['same_as']}",
+                             "same_as_image_id": same, "created_at": now})
+            if rows:
+                session.execute(insert(Rejection), rows)
+
+
+def _unique(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    seen: dict[str, dict[str, str]] = {}
+    for row in rows:
+        seen.setdefault(row["path"], row)
+    return list(seen.values())
+
+
+def _label_row(image_id: int, severity: int) -> dict[str, Any]:
+    return {"image_id": image_id, "severity": severity, "source": "manifest", "rater": None,
+            "note": None, "created_at": dt.datetime.now(dt.UTC)}
+
+
+def _mask_row(image_id: int, item: NewImage) -> dict[str, Any]:
+    mask = item.read.mask
+    assert mask is not None and mask.png is not None
+    return {
+        "image_id": image_id, "kind": "manual", "variant": "", "model_id": None,
+        "prompt_ids": [], "prompt_similarities": [],
+        "width": item.read.width, "height": item.read.height,
+        "area_fraction": mask.area_fraction, "png": mask.png,
+        "source_path": mask.rel,
+        "flag": None, "created_at": dt.datetime.now(dt.UTC),
+    }

@@ -1,0 +1,68 @@
+"""Plain functions that write real files and rows for tests."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def photo(size: tuple[int, int] = (64, 48), *, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def write_jpeg(path: Path, size: tuple[int, int] = (64, 48), *, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    photo(size, seed=seed).save(path, format="JPEG", quality=90)
+    return path
+
+
+def write_png(path: Path, size: tuple[int, int] = (64, 48), *, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    photo(size, seed=seed).save(path, format="PNG")
+    return path
+
+
+def write_mask(path: Path, size: tuple[int, int], *, box: tuple[int, int, int, int] | None = None
+               ) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
+    x0, y0, x1, y1 = box or (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2)
+    mask[y0:y1, x0:x1] = 255
+    Image.fromarray(mask, "L").save(path, format="PNG")
+    return path
+
+
+def truncated_jpeg(size: tuple[int, int] = (64, 48)) -> bytes:
+    buffer = io.BytesIO()
+    photo(size).save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()
+    return data[: len(data) // 2]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height pixels (a decompression bomb's shape)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def write_manifest(root: Path, rows: list[dict[str, str]]) -> Path:
+    columns = ["path", "patient", "visit_date", "body_site", "severity", "mask"]
+    lines = [",".join(columns)]
+    for row in rows:
+        lines.append(",".join(row.get(c, "") for c in columns))
+    path = root / "manifest.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,257 @@
+"""Ingest against a real catalogue (SQLite and PostgreSQL): layouts, rejections, re-runs, kills."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from eczema_batch.catalogue.models import Image, Label, Mask, Patient, Rejection, Visit
+from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS
+from eczema_batch.ingest.service import IngestReport, ingest_study
+from tests.factories import (
+    png_header_only,
+    truncated_jpeg,
+    write_jpeg,
+    write_manifest,
+    write_mask,
+    write_png,
+)
+
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def run_ingest(root: Path, factory: sessionmaker[Session], **kwargs: object) -> IngestReport:
+    return ingest_study(root, factory=factory, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, **kwargs)  # type: ignore[arg-type]
+
+
+def count(session: Session, model: type) -> int:
+    return session.scalar(select(func.count()).select_from(model)) or 0
+
+
+@pytest.fixture
+def small_study(tmp_path: Path) -> Path:
+    root = tmp_path / "study"
+    write_jpeg(root / "P001" / "2024-01-15" / "left-arm.jpg", (64, 48), seed=1)
+    write_mask(root / "P001" / "2024-01-15" / "left-arm.mask.png", (64, 48))
+    write_png(root / "P001" / "2024-02-12" / "left-arm.png", (40, 30), seed=2)
+    write_jpeg(root / "P002" / "visit-02" / "img0001.jpg", (32, 32), seed=3)
+    write_manifest(root, [
+        {"path": "P001/2024-01-15/left-arm.jpg", "severity": "2", "body_site": "left arm"},
+        {"path": "P001/2024-02-12/left-arm.png", "severity": "mild"},
+    ])
+    return root
+
+
+def test_ingest_catalogues_layout_manifest_and_masks(
+    small_study: Path, factory: sessionmaker[Session]
+) -> None:
+    report = run_ingest(small_study, factory)
+    assert (report.catalogued, report.already_catalogued, report.rejected) == (3, 0, [])
+    assert report.exit_code == 0
+    with factory() as session:
+        patients = {p.subject_code: p for p in session.scalars(select(Patient))}
+        assert set(patients) == {"P001", "P002"}
+        assert {p.code_source for p in patients.values()} == {"folder"}
+        visits = {(v.patient.subject_code, v.label): v for v in session.scalars(select(Visit))}
+        assert set(visits) == {("P001", "2024-01-15"), ("P001", "2024-02-12"),
+                               ("P002", "visit-02")}
+        assert visits[("P001", "2024-01-15")].date_source == "folder"
+        assert visits[("P002", "visit-02")].visit_date is None
+        image = session.scalars(select(Image).where(Image.path.like("%left-arm.jpg"))).one()
+        assert (image.width, image.height, image.format) == (64, 48, "jpeg")
+        assert image.body_site == "left arm"
+        labels = sorted(session.execute(select(Label.severity, Label.source)).tuples())
+        assert labels == [(1, "manifest"), (2, "manifest")]
+        mask = session.scalars(select(Mask)).one()
+        assert mask.kind == "manual" and mask.image_id == image.id
+        assert mask.area_fraction == pytest.approx(0.25 * 0.25 * 4 / 4, rel=0.05)
+
+
+def test_rerun_adds_nothing_and_moves_are_followed(
+    small_study: Path, factory: sessionmaker[Session]
+) -> None:
+    run_ingest(small_study, factory)
+    again = run_ingest(small_study, factory)
+    assert (again.catalogued, again.already_catalogued, again.updated) == (0, 3, 0)
+    assert again.exit_code == 0
+    # A file renamed in the folder is the same picture: its path follows, nothing is added.
+    old = small_study / "P002" / "visit-02" / "img0001.jpg"
+    old.rename(old.with_name("renamed.jpg"))
+    moved = run_ingest(small_study, factory)
+    assert (moved.catalogued, moved.already_catalogued, moved.duplicates) == (0, 3, [])
+    with factory() as session:
+        assert count(session, Image) == 3
+        assert count(session, Label) == 2
+        assert session.scalar(select(Image.path).where(Image.path.like("P002%"))) == (
+            "P002/visit-02/renamed.jpg"
+        )
+
+
+def test_manifest_changes_on_rerun_add_labels_and_masks(
+    small_study: Path, factory: sessionmaker[Session]
+) -> None:
+    run_ingest(small_study, factory)
+    write_mask(small_study / "P002" / "visit-02" / "img0001.mask.png", (32, 32))
+    write_manifest(small_study, [
+        {"path": "P001/2024-01-15/left-arm.jpg", "severity": "3"},
+        {"path": "P001/2024-02-12/left-arm.png", "severity": "mild"},
+    ])
+    report = run_ingest(small_study, factory)
+    assert report.updated == 2  # one new label (2 -> 3), one new manual mask
+    with factory() as session:
+        assert count(session, Mask) == 2
+        assert sorted(session.scalars(select(Label.severity))) == [1, 2, 3]
+
+
+def test_duplicate_picture_is_reported_not_catalogued(
+    small_study: Path, factory: sessionmaker[Session]
+) -> None:
+    shutil.copyfile(small_study / "P001" / "2024-01-15" / "left-arm.jpg",
+                    small_study / "P002" / "visit-02" / "copy.jpg")
+    report = run_ingest(small_study, factory)
+    assert report.catalogued == 3
+    assert report.duplicates == [
+        {"path": "P002/visit-02/copy.jpg", "same_as": "P001/2024-01-15/left-arm.jpg"}
+    ]
+    assert report.exit_code == 0
+    with factory() as session:
+        dup = session.scalars(select(Rejection)).one()
+        assert dup.kind == "duplicate" and dup.same_as_image_id is not None
+
+
+def test_bad_files_are_rejected_with_reasons_and_the_rest_is_catalogued(
+    tmp_path: Path, small_study: Path, factory: sessionmaker[Session]
+) -> None:
+    visit = small_study / "P003" / "2024-03-01"
+    visit.mkdir(parents=True)
+    (visit / "empty.jpg").write_bytes(b"")
+    (visit / "cut.jpg").write_bytes(truncated_jpeg((256, 192)))
+    (visit / "notes.dcm").write_text("this is a text file, not DICOM\n")
+    (visit / "noise.jpg").write_bytes(os.urandom(4096))
+    (visit / "bomb.png").write_bytes(png_header_only(40_000, 40_000))
+    outside = write_jpeg(tmp_path / "elsewhere" / "secret.jpg", seed=9)
+    (visit / "link.jpg").symlink_to(outside)
+    write_jpeg(visit / "wrongmask.jpg", (320, 240), seed=4)
+    write_mask(visit / "wrongmask.mask.png", (50, 50))
+    write_jpeg(visit / "orphan-image.jpg", (32, 32), seed=5)
+    write_mask(visit / "stray.mask.png", (32, 32))
+    write_jpeg(small_study / "P004" / "v1" / "baddate.jpg", seed=6)
+    write_jpeg(small_study / "P004" / "v1" / "badpatient.jpg", seed=7)
+    write_manifest(small_study, [
+        {"path": "P004/v1/baddate.jpg", "visit_date": "2024-13-45"},
+        {"path": "P004/v1/badpatient.jpg", "patient": "Jane Doe"},
+        {"path": "P009/v1/ghost.jpg", "severity": "1"},
+    ])
+
+    report = run_ingest(small_study, factory)
+
+    reasons = {r["path"]: r["reason"] for r in report.rejected}
+    assert reasons["P003/2024-03-01/empty.jpg"] == "empty file"
+    assert "truncated" in reasons["P003/2024-03-01/cut.jpg"].lower()
+    assert "not" in reasons["P003/2024-03-01/notes.dcm"].lower()
+    assert "not" in reasons["P003/2024-03-01/noise.jpg"].lower()
+    assert "gigapixels exceeds the limit" in reasons["P003/2024-03-01/bomb.png"]
+    assert reasons["P003/2024-03-01/link.jpg"] == "outside the study folder (symbolic link)"
+    assert "mask is 50x50 but its image is 320x240" in reasons["P003/2024-03-01/wrongmask.jpg"]
+    assert "mask without an image" in reasons["P003/2024-03-01/stray.mask.png"]
+    assert "'2024-13-45' is not a date" in reasons["P004/v1/baddate.jpg"]
+    assert "not a subject code" in reasons["P004/v1/badpatient.jpg"]
+    assert "not in the study folder" in reasons["P009/v1/ghost.jpg"]
+    assert len(reasons) == 11
+    assert report.catalogued == 4  # the three good ones and orphan-image.jpg
+    assert report.exit_code == 3
+    with factory() as session:
+        stored = dict(session.execute(select(Rejection.path, Rejection.reason)).tuples())
+        assert stored == reasons
+        assert count(session, Image) == 4
+    # Fixing a file and ingesting again catalogues it and clears its rejection.
+    (small_study / "P003" / "2024-03-01" / "empty.jpg").unlink()
+    write_jpeg(small_study / "P003" / "2024-03-01" / "empty.jpg", seed=11)
+    again = run_ingest(small_study, factory)
+    assert again.catalogued == 1
+    with factory() as session:
+        assert "P003/2024-03-01/empty.jpg" not in set(session.scalars(select(Rejection.path)))
+
+
+def test_nothing_outside_the_folder_is_read(tmp_path: Path, factory: sessionmaker[Session]) -> None:
+    root = tmp_path / "study"
+    write_jpeg(root / "P001" / "v1" / "a.jpg")
+    elsewhere = tmp_path / "elsewhere" / "P002" / "v1"
+    write_jpeg(elsewhere / "b.jpg", seed=2)
+    (root / "P002").symlink_to(tmp_path / "elsewhere" / "P002")
+    report = run_ingest(root, factory)
+    assert report.catalogued == 1
+    assert report.rejected == [
+        {"path": "P002", "reason": "outside the study folder (symbolic link)"}
+    ]
+
+
+def test_every_pydicom_test_file_is_catalogued_or_rejected(
+    tmp_path: Path, factory: sessionmaker[Session]
+) -> None:
+    root = tmp_path / "dicom-study"
+    files = [p for p in PYDICOM_FILES.rglob("*") if p.is_file()]
+    assert len(files) > 150
+    for source in files:
+        target = root / "X001" / "visit-1" / source.relative_to(PYDICOM_FILES).as_posix().replace(
+            "/", "__")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    report = run_ingest(root, factory)
+    accounted = report.catalogued + len(report.duplicates) + len(report.rejected)
+    assert accounted == len(files)
+    assert report.catalogued >= 60
+    assert all(r["reason"] for r in report.rejected)
+    reasons = {r["reason"] for r in report.rejected}
+    assert any("no pixel data" in reason for reason in reasons)
+    with factory() as session:
+        assert count(session, Image) == report.catalogued
+        dicom_patients = set(session.scalars(select(Patient.code_source)))
+        assert dicom_patients <= {"PatientID", "ClinicalTrialSubjectID", "folder"}
+
+
+def test_kill_then_rerun_completes_a_consistent_catalogue(
+    tmp_path: Path, db_url: str, factory: sessionmaker[Session]
+) -> None:
+    root = tmp_path / "study"
+    for i in range(240):
+        write_jpeg(root / f"P{i % 12:03d}" / f"2024-01-{1 + i % 20:02d}" / f"img{i}.jpg",
+                   (48, 32), seed=i)
+    env = {**os.environ, "ECZEMA_BATCH_DATABASE_URL": db_url,
+           "ECZEMA_BATCH_INGEST_BATCH_FILES": "20", "ECZEMA_BATCH_INGEST_WORKERS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eczema_batch", "ingest", str(root)], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    seen = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        with factory() as session:
+            seen = count(session, Image)
+        if seen >= 20:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with factory() as session:
+        partial = count(session, Image)
+    assert partial % 20 == 0, "a kill must leave whole batches only"
+    report = run_ingest(root, factory)
+    assert report.catalogued + report.already_catalogued == 240
+    assert report.already_catalogued == partial
+    with factory() as session:
+        assert count(session, Image) == 240
+        orphans = session.scalar(
+            select(func.count()).select_from(Visit).where(~Visit.images.any())
+        )
+        assert orphans == 0
