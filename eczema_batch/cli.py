@@ -33,6 +33,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(no_args_is_help=True, help="The catalogue's schema (Alembic).")
 app.add_typer(db_app, name="db")
+models_app = typer.Typer(no_args_is_help=True, help="The models that segment and embed.")
+app.add_typer(models_app, name="models")
 
 err = Console(stderr=True)
 log = logging.getLogger("eczema_batch")
@@ -254,6 +256,141 @@ def synth(
             f"({summary.references} with manual masks, {summary.dicom} DICOM) to {summary.root}"
         )
         err.print(f"next: eczema-batch ingest {summary.root}")
+
+
+SegmenterOption = Annotated[
+    str, typer.Option("--segmenter", help="seggpt (the method), none (no segmentation), manual "
+                      "(an image's manual mask where it has one, else SegGPT).")
+]
+
+
+@command(app)
+def run(
+    study: Annotated[str | None, typer.Option(help="Only this study.")] = None,
+    segmenter: SegmenterOption = "seggpt",
+    segmenter_model: Annotated[
+        str | None, typer.Option(help="Segmenter model name (ECZEMA_BATCH_SEGMENTER_MODEL).")
+    ] = None,
+    embedder_model: Annotated[
+        str | None, typer.Option(help="Embedder model name (ECZEMA_BATCH_EMBEDDER_MODEL).")
+    ] = None,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="Folder of model weights (ECZEMA_BATCH_MODEL_DIR).")
+    ] = None,
+    prompts: Annotated[int | None, typer.Option(min=1, help="K reference prompts.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per forward pass.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Try failed jobs and images again.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure every image that still needs it: embed, retrieve prompts, segment, crop, classify.
+
+    Runs in this process on the embedded default. Re-running does nothing new; changing a model
+    redoes only what depends on it.
+
+    Example: eczema-batch run --model-dir ./models --segmenter seggpt
+    """
+    from eczema_batch.jobs.config import RunConfig
+    from eczema_batch.jobs.local import run_in_process, start_run
+
+    settings = _settings()
+    config = RunConfig.from_settings(
+        settings, segmenter_mode=segmenter, segmenter_model=segmenter_model,
+        embedder_model=embedder_model, model_dir=str(model_dir) if model_dir else None,
+        prompts=prompts, batch_size=batch_size, device=device,
+    )
+    factory = _catalogue(settings)
+    plan = start_run(factory, config=config, executor="local", queue="local",
+                     chunk_size=settings.chunk_size, study=study, retry_failed=retry_failed)
+    with _progress("measuring") as update:
+        summary = run_in_process(
+            factory, plan, progress=lambda stage, done, total: update(done, total)
+        )
+    payload = {
+        "run": summary.run_id,
+        "jobs": summary.jobs,
+        "resumed_jobs": summary.resumed,
+        "images": summary.images,
+        "failed_jobs": {str(k): v for k, v in summary.failed_jobs.items()},
+        "failed_images": {str(k): v for k, v in summary.failed_images.items()},
+        "head": summary.targets.head_id,
+    }
+    if as_json:
+        _emit_json(payload)
+    else:
+        if summary.jobs == 0:
+            err.print("nothing to do: every image is measured with the current models")
+        else:
+            err.print(
+                f"run {summary.run_id}: {summary.images.get('measure', 0)} images measured, "
+                f"{summary.images.get('embed', 0)} references embedded, "
+                f"{len(summary.failed_images)} images failed, "
+                f"{len(summary.failed_jobs)} jobs failed"
+            )
+        for iid, reason in list(summary.failed_images.items())[:20]:
+            err.print(f"  image {iid}: {reason}", highlight=False)
+        if not summary.has_head:
+            err.print("no severity head trained for these features: stopped after the crop "
+                      "embeddings (eczema-batch train makes one)")
+    if summary.failed_jobs:
+        raise typer.Exit(1 if summary.done_jobs == 0 else 3)
+    if summary.failed_images:
+        raise typer.Exit(3)
+
+
+@command(models_app, "list")
+def models_list(
+    model_dir: Annotated[Path | None, typer.Option(help="Folder of model weights.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the models eczema-batch knows and whether their weights are found.
+
+    Example: eczema-batch models list --model-dir ./models
+    """
+    from eczema_batch.errors import ModelNotFoundError
+    from eczema_batch.pipeline.loading import find_weights, weights_digest
+    from eczema_batch.pipeline.registry import list_specs
+
+    settings = _settings()
+    folder = model_dir or settings.model_dir
+    rows = []
+    for spec in list_specs():
+        try:
+            found = find_weights(spec, model_dir=folder)
+            where, digest = str(found), weights_digest(found)[:12]
+        except ModelNotFoundError:
+            where, digest = "not found", ""
+        rows.append({"name": spec.name, "kind": spec.kind, "tiny": spec.tiny,
+                     "weights": where, "digest": digest})
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table(title="models")
+    for column in ("name", "kind", "weights", "digest"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["kind"], row["weights"], row["digest"])
+    err.print(table)
+
+
+@command(models_app, "make-tiny")
+def models_make_tiny(
+    folder: Annotated[Path, typer.Argument(help="Where to write tiny-seggpt and tiny-dino.")],
+) -> None:
+    """Write tiny random-weight models (tiny-seggpt, tiny-dino) for trying the tool offline.
+
+    They are loaded through the same code as real weights; their results mean nothing.
+
+    Example: eczema-batch models make-tiny ./models && ECZEMA_BATCH_MODEL_DIR=./models \
+    eczema-batch run --segmenter-model tiny-seggpt --embedder-model tiny-dino
+    """
+    from eczema_batch.pipeline.tiny import make_tiny_models
+
+    written = make_tiny_models(folder)
+    for name, path in written.items():
+        err.print(f"{name}: {path}")
 
 
 @command(db_app, "upgrade")

@@ -1,0 +1,31 @@
+"""Model identities (name + weights digest) as catalogue rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from eczema_batch.catalogue.models import Model
+
+
+def model_row_id(
+    session: Session, *, kind: str, name: str, digest: str, config: dict[str, Any]
+) -> int:
+    """The id of the model row for this identity, created on first sight."""
+    stmt = select(Model.id).where(Model.name == name, Model.digest == digest)
+    found = session.scalar(stmt)
+    if found is not None:
+        return found
+    try:
+        with session.begin_nested():
+            row = Model(kind=kind, name=name, digest=digest, config=config)
+            session.add(row)
+            session.flush()
+            return row.id
+    except IntegrityError:  # another process registered it first
+        found = session.scalar(stmt)
+        assert found is not None
+        return found

@@ -1,0 +1,75 @@
+"""What a run computes with: stored with the run so every worker uses the same models."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from eczema_batch.config import Settings
+from eczema_batch.errors import UsageError
+
+SegmenterMode = Literal["seggpt", "none", "manual"]
+SEGMENTER_MODES: tuple[SegmenterMode, ...] = ("seggpt", "none", "manual")
+
+#: Decode queries with their longest side at least this: SegGPT wants 448 and the lesion crop,
+#: often a quarter of the picture, still has ~256 px for DINO's 224 input.
+QUERY_MAX_SIDE = 1024
+#: Prompts and whole-image embeddings need no more than SegGPT's 448 px input.
+PROMPT_MAX_SIDE = 448
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    segmenter_model: str
+    embedder_model: str
+    segmenter_mode: SegmenterMode = "seggpt"
+    prompts: int = 2
+    batch_size: int = 8
+    device: str = "auto"
+    precision: str = "auto"
+    model_dir: str | None = None
+    image_root: str | None = None
+    max_pixels: int = 200_000_000
+    #: never prompt with a reference of the image's own patient (evaluation does this)
+    exclude_same_patient: bool = False
+
+    def __post_init__(self) -> None:
+        if self.segmenter_mode not in SEGMENTER_MODES:
+            raise UsageError(
+                f"--segmenter {self.segmenter_mode!r}: use one of {', '.join(SEGMENTER_MODES)}"
+            )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> RunConfig:
+        values: dict[str, Any] = {
+            "segmenter_model": settings.segmenter_model,
+            "embedder_model": settings.embedder_model,
+            "prompts": settings.prompts,
+            "batch_size": settings.batch_size,
+            "device": settings.device,
+            "precision": settings.precision,
+            "model_dir": str(settings.model_dir) if settings.model_dir else None,
+            "image_root": str(settings.image_root) if settings.image_root else None,
+            "max_pixels": settings.max_image_pixels,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @property
+    def model_path(self) -> Path | None:
+        return Path(self.model_dir) if self.model_dir else None
+
+    def mask_variant(self, segmenter_id: int | None) -> str:
+        """The key of the masks (and crop embeddings) this configuration makes."""
+        if self.segmenter_mode == "none":
+            return "none"
+        return f"seggpt:{segmenter_id}:k{self.prompts}"

@@ -1,0 +1,141 @@
+"""What a chunk reads: catalogue rows for its images, and their pixels from the study folder."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from eczema_batch.catalogue.models import Embedding, Image, Mask, Patient, Prediction, Study, Visit
+from eczema_batch.errors import RejectedFileError
+from eczema_batch.imaging import DecodedImage, decode_path
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    id: int
+    study_id: int
+    patient_id: int
+    path: Path
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ReferencePool:
+    """A study's reference images (manual masks) with their whole-image embeddings."""
+
+    ids: np.ndarray
+    vectors: np.ndarray
+    patients: np.ndarray
+
+
+def image_rows(
+    session: Session, ids: Iterable[int], *, image_root: str | None
+) -> dict[int, ImageRow]:
+    stmt = (
+        select(Image.id, Image.study_id, Visit.patient_id, Image.path, Image.width, Image.height,
+               Study.root, Study.name)
+        .join(Visit, Image.visit_id == Visit.id)
+        .join(Study, Image.study_id == Study.id)
+        .where(Image.id.in_(list(ids)))
+    )
+    rows = {}
+    for iid, sid, pid, path, width, height, root, name in session.execute(stmt):
+        # Workers on other machines see the study folders mounted under one root, by study name.
+        base = Path(image_root) / name if image_root else Path(root)
+        rows[iid] = ImageRow(iid, sid, pid, base / path, width, height)
+    return rows
+
+
+def vectors(
+    session: Session, ids: Iterable[int], *, model_id: int, region: str, variant: str = ""
+) -> dict[int, np.ndarray]:
+    stmt = select(Embedding.image_id, Embedding.vector).where(
+        Embedding.image_id.in_(list(ids)),
+        Embedding.model_id == model_id,
+        Embedding.region == region,
+        Embedding.variant == variant,
+    )
+    return {iid: np.frombuffer(blob, dtype="<f4") for iid, blob in session.execute(stmt)}
+
+
+def reference_pools(
+    session: Session, study_ids: Iterable[int], *, embedder_id: int
+) -> dict[int, ReferencePool]:
+    stmt = (
+        select(Image.study_id, Image.id, Visit.patient_id, Embedding.vector)
+        .join(Visit, Image.visit_id == Visit.id)
+        .join(Embedding, Embedding.image_id == Image.id)
+        .where(
+            Image.study_id.in_(list(study_ids)),
+            Image.decode_status == "ok",
+            Embedding.model_id == embedder_id,
+            Embedding.region == "full",
+            Image.id.in_(select(Mask.image_id).where(Mask.kind == "manual")),
+        )
+        .order_by(Image.id)
+    )
+    grouped: dict[int, list[tuple[int, int, bytes]]] = defaultdict(list)
+    for sid, iid, pid, blob in session.execute(stmt):
+        grouped[sid].append((iid, pid, blob))
+    pools = {}
+    for sid, items in grouped.items():
+        pools[sid] = ReferencePool(
+            ids=np.array([i for i, _, _ in items], dtype=np.int64),
+            patients=np.array([p for _, p, _ in items], dtype=np.int64),
+            vectors=np.stack([np.frombuffer(b, dtype="<f4") for _, _, b in items]),
+        )
+    return pools
+
+
+def manual_masks(session: Session, ids: Iterable[int]) -> dict[int, tuple[int, bytes]]:
+    """image id -> (mask id, PNG) of its manual mask."""
+    stmt = select(Mask.image_id, Mask.id, Mask.png).where(
+        Mask.image_id.in_(list(ids)), Mask.kind == "manual"
+    )
+    return {iid: (mid, png) for iid, mid, png in session.execute(stmt)}
+
+
+def predicted_masks(
+    session: Session, ids: Iterable[int], *, variant: str
+) -> dict[int, tuple[int, bytes]]:
+    stmt = select(Mask.image_id, Mask.id, Mask.png).where(
+        Mask.image_id.in_(list(ids)), Mask.kind == "predicted", Mask.variant == variant
+    )
+    return {iid: (mid, png) for iid, mid, png in session.execute(stmt)}
+
+
+def predicted_ids(session: Session, ids: Iterable[int], *, head_id: int) -> set[int]:
+    stmt = select(Prediction.image_id).where(
+        Prediction.image_id.in_(list(ids)), Prediction.head_id == head_id
+    )
+    return set(session.scalars(stmt))
+
+
+def patients_of(session: Session, ids: Iterable[int]) -> dict[int, str]:
+    stmt = (
+        select(Image.id, Patient.subject_code)
+        .join(Visit, Image.visit_id == Visit.id)
+        .join(Patient, Visit.patient_id == Patient.id)
+        .where(Image.id.in_(list(ids)))
+    )
+    return dict(session.execute(stmt).all())
+
+
+def load_pixels(row: ImageRow, *, max_pixels: int, max_side: int) -> DecodedImage:
+    """Decode at reduced scale where the format allows; a clear reason when it cannot be read."""
+    if not row.path.exists():
+        raise RejectedFileError(
+            "the image file is gone from the study folder (moved or deleted): ingest the folder "
+            "again, or mount it where the catalogue says (ECZEMA_BATCH_IMAGE_ROOT)"
+        )
+    try:
+        return decode_path(row.path, max_pixels=max_pixels, max_side=max_side)
+    except OSError as exc:
+        raise RejectedFileError(f"the image file cannot be read: {exc.strerror}") from exc

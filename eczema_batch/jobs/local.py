@@ -1,0 +1,155 @@
+"""`eczema-batch run` in this process: plan, then run every job of the plan here, stage by stage.
+
+The same job code as a Celery worker runs (jobs.chunk.run_chunk), so the embedded default and a
+cluster produce the same catalogue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from eczema_batch.catalogue.models import Job, Run
+from eczema_batch.jobs.chunk import ChunkOutcome, run_chunk, worker_name
+from eczema_batch.jobs.config import RunConfig
+from eczema_batch.jobs.leases import utcnow
+from eczema_batch.jobs.plan import STAGES, Plan, Targets, plan_run
+from eczema_batch.jobs.runtime import resolve_targets
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+#: A transiently failing job is tried this many times in one local run before moving on.
+LOCAL_TRIES = 3
+
+
+@dataclass
+class RunSummary:
+    run_id: int
+    targets: Targets
+    jobs: int = 0
+    resumed: int = 0
+    images: dict[str, int] = field(default_factory=dict)
+    done_jobs: int = 0
+    failed_jobs: dict[int, str] = field(default_factory=dict)
+    failed_images: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def has_head(self) -> bool:
+        return self.targets.head_id is not None
+
+
+def start_run(
+    factory: sessionmaker[Session],
+    *,
+    config: RunConfig,
+    executor: str,
+    queue: str,
+    chunk_size: int,
+    study: str | None = None,
+    retry_failed: bool = False,
+    head_id: int | None = None,
+) -> Plan:
+    """Resolve the models, plan the work and commit it as jobs."""
+    with factory() as session, session.begin():
+        targets = resolve_targets(session, config, head_id=head_id)
+        return plan_run(session, config=config, targets=targets, executor=executor, queue=queue,
+                        chunk_size=chunk_size, study=study, retry_failed=retry_failed)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def expire_dead_local_leases(session: Session, job_ids: list[int]) -> int:
+    """Expire leases held by processes of this host that no longer exist (a killed run)."""
+    host = socket.gethostname()
+    expired = 0
+    rows = session.execute(
+        select(Job.id, Job.lease_owner).where(Job.id.in_(job_ids), Job.state == "running")
+    ).all()
+    for job_id, owner in rows:
+        owner_host, _, pid = (owner or "").rpartition(":")
+        if owner_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+            session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow()))
+            expired += 1
+    return expired
+
+
+def run_in_process(
+    factory: sessionmaker[Session],
+    plan: Plan,
+    *,
+    progress: Progress | None = None,
+) -> RunSummary:
+    owner = worker_name()
+    with factory() as session:
+        run = session.get_one(Run, plan.run_id)
+        targets = Targets(**run.settings["targets"])
+    summary = RunSummary(run_id=plan.run_id, targets=targets, jobs=plan.job_count,
+                         resumed=plan.resumed, images=dict(plan.images))
+    with factory() as session, session.begin():
+        expire_dead_local_leases(session, [j for ids in plan.jobs.values() for j in ids])
+    for stage in STAGES:
+        job_ids = plan.jobs.get(stage, [])
+        with factory() as session:
+            total = sum(len(ids) for ids in session.scalars(
+                select(Job.image_ids).where(Job.id.in_(job_ids))))
+        done = 0
+        if progress is not None and job_ids:
+            progress(stage, 0, total)
+        for job_id in job_ids:
+            outcome = _run_with_retries(factory, job_id, owner)
+            done += outcome.images or _job_size(factory, job_id)
+            if outcome.state == "done":
+                summary.done_jobs += 1
+                summary.failed_images.update(outcome.failed)
+            elif outcome.state == "failed":
+                summary.failed_jobs[job_id] = _last_error(factory, job_id)
+            if progress is not None:
+                progress(stage, done, total)
+    with factory() as session, session.begin():
+        run = session.get_one(Run, plan.run_id)
+        run.state = "failed" if summary.failed_jobs else "done"
+        run.finished_at = utcnow()
+    return summary
+
+
+def _run_with_retries(factory: sessionmaker[Session], job_id: int, owner: str) -> ChunkOutcome:
+    outcome = ChunkOutcome(job_id, "pending")
+    for attempt in range(LOCAL_TRIES):
+        try:
+            outcome = run_chunk(job_id, factory=factory, owner=owner)
+        except Exception as exc:  # released as pending by run_chunk; try again here
+            log.warning("job %d attempt %d failed: %s", job_id, attempt + 1, exc)
+            continue
+        if outcome.state != "pending":
+            return outcome
+    return outcome
+
+
+def _job_size(factory: sessionmaker[Session], job_id: int) -> int:
+    with factory() as session:
+        ids = session.scalar(select(Job.image_ids).where(Job.id == job_id))
+        return len(ids or [])
+
+
+def _last_error(factory: sessionmaker[Session], job_id: int) -> str:
+    with factory() as session:
+        return session.scalar(select(Job.last_error).where(Job.id == job_id)) or "unknown error"
+
+
+def job_counts(session: Session) -> dict[str, int]:
+    return dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())

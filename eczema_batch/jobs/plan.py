@@ -1,0 +1,189 @@
+"""Plan a run: which images still need which stage for the current models, as jobs of id chunks.
+
+Two stages, because prompts must exist before anything is segmented:
+- `embed`: whole-image embeddings of the reference images (those with a manual mask);
+- `measure`: per image, whatever it still lacks: its whole-image embedding, prompt retrieval,
+  segmentation, the crop embedding and, with a head, the prediction.
+Unfinished jobs of an earlier run with the same configuration are taken over, not duplicated;
+those planned with another configuration are cancelled (their images are planned again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import and_, exists, select, update
+from sqlalchemy.orm import Session
+
+from eczema_batch.catalogue.models import (
+    Embedding,
+    Image,
+    Job,
+    Mask,
+    Prediction,
+    Run,
+    Study,
+)
+from eczema_batch.errors import UsageError
+from eczema_batch.jobs.config import RunConfig
+from eczema_batch.jobs.leases import utcnow
+
+STAGES = ("embed", "measure")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The catalogue ids of what a run computes with."""
+
+    embedder_id: int
+    segmenter_id: int | None
+    head_id: int | None
+
+
+@dataclass
+class Plan:
+    run_id: int
+    #: stage -> job ids, in the order to run them
+    jobs: dict[str, list[int]] = field(default_factory=dict)
+    images: dict[str, int] = field(default_factory=dict)
+    resumed: int = 0
+
+    @property
+    def job_count(self) -> int:
+        return sum(len(ids) for ids in self.jobs.values())
+
+
+def _scope(study: str | None) -> Any:
+    clause = Image.decode_status == "ok"
+    if study is not None:
+        clause = and_(clause, Image.study_id.in_(select(Study.id).where(Study.name == study)))
+    return clause
+
+
+def has_manual_mask() -> Any:
+    return exists().where(Mask.image_id == Image.id, Mask.kind == "manual")
+
+
+def images_needing_embed(session: Session, targets: Targets, study: str | None) -> list[int]:
+    has_full = exists().where(
+        Embedding.image_id == Image.id,
+        Embedding.model_id == targets.embedder_id,
+        Embedding.region == "full",
+    )
+    stmt = select(Image.id).where(_scope(study), has_manual_mask(), ~has_full).order_by(Image.id)
+    return list(session.scalars(stmt))
+
+
+def images_needing_measure(
+    session: Session, config: RunConfig, targets: Targets, study: str | None
+) -> list[int]:
+    variant = config.mask_variant(targets.segmenter_id)
+
+    def has_crop(v: Any) -> Any:
+        return exists().where(
+            Embedding.image_id == Image.id,
+            Embedding.model_id == targets.embedder_id,
+            Embedding.region == "crop",
+            Embedding.variant == v,
+        )
+
+    if config.segmenter_mode == "manual":
+        crop_done = (has_manual_mask() & has_crop("manual")) | (
+            ~has_manual_mask() & has_crop(variant)
+        )
+    else:
+        crop_done = has_crop(variant)
+    needs = ~crop_done
+    if targets.head_id is not None:
+        has_prediction = exists().where(
+            Prediction.image_id == Image.id, Prediction.head_id == targets.head_id
+        )
+        needs = needs | ~has_prediction
+    stmt = select(Image.id).where(_scope(study), needs).order_by(Image.id)
+    return list(session.scalars(stmt))
+
+
+def _chunks(ids: Sequence[int], size: int) -> list[list[int]]:
+    return [list(ids[i : i + size]) for i in range(0, len(ids), size)]
+
+
+def plan_run(
+    session: Session,
+    *,
+    config: RunConfig,
+    targets: Targets,
+    executor: str,
+    queue: str,
+    chunk_size: int,
+    study: str | None = None,
+    retry_failed: bool = False,
+) -> Plan:
+    """Write the run and its jobs (the caller commits)."""
+    if study is not None and session.scalar(select(Study.id).where(Study.name == study)) is None:
+        raise UsageError(f"no study named {study!r}: `eczema-batch status` lists the studies")
+    settings = {**config.as_dict(), "targets": asdict(targets), "study": study}
+    if retry_failed:
+        reset = session.execute(
+            update(Image).where(Image.decode_status != "ok").values(decode_status="ok")
+            .execution_options(synchronize_session=False)
+        )
+        settings["retried_images"] = getattr(reset, "rowcount", 0)
+    run = Run(executor=executor, settings=settings, state="running")
+    session.add(run)
+    session.flush()
+    plan = Plan(run_id=run.id)
+
+    covered: set[int] = set()
+    resumable = session.scalars(
+        select(Job).where(Job.state.in_(("pending", "running"))).order_by(Job.id)
+    ).all()
+    for job in resumable:
+        old = _run_settings(session, job.run_id)
+        if _same_work(old, settings):
+            plan.jobs.setdefault(job.stage, []).append(job.id)
+            plan.resumed += 1
+            if job.stage == "measure":
+                covered.update(job.image_ids)
+        elif job.state == "pending":
+            job.state, job.last_error = "cancelled", f"superseded by run {run.id}"
+            job.updated_at = utcnow()
+    if retry_failed:
+        failed = session.scalars(select(Job).where(Job.state == "failed")).all()
+        for job in failed:
+            job.state, job.updated_at = "cancelled", utcnow()
+
+    needs: dict[str, list[int]] = {"embed": [], "measure": []}
+    if config.segmenter_mode != "none":
+        needs["embed"] = images_needing_embed(session, targets, study)
+    needs["measure"] = [
+        i for i in images_needing_measure(session, config, targets, study) if i not in covered
+    ]
+    in_embed_jobs = {i for job_id in plan.jobs.get("embed", [])
+                     for i in session.get_one(Job, job_id).image_ids}
+    needs["embed"] = [i for i in needs["embed"] if i not in in_embed_jobs]
+    for stage in STAGES:
+        plan.images[stage] = len(needs[stage])
+        for ids in _chunks(needs[stage], chunk_size):
+            job = Job(run_id=run.id, stage=stage, queue=queue, image_ids=ids, state="pending")
+            session.add(job)
+            session.flush()
+            plan.jobs.setdefault(stage, []).append(job.id)
+    return plan
+
+
+def _run_settings(session: Session, run_id: int | None) -> dict[str, Any]:
+    if run_id is None:
+        return {}
+    run = session.get(Run, run_id)
+    return dict(run.settings) if run is not None else {}
+
+
+#: Settings that change what a job computes; the rest (batch size, device) only how fast.
+_WORK_KEYS = ("segmenter_model", "embedder_model", "segmenter_mode", "prompts", "targets",
+              "exclude_same_patient")
+
+
+def _same_work(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return all(old.get(k) == new.get(k) for k in _WORK_KEYS)

@@ -1,0 +1,108 @@
+"""The models a process computes with: resolved to catalogue identities, loaded once, lazily.
+
+Planning needs only identities (name + digest of the weight files), not the models: a CPU-only
+`run --queue gpu` never loads a model, and a worker loads each model on its first chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from eczema_batch.catalogue.identities import model_row_id
+from eczema_batch.catalogue.models import Head
+from eczema_batch.jobs.config import RunConfig
+from eczema_batch.jobs.plan import Targets
+from eczema_batch.pipeline.classify import SeverityHead, head_from_bytes
+from eczema_batch.pipeline.embed import Embedder
+from eczema_batch.pipeline.loading import (
+    find_weights,
+    load_embedder,
+    load_segmenter,
+    weights_digest,
+)
+from eczema_batch.pipeline.registry import get_spec
+from eczema_batch.pipeline.segment import Segmenter
+
+
+@dataclass(frozen=True)
+class WeightsIdentity:
+    name: str
+    kind: str
+    digest: str
+    folder: str
+
+
+def identify(name: str, *, kind: str, model_dir: str | None) -> WeightsIdentity:
+    spec = get_spec(name)
+    if spec.kind != kind:
+        from eczema_batch.errors import UsageError
+
+        raise UsageError(f"model {name!r} is a {spec.kind}, not a {kind}")
+    folder = find_weights(spec, model_dir=model_dir)
+    return WeightsIdentity(name, kind, weights_digest(folder), str(folder))
+
+
+def resolve_targets(
+    session: Session, config: RunConfig, *, head_id: int | None = None, use_head: bool = True
+) -> Targets:
+    """Catalogue ids of the embedder, segmenter and head this configuration computes with."""
+    embedder = identify(config.embedder_model, kind="embedder", model_dir=config.model_dir)
+    embedder_id = model_row_id(
+        session, kind="embedder", name=embedder.name, digest=embedder.digest,
+        config={"folder": embedder.folder},
+    )
+    segmenter_id = None
+    if config.segmenter_mode != "none":
+        segmenter = identify(config.segmenter_model, kind="segmenter", model_dir=config.model_dir)
+        segmenter_id = model_row_id(
+            session, kind="segmenter", name=segmenter.name, digest=segmenter.digest,
+            config={"folder": segmenter.folder},
+        )
+    if head_id is None and use_head:
+        head_id = session.scalar(
+            select(Head.id).where(
+                Head.active.is_(True),
+                Head.embedder_model_id == embedder_id,
+                Head.segmenter_mode == config.segmenter_mode,
+            )
+        )
+    return Targets(embedder_id=embedder_id, segmenter_id=segmenter_id, head_id=head_id)
+
+
+class Runtime:
+    """Loaded models for one configuration; one per process and configuration."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self._heads: dict[int, SeverityHead] = {}
+
+    @property
+    def embedder(self) -> Embedder:
+        c = self.config
+        return load_embedder(c.embedder_model, model_dir=c.model_dir, device=c.device,
+                             precision=c.precision)
+
+    @property
+    def segmenter(self) -> Segmenter:
+        c = self.config
+        return load_segmenter(c.segmenter_model, model_dir=c.model_dir, device=c.device,
+                              precision=c.precision)
+
+    def head(self, session: Session, head_id: int) -> SeverityHead:
+        if head_id not in self._heads:
+            weights = session.scalar(select(Head.weights).where(Head.id == head_id))
+            if weights is None:
+                from eczema_batch.errors import NoHeadError
+
+                raise NoHeadError(f"head {head_id} is not in the catalogue: `eczema-batch heads list`")
+            self._heads[head_id] = head_from_bytes(weights)
+        return self._heads[head_id]
+
+
+@lru_cache(maxsize=4)
+def get_runtime(config: RunConfig) -> Runtime:
+    return Runtime(config)
