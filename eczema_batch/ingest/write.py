@@ -61,7 +61,7 @@ class CatalogueWriter:
 
     def _load(self) -> None:
         with self._factory() as session:
-            self._study_names = dict(session.execute(select(Study.id, Study.name)).tuples())
+            self._study_names = dict(session.execute(select(Study.id, Study.name)).all())
             self._patients = {
                 code: pid
                 for pid, code in session.execute(
@@ -153,44 +153,47 @@ class CatalogueWriter:
 
     # -- rows ------------------------------------------------------------------------------
 
-    def _patient_id(self, session: Session, identity: Identity) -> int:
-        pid = self._patients.get(identity.patient)
-        if pid is None:
-            patient = Patient(
-                study_id=self._study_id,
-                subject_code=identity.patient,
-                code_source=identity.patient_source,
+    def _ensure_visits(self, session: Session, identities: list[Identity]) -> None:
+        """Create the batch's new patients and visits with one statement each."""
+        new_patients: dict[str, str] = {}
+        for identity in identities:
+            if identity.patient not in self._patients:
+                new_patients.setdefault(identity.patient, identity.patient_source)
+        if new_patients:
+            rows = [{"study_id": self._study_id, "subject_code": code, "code_source": source,
+                     "created_at": dt.datetime.now(dt.UTC)}
+                    for code, source in new_patients.items()]
+            result = session.execute(
+                insert(Patient).returning(Patient.id, sort_by_parameter_order=True), rows
             )
-            session.add(patient)
-            session.flush()
-            pid = self._patients[identity.patient] = patient.id
-        return pid
+            self._patients.update(zip(new_patients, result.scalars(), strict=True))
+        new_visits: dict[tuple[int, str], Identity] = {}
+        for identity in identities:
+            key = (self._patients[identity.patient], identity.visit_label)
+            if key not in self._visits:
+                new_visits.setdefault(key, identity)
+        if new_visits:
+            rows = [{"patient_id": pid, "label": label, "visit_date": identity.visit_date,
+                     "date_source": identity.date_source, "created_at": dt.datetime.now(dt.UTC)}
+                    for (pid, label), identity in new_visits.items()]
+            result = session.execute(
+                insert(Visit).returning(Visit.id, sort_by_parameter_order=True), rows
+            )
+            self._visits.update(zip(new_visits, result.scalars(), strict=True))
 
-    def _visit_id(self, session: Session, identity: Identity) -> int:
-        pid = self._patient_id(session, identity)
-        key = (pid, identity.visit_label)
-        vid = self._visits.get(key)
-        if vid is None:
-            visit = Visit(
-                patient_id=pid,
-                label=identity.visit_label,
-                visit_date=identity.visit_date,
-                date_source=identity.date_source,
-            )
-            session.add(visit)
-            session.flush()
-            vid = self._visits[key] = visit.id
-        return vid
+    def _visit_id(self, identity: Identity) -> int:
+        return self._visits[(self._patients[identity.patient], identity.visit_label)]
 
     def _insert(self, session: Session, items: list[NewImage]) -> None:
         if not items:
             return
+        self._ensure_visits(session, [item.identity for item in items])
         rows: list[dict[str, Any]] = []
         for item in items:
             read, tags = item.read, item.read.dicom
             rows.append({
                 "study_id": self._study_id,
-                "visit_id": self._visit_id(session, item.identity),
+                "visit_id": self._visit_id(item.identity),
                 "sha256": read.sha256,
                 "path": read.rel,
                 "format": read.format,

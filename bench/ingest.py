@@ -1,0 +1,104 @@
+"""Ingest throughput against a raw baseline measured in the same run.
+
+Baseline: read + SHA-256 + full decode of the same files in one process, no catalogue. Then
+`ingest_study` into a fresh SQLite file and (when reachable) a fresh PostgreSQL schema. Prints
+files/s and the ratio ingest time / baseline time (targets: <= 1.15 on SQLite, <= 1.3 on
+PostgreSQL).
+
+    python bench/ingest.py [--images 5000] [--postgres postgresql+psycopg://127.0.0.1:5432/test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+from eczema_batch.catalogue.db import dispose_engines, open_catalogue
+from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS
+from eczema_batch.imaging import decode_bytes
+from eczema_batch.ingest.scan import scan_study
+from eczema_batch.ingest.service import ingest_study
+from eczema_batch.synth import write_synthetic_study
+
+
+def baseline(root: Path) -> tuple[float, int]:
+    files = sorted(scan_study(root).images.values())
+    start = time.perf_counter()
+    for path in files:
+        data = path.read_bytes()
+        hashlib.sha256(data).hexdigest()
+        decode_bytes(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    return time.perf_counter() - start, len(files)
+
+
+def timed_ingest(root: Path, url: str) -> tuple[float, int]:
+    factory = open_catalogue(url)
+    start = time.perf_counter()
+    report = ingest_study(root, factory=factory, max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    elapsed = time.perf_counter() - start
+    dispose_engines()
+    return elapsed, report.catalogued
+
+
+def postgres_schema(url: str) -> tuple[str, str] | None:
+    try:
+        engine = create_engine(url)
+        schema = f"eb_bench_{uuid.uuid4().hex[:8]}"
+        with engine.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+        engine.dispose()
+    except Exception as exc:
+        print(f"postgresql: skipped ({str(exc).splitlines()[0]})")
+        return None
+    sep = "&" if "?" in url else "?"
+    return schema, f"{url}{sep}options=-csearch_path%3D{schema}"
+
+
+def drop_schema(url: str, schema: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--postgres", default="postgresql+psycopg://127.0.0.1:5432/test")
+    parser.add_argument("--size", default="320x240")
+    args = parser.parse_args()
+    width, height = (int(v) for v in args.size.split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "study"
+        visits = 5
+        patients = math.ceil(args.images / (visits * 2))
+        summary = write_synthetic_study(root, patients=patients, visits=visits, seed=0,
+                                        size=(width, height), workers=2)
+        print(f"study: {summary.images} images ({summary.dicom} DICOM), {width}x{height}")
+        base, n = baseline(root)
+        print(f"baseline (read+sha256+decode, 1 process): {n / base:8.1f} files/s  {base:6.2f} s")
+        sqlite_time, catalogued = timed_ingest(root, f"sqlite:///{tmp}/catalogue.sqlite3")
+        assert catalogued == n, (catalogued, n)
+        print(f"ingest sqlite:     {n / sqlite_time:8.1f} files/s  {sqlite_time:6.2f} s  "
+              f"ratio {sqlite_time / base:.2f} (target <= 1.15)")
+        made = postgres_schema(args.postgres)
+        if made is not None:
+            schema, url = made
+            try:
+                pg_time, catalogued = timed_ingest(root, url)
+                assert catalogued == n, (catalogued, n)
+                print(f"ingest postgresql: {n / pg_time:8.1f} files/s  {pg_time:6.2f} s  "
+                      f"ratio {pg_time / base:.2f} (target <= 1.3)")
+            finally:
+                drop_schema(args.postgres, schema)
+
+
+if __name__ == "__main__":
+    main()

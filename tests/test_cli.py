@@ -1,0 +1,119 @@
+"""The real CLI against a real catalogue: exit codes, --json output, rows written, help examples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from eczema_batch.catalogue.db import open_catalogue
+from eczema_batch.catalogue.models import Image
+from eczema_batch.cli import app
+from tests.factories import write_jpeg, write_manifest
+
+runner = CliRunner()
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_ingest_json_status_and_exit_codes(tmp_path: Path, db_url: str) -> None:
+    root = tmp_path / "study"
+    write_jpeg(root / "P001" / "2024-01-15" / "a.jpg", seed=1)
+    write_jpeg(root / "P001" / "2024-02-15" / "b.jpg", seed=2)
+    code, out, _ = invoke("ingest", str(root), "--json")
+    assert code == 0
+    payload = json.loads(out)
+    assert payload["catalogued"] == 2 and payload["already_catalogued"] == 0
+    assert payload["duplicates"] == [] and payload["rejected"] == []
+
+    (root / "P001" / "2024-02-15" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    code, out, _ = invoke("ingest", str(root), "--json")
+    assert code == 3
+    payload = json.loads(out)
+    assert payload["already_catalogued"] == 2
+    assert [r["path"] for r in payload["rejected"]] == ["P001/2024-02-15/broken.jpg"]
+
+    code, out, _ = invoke("status", "--json", "--rejected")
+    assert code == 0
+    status = json.loads(out)
+    assert status["studies"][0]["images"] == 2
+    assert status["studies"][0]["rejected"] == 1
+    assert status["rejected"][0]["path"] == "P001/2024-02-15/broken.jpg"
+    with open_catalogue(db_url)() as session:
+        assert session.scalar(select(func.count()).select_from(Image)) == 2
+
+
+def test_ingest_usage_errors(tmp_path: Path, db_url: str) -> None:
+    code, _, err = invoke("ingest", str(tmp_path / "missing"))
+    assert code == 2
+    assert "does not exist" in err
+    root = tmp_path / "study"
+    root.mkdir()
+    (root / "manifest.csv").write_text("file,who\nx.jpg,P1\n")
+    code, _, err = invoke("ingest", str(root))
+    assert code == 2
+    assert "no 'path' column" in err
+
+
+def test_ingest_of_nothing_usable_exits_1(tmp_path: Path, db_url: str) -> None:
+    root = tmp_path / "study"
+    (root / "P001" / "v1").mkdir(parents=True)
+    (root / "P001" / "v1" / "x.jpg").write_bytes(b"")
+    code, out, _ = invoke("ingest", str(root), "--json")
+    assert code == 1
+    assert json.loads(out)["rejected"] == [{"path": "P001/v1/x.jpg", "reason": "empty file"}]
+
+
+def test_synth_then_ingest(tmp_path: Path, db_url: str) -> None:
+    code, out, _ = invoke("synth", str(tmp_path / "s"), "--patients", "3", "--visits", "2",
+                          "--width", "64", "--height", "48", "--json")
+    assert code == 0
+    written = json.loads(out)
+    code, out, _ = invoke("ingest", str(tmp_path / "s"), "--json")
+    assert code == 0
+    assert json.loads(out)["catalogued"] == written["images"]
+
+
+def test_manifest_precedence_over_folders(tmp_path: Path, db_url: str) -> None:
+    root = tmp_path / "study"
+    write_jpeg(root / "P001" / "visit-1" / "a.jpg")
+    write_manifest(root, [{"path": "P001/visit-1/a.jpg", "patient": "S-042",
+                           "visit_date": "2023-05-06"}])
+    code, _, _ = invoke("ingest", str(root))
+    assert code == 0
+    code, out, _ = invoke("status", "--json")
+    assert json.loads(out)["studies"][0]["patients"] == 1
+
+
+def test_db_current(db_url: str) -> None:
+    code, out, _ = invoke("db", "current", "--json")
+    assert code == 0
+    payload = json.loads(out)
+    assert payload["current"] == payload["head"]
+
+
+def _commands(group: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    found = []
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):  # a sub-group (typer vendors its own click)
+            found.extend(_commands(cmd, f"{prefix}{name} "))
+        else:
+            found.append((f"{prefix}{name}", cmd))
+    return found
+
+
+@pytest.mark.parametrize("name", [n for n, _ in _commands(typer.main.get_group(app))])
+def test_every_command_help_has_an_example(name: str) -> None:
+    result = runner.invoke(app, [*name.split(), "--help"])
+    assert result.exit_code == 0
+    assert "Example:" in result.stdout, f"`eczema-batch {name} --help` shows no example"

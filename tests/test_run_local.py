@@ -1,0 +1,142 @@
+"""`eczema-batch run` in process with tiny models of the real classes, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from typer.testing import CliRunner
+
+from eczema_batch.catalogue.models import Embedding, Head, Image, Mask, Model, Prediction, Visit
+from eczema_batch.cli import app
+from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS
+from eczema_batch.imaging import decode_mask_png
+from eczema_batch.ingest.service import ingest_study
+from eczema_batch.pipeline.classify import SeverityHead, head_to_bytes
+from eczema_batch.synth import write_synthetic_study
+from tests._model_fixtures import tiny_model_dir  # noqa: F401
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def study(tmp_path: Path, factory: sessionmaker[Session]) -> Path:
+    root = tmp_path / "study"
+    write_synthetic_study(root, patients=4, visits=2, seed=3, size=(64, 48),
+                          reference_fraction=0.4)
+    report = ingest_study(root, factory=factory, max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    assert report.exit_code == 0
+    return root
+
+
+def run_cli(model_dir: Path, *extra: str) -> tuple[int, dict[str, object]]:
+    result = runner.invoke(app, [
+        "run", "--model-dir", str(model_dir), "--segmenter-model", "tiny-seggpt",
+        "--embedder-model", "tiny-dino", "--device", "cpu", "--json", *extra,
+    ])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, json.loads(result.stdout)
+
+
+def count(session: Session, model: type, *where: object) -> int:
+    return session.scalar(select(func.count()).select_from(model).where(*where)) or 0
+
+
+def test_run_measures_every_image_and_records_prompts(
+    study: Path, factory: sessionmaker[Session], tiny_model_dir: Path  # noqa: F811
+) -> None:
+    code, payload = run_cli(tiny_model_dir)
+    assert code == 0, payload
+    with factory() as session:
+        n = count(session, Image)
+        assert count(session, Embedding, Embedding.region == "full") == n
+        assert count(session, Embedding, Embedding.region == "crop") == n
+        predicted = session.scalars(select(Mask).where(Mask.kind == "predicted")).all()
+        assert len(predicted) == n
+        patient_of = dict(session.execute(select(Image.id, Visit.patient_id).join(Visit)).all())
+        references = set(session.scalars(select(Mask.image_id).where(Mask.kind == "manual")))
+        for mask in predicted:
+            assert mask.image_id not in mask.prompt_ids, "an image never prompts itself"
+            assert set(mask.prompt_ids) <= references
+            assert len(mask.prompt_ids) == 2 and len(mask.prompt_similarities) == 2
+            assert mask.prompt_similarities[0] >= mask.prompt_similarities[1]
+            image = session.get_one(Image, mask.image_id)
+            assert decode_mask_png(mask.png).shape == (image.height, image.width)
+        assert patient_of  # (same-patient prompts are allowed in `run`; evaluation excludes them)
+        names = set(session.scalars(select(Model.name)))
+        assert names == {"tiny-seggpt", "tiny-dino"}
+    # Nothing new the second time.
+    code, payload = run_cli(tiny_model_dir)
+    assert code == 0 and payload["jobs"] == 0
+
+
+def test_changing_the_segmenter_redoes_only_what_depends_on_it(
+    study: Path, factory: sessionmaker[Session], tiny_model_dir: Path  # noqa: F811
+) -> None:
+    run_cli(tiny_model_dir)
+    with factory() as session:
+        full_before = {e.image_id: e.vector for e in session.scalars(
+            select(Embedding).where(Embedding.region == "full"))}
+    code, payload = run_cli(tiny_model_dir, "--segmenter", "none")
+    assert code == 0
+    assert payload["images"] == {"embed": 0, "measure": len(full_before)}
+    with factory() as session:
+        full_after = {e.image_id: e.vector for e in session.scalars(
+            select(Embedding).where(Embedding.region == "full"))}
+        assert full_after == full_before
+        variants = set(session.scalars(select(Embedding.variant).where(
+            Embedding.region == "crop")))
+        assert "none" in variants and any(v.startswith("seggpt:") for v in variants)
+
+
+def test_a_missing_file_fails_alone(
+    study: Path, factory: sessionmaker[Session], tiny_model_dir: Path  # noqa: F811
+) -> None:
+    with factory() as session:
+        victim = session.scalars(
+            select(Image).where(~Image.id.in_(select(Mask.image_id))).order_by(Image.id)
+        ).first()
+        assert victim is not None
+        (study / victim.path).unlink()
+        total = count(session, Image)
+    code, payload = run_cli(tiny_model_dir)
+    assert code == 3
+    failed = payload["failed_images"]
+    assert list(failed) == [str(victim.id)]
+    assert "gone" in failed[str(victim.id)]  # type: ignore[index]
+    with factory() as session:
+        assert count(session, Embedding, Embedding.region == "crop") == total - 1
+        assert session.get_one(Image, victim.id).decode_status != "ok"
+
+
+def test_an_active_head_predicts_every_image(
+    study: Path, factory: sessionmaker[Session], tiny_model_dir: Path  # noqa: F811
+) -> None:
+    run_cli(tiny_model_dir)
+    with factory() as session:
+        embedder = session.scalars(select(Model).where(Model.name == "tiny-dino")).one()
+        dim = session.scalars(select(Embedding.dim)).first()
+        assert dim is not None
+        torch.manual_seed(0)
+        weights = head_to_bytes(SeverityHead(dim, 4))
+        session.add(Head(name="test", classes=["clear", "mild", "moderate", "severe"],
+                         embedder_model_id=embedder.id, segmenter_model_id=None,
+                         segmenter_mode="seggpt", weights=weights.data, digest=weights.digest,
+                         active=True))
+        session.commit()
+    code, payload = run_cli(tiny_model_dir)
+    assert code == 0
+    assert payload["images"]["embed"] == 0
+    with factory() as session:
+        predictions = session.scalars(select(Prediction)).all()
+        assert len(predictions) == count(session, Image)
+        for p in predictions:
+            assert np.isclose(sum(p.probabilities), 1.0, atol=1e-5)
+            assert p.severity == int(np.argmax(p.probabilities))
+            assert p.embedding_id is not None
