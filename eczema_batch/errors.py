@@ -10,7 +10,7 @@ from __future__ import annotations
 class EczemaBatchError(Exception):
     """eczema-batch failed"""
 
-    #: exit status the CLI uses for this error (2: the user's input is wrong; 1: nothing could be done)
+    #: exit status the CLI uses (2: the user's input is wrong; 1: nothing could be done)
     exit_code = 1
 
     def __init__(self, message: str | None = None) -> None:

@@ -70,7 +70,7 @@ def test_ingest_catalogues_layout_manifest_and_masks(
         image = session.scalars(select(Image).where(Image.path.like("%left-arm.jpg"))).one()
         assert (image.width, image.height, image.format) == (64, 48, "jpeg")
         assert image.body_site == "left arm"
-        labels = sorted(session.execute(select(Label.severity, Label.source)).tuples())
+        labels = sorted(session.execute(select(Label.severity, Label.source)).all())
         assert labels == [(1, "manifest"), (2, "manifest")]
         mask = session.scalars(select(Mask)).one()
         assert mask.kind == "manual" and mask.image_id == image.id
@@ -160,7 +160,9 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_is_catalogued(
     assert "truncated" in reasons["P003/2024-03-01/cut.jpg"].lower()
     assert "not" in reasons["P003/2024-03-01/notes.dcm"].lower()
     assert "not" in reasons["P003/2024-03-01/noise.jpg"].lower()
-    assert "gigapixels exceeds the limit" in reasons["P003/2024-03-01/bomb.png"]
+    assert reasons["P003/2024-03-01/bomb.png"].startswith(
+        "image of 1.6 gigapixels (40000x40000) exceeds the limit"
+    )
     assert reasons["P003/2024-03-01/link.jpg"] == "outside the study folder (symbolic link)"
     assert "mask is 50x50 but its image is 320x240" in reasons["P003/2024-03-01/wrongmask.jpg"]
     assert "mask without an image" in reasons["P003/2024-03-01/stray.mask.png"]
@@ -171,7 +173,7 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_is_catalogued(
     assert report.catalogued == 4  # the three good ones and orphan-image.jpg
     assert report.exit_code == 3
     with factory() as session:
-        stored = dict(session.execute(select(Rejection.path, Rejection.reason)).tuples())
+        stored = dict(session.execute(select(Rejection.path, Rejection.reason)).all())
         assert stored == reasons
         assert count(session, Image) == 4
     # Fixing a file and ingesting again catalogues it and clears its rejection.

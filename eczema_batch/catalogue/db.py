@@ -29,7 +29,8 @@ _PG_MIGRATION_LOCK = 0x65637A656D61
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    # WAL lets readers (status, reports) run while a writer ingests; foreign keys are off by default.
+    # WAL lets readers (status, reports) run while a writer ingests; SQLite leaves foreign keys
+    # off unless asked.
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")

@@ -28,7 +28,7 @@ class StudyCounts:
 
 
 def _count_by_study(session: Session, stmt: Any) -> dict[int, int]:
-    return {study_id: count for study_id, count in session.execute(stmt)}
+    return dict(session.execute(stmt).all())
 
 
 def study_counts(session: Session) -> list[StudyCounts]:

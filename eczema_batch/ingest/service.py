@@ -115,10 +115,10 @@ def _plan(scan: StudyScan, manifest: Manifest, report: IngestReport) -> list[Rea
         if rel in manifest.problems:
             report.rejected.append({"path": rel, "reason": manifest.problems[rel]})
             continue
-        mask_rel = masks.get(rel)
+        mask_of = masks.get(rel)
         tasks.append(
-            ReadTask(rel=rel, path=images[rel], mask_rel=mask_rel,
-                     mask_path=scan.mask_files[mask_rel] if mask_rel else None)
+            ReadTask(rel=rel, path=images[rel], mask_rel=mask_of,
+                     mask_path=scan.mask_files[mask_of] if mask_of else None)
         )
     for key, reason in manifest.problems.items():
         if key not in images and key not in scan.images:

@@ -98,7 +98,9 @@ class Runtime:
             if weights is None:
                 from eczema_batch.errors import NoHeadError
 
-                raise NoHeadError(f"head {head_id} is not in the catalogue: `eczema-batch heads list`")
+                raise NoHeadError(
+                    f"head {head_id} is not in the catalogue: `eczema-batch heads list`"
+                )
             self._heads[head_id] = head_from_bytes(weights)
         return self._heads[head_id]
 
