@@ -140,3 +140,42 @@ def test_an_active_head_predicts_every_image(
             assert np.isclose(sum(p.probabilities), 1.0, atol=1e-5)
             assert p.severity == int(np.argmax(p.probabilities))
             assert p.embedding_id is not None
+
+
+def test_a_killed_run_resumes_its_jobs_without_duplicates(
+    study: Path, db_url: str, factory: sessionmaker[Session], tiny_model_dir: Path  # noqa: F811
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from eczema_batch.catalogue.models import Job
+
+    env = {**os.environ, "ECZEMA_BATCH_DATABASE_URL": db_url, "ECZEMA_BATCH_CHUNK_SIZE": "2"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eczema_batch", "run", "--model-dir", str(tiny_model_dir),
+         "--segmenter-model", "tiny-seggpt", "--embedder-model", "tiny-dino", "--device", "cpu"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        with factory() as session:
+            if count(session, Job, Job.stage == "measure", Job.state == "done") >= 1:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with factory() as session:
+        unfinished = count(session, Job, Job.state.in_(("pending", "running")))
+    assert unfinished > 0, "the run was to be killed while jobs were left"
+    code, payload = run_cli(tiny_model_dir)
+    assert code == 0
+    assert payload["resumed_jobs"] == unfinished
+    with factory() as session:
+        n = count(session, Image)
+        assert count(session, Embedding, Embedding.region == "crop") == n
+        assert count(session, Embedding, Embedding.region == "full") == n
+        assert count(session, Mask, Mask.kind == "predicted") == n
+        assert count(session, Job, Job.state.in_(("pending", "running"))) == 0
