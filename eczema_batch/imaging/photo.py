@@ -1,0 +1,263 @@
+"""Decode one image file (JPEG, PNG or DICOM) to RGB uint8, or reject it with a reason.
+
+Why it works this way:
+
+- Content decides the format (magic bytes), never the file name: a PNG named .jpg is a PNG.
+- Every decode reads the header first, checks width x height against `max_pixels`, and only then
+  decodes, so a 40,000 x 40,000 PNG header costs a few bytes, not 4.8 GB. Pillow's plugin classes
+  are used directly (not `Image.open`), so Pillow's own decompression-bomb check, with its
+  process-wide limit, never fires: ours, with the user's setting, is the one the user sees.
+- Ingest calls `decode_bytes` on bytes it has already read and hashed, to find broken files now and
+  not later on a GPU, so the pixels are always fully decoded. It must be fast: no per-pixel Python,
+  and the result is Pillow's own buffer (read-only) rather than a second copy.
+- `max_side` is what the models need (448 px): JPEG decodes at 1/2..1/8 scale in Pillow's draft mode
+  (a 12 MP photo in a fraction of the time), other formats decode fully and are then shrunk. The
+  reported width/height are always the full size after EXIF orientation: masks live at that size.
+- Photos become RGB: grayscale and palette are expanded, CMYK converted, alpha dropped, 16-bit
+  scaled to 8 bits (high byte).
+- Pillow is never told to load truncated images (LOAD_TRUNCATED_IMAGES stays False): a truncated
+  file is rejected, as it would otherwise be catalogued with a grey band.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import ExifTags, Image, ImageFile, JpegImagePlugin, PngImagePlugin
+
+from eczema_batch.errors import RejectedFileError
+from eczema_batch.imaging.dicom import (
+    DICM_MAGIC,
+    DICM_OFFSET,
+    DicomTags,
+    first_line,
+    looks_like_dataset,
+    open_dicom,
+)
+
+Format = Literal["jpeg", "png", "dicom"]
+
+#: JPEG SOI marker followed by the first marker's 0xFF.
+JPEG_MAGIC = b"\xff\xd8\xff"
+#: The 8-byte PNG signature.
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: How many leading bytes `sniff_format` needs: the DICOM preamble (128) and "DICM" (4).
+SNIFF_BYTES = DICM_OFFSET + len(DICM_MAGIC)
+
+#: How a complete file ends: JPEG's EOI marker (FF D9 cannot occur inside entropy-coded data) and
+#: PNG's IEND chunk. Looked for in the last _END_SEARCH bytes: some cameras append a trailer.
+_END_MARKERS = {"jpeg": b"\xff\xd9", "png": b"IEND"}
+_END_SEARCH = 4096
+
+NOT_AN_IMAGE = "not an image: content is neither JPEG, PNG nor DICOM"
+
+#: EXIF Orientation value -> the transpose that displays the image upright
+#: (the same table as PIL.ImageOps.exif_transpose).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+#: Orientations that swap width and height.
+_SIDEWAYS = frozenset({5, 6, 7, 8})
+#: Pillow modes that hold 16-bit (or wider) gray values.
+_WIDE_GRAY = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+#: Before the final resampling, shrink by whole factors until within this factor of the target
+#: (Pillow's `reducing_gap`): fast box reduction, then bilinear for the last step.
+_REDUCING_GAP = 2.0
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """One decoded image.
+
+    `pixels` is uint8 (h, w, 3) RGB, C-contiguous and read-only (copy it to change it). It is
+    smaller than width x height when `max_side` was given; `width` and `height` are always the full
+    size after EXIF orientation, which is what the catalogue stores and the size of its masks.
+    """
+
+    pixels: np.ndarray
+    width: int
+    height: int
+    format: Format
+    dicom: DicomTags | None = None
+
+
+def sniff_format(head: bytes) -> Format | None:
+    """The format of a file from its first bytes (pass at least SNIFF_BYTES), or None.
+
+    Content only: JPEG starts FF D8 FF, PNG with its signature, DICOM has 'DICM' at offset 128 or
+    (without preamble) starts with a group 0002/0008 element.
+    """
+    if head[DICM_OFFSET:SNIFF_BYTES] == DICM_MAGIC:
+        return "dicom"
+    if head.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if head.startswith(PNG_MAGIC):
+        return "png"
+    if looks_like_dataset(head):
+        return "dicom"
+    return None
+
+
+def decode_bytes(data: bytes, *, max_pixels: int, max_side: int | None = None) -> DecodedImage:
+    """Decode a whole file's content. Raises RejectedFileError (and only that) for bad content.
+
+    Warnings from pydicom and Pillow (a malformed UID, corrupt EXIF) are silenced: a file is either
+    decoded or rejected with a reason, and the core never writes to the terminal. (The filter is
+    process-wide for the duration of the call, as `warnings.catch_warnings` is before Python 3.14.)
+    """
+    if not data:
+        raise RejectedFileError("empty file")
+    kind = sniff_format(data[:SNIFF_BYTES])
+    if kind is None:
+        raise RejectedFileError(NOT_AN_IMAGE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "dicom":
+            return _decode_dicom(data, max_pixels=max_pixels, max_side=max_side)
+        return _decode_photo(data, kind, max_pixels=max_pixels, max_side=max_side)
+
+
+def decode_path(path: Path, *, max_pixels: int, max_side: int | None = None) -> DecodedImage:
+    """Decode a file. Unknown content is rejected from its first bytes, without reading the rest."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(SNIFF_BYTES)
+            if head and sniff_format(head) is None:
+                raise RejectedFileError(NOT_AN_IMAGE)
+            data = head + file.read()
+    except OSError as exc:
+        raise RejectedFileError(f"file cannot be read: {exc.strerror or first_line(exc)}") from exc
+    return decode_bytes(data, max_pixels=max_pixels, max_side=max_side)
+
+
+def check_pixel_limit(width: int, height: int, max_pixels: int) -> None:
+    """Reject an image whose header declares more than `max_pixels` (a decompression bomb)."""
+    if width <= 0 or height <= 0:
+        raise RejectedFileError(f"image has no pixels: its header says {width}x{height}")
+    pixels = width * height
+    if pixels > max_pixels:
+        raise RejectedFileError(
+            f"image of {_amount(pixels)} ({width}x{height}) exceeds the limit of "
+            f"{_amount(max_pixels)} (ECZEMA_BATCH_MAX_IMAGE_PIXELS)"
+        )
+
+
+def _amount(pixels: int) -> str:
+    if pixels >= 100_000_000:
+        return f"{pixels / 1e9:.3g} gigapixels"
+    if pixels >= 100_000:
+        return f"{pixels / 1e6:.3g} megapixels"
+    return f"{pixels} pixels"
+
+
+# --- JPEG and PNG (Pillow) ------------------------------------------------------------------------
+
+
+def _decode_photo(
+    data: bytes, kind: Literal["jpeg", "png"], *, max_pixels: int, max_side: int | None
+) -> DecodedImage:
+    image: Image.Image
+    try:
+        image = _open(data, kind)
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow raises SyntaxError, OSError, struct.error... for bad headers
+        raise RejectedFileError(_photo_reason(kind, data, exc)) from exc
+    full_width, full_height = image.size
+    check_pixel_limit(full_width, full_height, max_pixels)
+    try:
+        if max_side is not None and kind == "jpeg":
+            # DCT scaling: decode at 1/2, 1/4 or 1/8 while staying >= max_side on both sides
+            image.draft("RGB", (max_side, max_side))
+        image.load()
+        orientation = _orientation(image)  # after load: a PNG's eXIf chunk may follow its pixels
+        image = _fit(_to_rgb(image), max_side)
+        if orientation in _UPRIGHT:
+            image = image.transpose(_UPRIGHT[orientation])
+        pixels = np.asarray(image)
+    except MemoryError:
+        raise
+    except Exception as exc:  # a broken or truncated stream
+        raise RejectedFileError(_photo_reason(kind, data, exc)) from exc
+    if orientation in _SIDEWAYS:
+        full_width, full_height = full_height, full_width
+    return _result(pixels, full_width, full_height, kind)
+
+
+def _open(data: bytes, kind: Literal["jpeg", "png"]) -> ImageFile.ImageFile:
+    """Parse the header only. The plugin classes skip Image.open's own bomb check (see above)."""
+    if kind == "jpeg":
+        return JpegImagePlugin.JpegImageFile(BytesIO(data))
+    return PngImagePlugin.PngImageFile(BytesIO(data))
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # unreadable EXIF: show the image as stored, as viewers do
+        return 1
+
+
+def _photo_reason(kind: Literal["jpeg", "png"], data: bytes, exc: BaseException) -> str:
+    name = kind.upper()
+    ends_early = _END_MARKERS[kind] not in data[-_END_SEARCH:]
+    if ends_early or "truncated" in str(exc).lower() or isinstance(exc, EOFError):
+        return f"truncated {name}"
+    return f"{name} cannot be decoded: {first_line(exc)}"
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in _WIDE_GRAY:
+        wide = np.asarray(image)
+        gray = (np.clip(wide, 0, 0xFFFF) >> 8).astype(np.uint8)  # keep the high byte
+        return Image.fromarray(np.repeat(gray[:, :, np.newaxis], 3, axis=2))
+    # Alpha is dropped; a palette's transparency too (Pillow warns when converting it to RGB).
+    image.info.pop("transparency", None)
+    return image.convert("RGB")
+
+
+def _fit(image: Image.Image, max_side: int | None) -> Image.Image:
+    """Shrink so the longest side is at most max_side (never enlarge)."""
+    width, height = image.size
+    if max_side is None or max(width, height) <= max_side:
+        return image
+    scale = max_side / max(width, height)
+    size = (
+        max(1, min(max_side, round(width * scale))),
+        max(1, min(max_side, round(height * scale))),
+    )
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=_REDUCING_GAP)
+
+
+# --- DICOM ---------------------------------------------------------------------------------------
+
+
+def _decode_dicom(data: bytes, *, max_pixels: int, max_side: int | None) -> DecodedImage:
+    dicom = open_dicom(data)
+    if dicom.width > 0 and dicom.height > 0:  # a missing size is reported by decode()
+        check_pixel_limit(dicom.width, dicom.height, max_pixels)
+    pixels = dicom.decode()
+    if max_side is not None and max(dicom.width, dicom.height) > max_side:
+        pixels = np.asarray(_fit(Image.fromarray(pixels), max_side))
+    return _result(pixels, dicom.width, dicom.height, "dicom", dicom.tags)
+
+
+def _result(
+    pixels: np.ndarray, width: int, height: int, kind: Format, tags: DicomTags | None = None
+) -> DecodedImage:
+    pixels = np.ascontiguousarray(pixels)
+    pixels.flags.writeable = False
+    return DecodedImage(pixels=pixels, width=width, height=height, format=kind, dicom=tags)

@@ -1,0 +1,77 @@
+"""Which device and which reduced precision to run the models with.
+
+Nothing here runs at import time: CUDA is only queried when a function is called, so importing the
+pipeline never initialises a GPU (Celery forks workers after import).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import torch
+
+from eczema_batch.errors import UsageError
+
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+_PRECISIONS = {"auto", "fp32", "bf16", "fp16"}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N` as a torch device."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    match = _DEVICE_PATTERN.match(device.strip().lower())
+    if match is None or (match.group(1) != "cuda" and match.group(2) is not None):
+        raise UsageError(f"device {device!r} is not one of auto, cpu, cuda or cuda:N")
+    kind, index = match.group(1), match.group(2)
+    if kind == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UsageError(
+            f"device {device!r} asked for, but torch sees no CUDA device "
+            f"(torch {torch.__version__}): use --device cpu, or install a CUDA build of torch"
+        )
+    if index is not None and int(index) >= torch.cuda.device_count():
+        raise UsageError(
+            f"device {device!r} asked for, but only "
+            f"{torch.cuda.device_count()} CUDA device(s) exist"
+        )
+    return torch.device("cuda", int(index)) if index is not None else torch.device("cuda")
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype the models compute in: float32 means no autocast.
+
+    `auto` is bf16 on CUDA (fp16 on GPUs without bf16, i.e. before Ampere) and fp32 on CPU, where
+    reduced precision is slower on most processors and the CPU path is the correctness baseline.
+    """
+    if precision not in _PRECISIONS:
+        raise UsageError(f"precision {precision!r} is not one of {', '.join(sorted(_PRECISIONS))}")
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """The short name (fp32, bf16, fp16) recorded with a model identity."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Autocast to `dtype` on `device`; a no-op for float32."""
+    if dtype == torch.float32:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield
