@@ -1,18 +1,21 @@
 """Image decoding: every DICOM file pydicom ships, broken and hostile inputs, photos, masks.
 
 No network: pydicom's test files are looked up with download=False (a missing one would otherwise
-retry the network for ~20 s).
+retry the network for ~20 s), the corpus is listed from the wheel's own folder, and pydicom's
+downloader is disabled for every test here.
 """
 
 from __future__ import annotations
 
 import datetime
 import struct
+import threading
 import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import fields
+from functools import partial
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,8 @@ import pytest
 from PIL import Image, ImageOps, JpegImagePlugin
 from pydicom import dcmread
 from pydicom import uid as dicom_uid
-from pydicom.data import get_testdata_file, get_testdata_files
+from pydicom.data import data_manager, get_testdata_file, get_testdata_files
+from pydicom.data.data_manager import DATA_ROOT
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_color_lut, get_decoder
 
@@ -47,6 +51,22 @@ MIN_DECODED = 80
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """get_testdata_files(pattern) also *downloads* every pydicom-data file whose name matches
+    (e.g. "*.dcm": a hundred network retries); the default "**/*" happens not to match any."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a test tried to download pydicom data")
+
+    monkeypatch.setattr(data_manager, "data_path_with_download", refuse)
+
+
+def pydicom_corpus() -> list[Path]:
+    """Every file in pydicom's wheel, listed from its folder (the same as get_testdata_files())."""
+    return sorted(path for path in Path(DATA_ROOT, "test_files").rglob("*") if path.is_file())
 
 
 def pydicom_file(name: str) -> Path:
@@ -139,7 +159,10 @@ def reason(call: Callable[[], object]) -> str:
 
 
 def test_every_pydicom_test_file_decodes_or_is_rejected_with_a_reason() -> None:
-    paths = [Path(name) for name in get_testdata_files() if Path(name).is_file()]
+    paths = pydicom_corpus()
+    assert {str(path) for path in paths} == {
+        name for name in get_testdata_files() if Path(name).is_file()
+    }
     assert len(paths) > 150
     decoded, reasons = 0, Counter[str]()
     for path in paths:
@@ -275,20 +298,54 @@ def test_pillows_own_bomb_limit_is_never_what_the_user_sees(
             pydicom_file("MR_small_jp2klossless.dcm").read_bytes(),
         ):
             assert_valid(decode_bytes(data, max_pixels=LIMIT))
+            assert_valid(decode_bytes(data, max_pixels=LIMIT, max_side=32))
 
 
 def test_dicom_without_pixel_data() -> None:
     for name in ("rtplan.dcm", "test-SR.dcm", "DICOMDIR"):
         data = pydicom_file(name).read_bytes()
-        assert reason(lambda data=data: decode_bytes(data, max_pixels=LIMIT)) == (
-            "DICOM has no pixel data"
-        )
+        assert reason(partial(decode_bytes, data, max_pixels=LIMIT)) == ("DICOM has no pixel data")
 
 
 def test_truncated_dicom() -> None:
     data = pydicom_file("MR_truncated.dcm").read_bytes()
     assert reason(lambda: decode_bytes(data, max_pixels=LIMIT)) == (
         "truncated DICOM: pixel data has 8130 bytes, its header needs 8192"
+    )
+
+
+def test_jp2_box_of_length_zero_is_refused_not_a_hang() -> None:
+    """pydicom 3.0.2 loops forever on it (get_j2k_parameters); fuzzing found it."""
+    data = bytearray(pydicom_file("GDCMJ2K_TextGBR.dcm").read_bytes())  # JP2-wrapped frame
+    box = data.index(b"\x00\x00\x00\x0cjP  \r\n\x87\n") + 12  # the box after the signature
+    data[box : box + 4] = bytes(4)
+    outcome: list[str] = []
+
+    def run() -> None:
+        try:
+            decode_bytes(bytes(data), max_pixels=LIMIT)
+        except RejectedFileError as exc:
+            outcome.append(str(exc))
+
+    worker = threading.Thread(target=run, daemon=True)  # a daemon: a regression must not hang
+    worker.start()
+    worker.join(timeout=20)
+    assert outcome == ["DICOM pixel data cannot be decoded: a JPEG 2000 box has length 0"]
+
+
+@pytest.mark.parametrize(
+    ("name", "frame_marker"),
+    [("SC_rgb_jpeg.dcm", b"\xff\xc0"), ("MR_small_jpeg_ls_lossless.dcm", b"\xff\xf7")],
+)
+def test_frame_header_larger_than_rows_columns_is_refused(name: str, frame_marker: bytes) -> None:
+    """CharLS and OpenJPEG allocate what the frame header says: a bomb inside a small DICOM."""
+    data = bytearray(pydicom_file(name).read_bytes())
+    original = decode_bytes(bytes(data), max_pixels=LIMIT)
+    start = data.index(frame_marker, data.index(b"\xff\xd8\xff", 132))  # first frame's header
+    data[start + 5 : start + 9] = struct.pack(">HH", 60_000, 60_000)
+    assert reason(lambda: decode_bytes(bytes(data), max_pixels=LIMIT)) == (
+        "DICOM pixel data cannot be decoded: its frame is 60000x60000 but Rows x Columns say "
+        f"{original.width}x{original.height}"
     )
 
 
@@ -305,7 +362,7 @@ def test_jpeg_2000_without_a_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
         assert syntax in dicom_uid.JPEG2000TransferSyntaxes
         assert_valid(decode_path(path, max_pixels=LIMIT))
         _without_decoders(monkeypatch, syntax)
-        assert reason(lambda path=path: decode_path(path, max_pixels=LIMIT)) == (
+        assert reason(partial(decode_path, path, max_pixels=LIMIT)) == (
             "JPEG 2000 needs the optional decoder: pip install 'eczema-batch[dicom]'"
         )
 

@@ -68,15 +68,26 @@ _JPEG2000 = frozenset(dicom_uid.JPEG2000TransferSyntaxes)  # includes HTJ2K
 #: box (length 12, type "jP  ", content 0D 0A 87 0A), and the codestream is in the "jp2c" box.
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 _JP2_CODESTREAM_BOX = b"jp2c"
+#: JPEG 2000 codestream: SOC marker then SIZ marker (Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, ...).
+_J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
+#: JPEG frame headers (SOF0-3, 5-7, 9-11, 13-15) and JPEG-LS SOF55 (0xF7) hold the frame size.
+_JPEG_FRAME_MARKERS = frozenset(
+    {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC)} | {*range(0xCD, 0xD0), 0xF7}
+)
+#: Start of scan: past it, no frame header is coming.
+_JPEG_SOS = 0xDA
+#: Where a frame's header must be: within the first bytes (JP2 boxes may come first).
+_HEADER_SEARCH = 65536
 _JPEG_LS = frozenset(dicom_uid.JPEGLSTransferSyntaxes)
 #: JPEG Lossless, Process 14 (and its Selection Value 1 variant): neither Pillow nor pyjpegls
 #: decodes it; python-gdcm or pylibjpeg-libjpeg do.
 _LOSSLESS_JPEG = frozenset({dicom_uid.JPEGLossless, dicom_uid.JPEGLosslessSV1})
 
 _NEEDS_DICOM_EXTRA = "JPEG 2000 needs the optional decoder: pip install 'eczema-batch[dicom]'"
+#: pyjpegls (MIT; highdicom, in the [dicom] extra, depends on it) or pylibjpeg-libjpeg (GPL-3).
 _NEEDS_JPEG_LS = (
-    "JPEG-LS needs a decoder that is not installed: pip install 'eczema-batch[dicom]' (pyjpegls); "
-    "pylibjpeg-libjpeg also works but is GPL-3"
+    "JPEG-LS needs a decoder that is not installed: pip install pyjpegls (MIT), "
+    "or pylibjpeg with pylibjpeg-libjpeg (GPL-3)"
 )
 _NEEDS_LIBJPEG = (
     "{what} needs a decoder that is not installed: pip install python-gdcm, "
@@ -176,9 +187,17 @@ class OpenedDicom:
             ) from None
         if not decoder.is_available:
             raise RejectedFileError(_missing_decoder_reason(transfer_syntax))
-        if transfer_syntax in _JPEG2000 and "PixelData" in ds:
-            _refuse_looping_jp2(ds.PixelData)
-        if transfer_syntax.is_compressed:
+        if transfer_syntax.is_encapsulated and "PixelData" in ds:
+            if transfer_syntax in _JPEG2000:
+                _refuse_looping_jp2(ds.PixelData)
+            declared = _declared_size(ds.PixelData, transfer_syntax)
+            if declared is not None and declared[0] * declared[1] > self.width * self.height:
+                # The plugins (CharLS, OpenJPEG) allocate what the frame says, not what the
+                # header says: a corrupt frame header would be a decompression bomb.
+                raise RejectedFileError(
+                    f"DICOM pixel data cannot be decoded: its frame is {declared[0]}x"
+                    f"{declared[1]} but Rows x Columns say {self.width}x{self.height}"
+                )
             _allow_pillow_size(self.width * self.height)
         options = as_pixel_options(ds)
         frame, meta = decoder.as_array(ds, index=0, validate=True, raw=False, **options)
@@ -351,6 +370,37 @@ def _decode_failure_reason(syntax: dicom_uid.UID | None, exc: Exception) -> str:
         message = "the compressed frame declares a far larger image than Rows x Columns"
     detail = first_line(RuntimeError(message))
     return f"DICOM pixel data cannot be decoded: {detail}"
+
+
+def _declared_size(pixel_data: bytes, syntax: dicom_uid.UID) -> tuple[int, int] | None:
+    """(width, height) from the first frame's own JPEG, JPEG-LS or JPEG 2000 header, if readable."""
+    items = generate_fragments(pixel_data)
+    next(items, None)  # the Basic Offset Table
+    frame = next(items, b"")
+    if syntax in _JPEG2000:
+        start = frame.find(_J2K_SOC_SIZ, 0, _HEADER_SEARCH)
+        siz = frame[start + len(_J2K_SOC_SIZ) : start + len(_J2K_SOC_SIZ) + 20]
+        if start < 0 or len(siz) < 20:
+            return None
+        _length, _capabilities, xsiz, ysiz, xosiz, yosiz = struct.unpack(">HHIIII", siz)
+        return max(xsiz - xosiz, 0), max(ysiz - yosiz, 0)
+    if not frame.startswith(b"\xff\xd8"):  # JPEG and JPEG-LS start with SOI
+        return None
+    position = 2
+    while position + 9 <= len(frame):
+        if frame[position] != 0xFF:
+            return None
+        marker = frame[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in _JPEG_FRAME_MARKERS:  # Lf(2) P(1) Y(2) X(2)
+            height, width = struct.unpack(">HH", frame[position + 5 : position + 9])
+            return width, height
+        if marker == _JPEG_SOS:
+            return None
+        position += 2 + int.from_bytes(frame[position + 2 : position + 4], "big")
+    return None
 
 
 def _refuse_looping_jp2(pixel_data: bytes) -> None:

@@ -116,6 +116,8 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int | None = None) -
     decoded or rejected with a reason, and the core never writes to the terminal. (The filter is
     process-wide for the duration of the call, as `warnings.catch_warnings` is before Python 3.14.)
     """
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be at least 1, not {max_side}")
     if not data:
         raise RejectedFileError("empty file")
     kind = sniff_format(data[:SNIFF_BYTES])

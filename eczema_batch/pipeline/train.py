@@ -9,6 +9,7 @@ Nothing here touches the catalogue.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -176,3 +177,17 @@ def fit_head(
             losses.append(total / len(y))
         head.eval()
     return FitResult(head=head, losses=losses, class_weights=[float(w) for w in weights])
+
+
+def state_digest(head: SeverityHead) -> str:
+    """sha256 over the head's tensors (name, dtype, shape, bytes), in name order.
+
+    Not the digest of the safetensors bytes: their JSON header lists the metadata in an order
+    that changes from save to save, so equal weights would get different digests.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(head.state_dict().items()):
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\n".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
