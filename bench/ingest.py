@@ -1,11 +1,12 @@
 """Ingest throughput against a raw baseline measured in the same run.
 
-Baseline: read + SHA-256 + full decode of the same files in one process, no catalogue. Then
+Baseline: read + SHA-256 + full decode of the same files (images, and the manual mask files)
+in one process, no catalogue. Then
 `ingest_study` into a fresh SQLite file and (when reachable) a fresh PostgreSQL schema. Prints
 files/s and the ratio ingest time / baseline time (targets: <= 1.15 on SQLite, <= 1.3 on
 PostgreSQL).
 
-    python bench/ingest.py [--images 5000] [--postgres postgresql+psycopg://127.0.0.1:5432/test]
+    python -m bench.ingest [--images 5000] [--postgres postgresql+psycopg://127.0.0.1:5432/test]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
+from PIL import Image
 from sqlalchemy import create_engine, text
 
 from eczema_batch.catalogue.db import dispose_engines, open_catalogue
@@ -29,12 +31,18 @@ from eczema_batch.synth import write_synthetic_study
 
 
 def baseline(root: Path) -> tuple[float, int]:
-    files = sorted(scan_study(root).images.values())
+    """Read + hash + full decode of every image, and read + decode of every mask file."""
+    scan = scan_study(root)
+    files = sorted(scan.images.values())
+    masks = sorted(scan.mask_files.values())
     start = time.perf_counter()
     for path in files:
         data = path.read_bytes()
         hashlib.sha256(data).hexdigest()
         decode_bytes(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    for path in masks:
+        with Image.open(path) as mask:
+            mask.load()
     return time.perf_counter() - start, len(files)
 
 

@@ -9,8 +9,8 @@ and prints images/s, end-to-end / forwards (CPU target <= 1.25), naive / end-to-
 >= 8x), model FLOPs per image (counted with torch's FlopCounterMode) and achieved FLOP/s; with
 --peak-tflops (e.g. 790 for bf16 on an H200) it also prints MFU.
 
-    python bench/pipeline.py                       # tiny models, small photos, CPU
-    python bench/pipeline.py --real 2 --size 4000x3000   # real-size random weights, 12 MP photos
+    python -m bench.pipeline                       # tiny models, small photos, CPU
+    python -m bench.pipeline --real 2 --size 4000x3000   # real-size random weights, 12 MP photos
 """
 
 from __future__ import annotations

