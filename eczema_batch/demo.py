@@ -1,0 +1,202 @@
+"""`eczema-batch demo`: the whole tool on a synthetic study, in one folder, on the embedded default.
+
+    DIR/demo-study/          the synthetic study (photos, DICOM, manual masks, manifest.csv)
+    DIR/catalogue.sqlite3    its SQLite catalogue (the default one when ECZEMA_BATCH_HOME=DIR)
+    DIR/models/              tiny random-weight models, when the real weights are not found
+    DIR/report/index.html    the HTML report
+
+Steps: write the study, ingest it, run the pipeline (embed, retrieve prompts, segment, crop,
+embed), train a severity head on the manifest's labels, run again to predict, build the report.
+The real models (SegGPT ViT-L, DINO ViT-B/16) are used when their weights are found; otherwise
+tiny models of the same classes with random weights, whose results mean nothing. Every step is
+idempotent: running the demo again in the same folder reuses what is there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from eczema_batch.catalogue.db import open_catalogue
+from eczema_batch.config import Settings
+from eczema_batch.errors import EczemaBatchError, ModelNotFoundError
+from eczema_batch.jobs.config import RunConfig
+from eczema_batch.report.cohort import (
+    CohortReport,
+    build_report,
+    review_thresholds,
+    trend_rules,
+)
+from eczema_batch.report.html import HtmlReport, write_html_report
+
+STUDY_NAME = "demo-study"
+TINY_SEGMENTER, TINY_EMBEDDER = "tiny-seggpt", "tiny-dino"
+#: SegGPT ViT-L with K=2 prompts on a 2-core CPU (DESIGN.md): ~26 s per image
+CPU_SECONDS_PER_IMAGE = 26
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    patients: int = 8
+    visits: int = 3
+    images_per_visit: int = 2
+    seed: int = 0
+
+
+@dataclass
+class DemoResult:
+    folder: Path
+    study_folder: Path
+    database_url: str
+    #: "real" or "tiny"
+    models: str
+    #: why the tiny models were used (the weights that were not found), or where the real ones are
+    models_note: str
+    segmenter: str
+    embedder: str
+    images: int = 0
+    head: dict[str, object] | None = None
+    #: why no head could be trained (the report then shows no predictions)
+    head_problem: str | None = None
+    report: CohortReport | None = None
+    html: HtmlReport | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def _step(result: DemoResult, name: str, say: Say, text: str) -> Iterator[None]:
+    say(text)
+    start = time.perf_counter()
+    yield
+    result.seconds[name] = round(time.perf_counter() - start, 1)
+
+
+def choose_models(settings: Settings, folder: Path, *, tiny: bool) -> tuple[str, str, str, str,
+                                                                            Path | None]:
+    """(kind, note, segmenter, embedder, model_dir): the real models if found, else tiny ones."""
+    from eczema_batch.pipeline.loading import find_weights
+    from eczema_batch.pipeline.registry import get_spec
+
+    missing = []
+    if not tiny:
+        for name in (settings.segmenter_model, settings.embedder_model):
+            try:
+                find_weights(get_spec(name), model_dir=settings.model_dir)
+            except (ModelNotFoundError, EczemaBatchError):
+                missing.append(f"no weights found for {name}")
+        if not missing:
+            return ("real", f"weights found for {settings.segmenter_model} and "
+                    f"{settings.embedder_model}", settings.segmenter_model,
+                    settings.embedder_model, settings.model_dir)
+    from eczema_batch.pipeline.tiny import make_tiny_models
+
+    model_dir = folder / "models"
+    if not all((model_dir / n / "config.json").is_file() for n in (TINY_SEGMENTER, TINY_EMBEDDER)):
+        make_tiny_models(model_dir)
+    note = "--tiny was given" if tiny else "; ".join(missing)
+    return "tiny", note, TINY_SEGMENTER, TINY_EMBEDDER, model_dir
+
+
+def _measure(factory: sessionmaker[Session], config: RunConfig, settings: Settings) -> int:
+    from eczema_batch.jobs.local import run_in_process, start_run
+
+    plan = start_run(factory, config=config, executor="local", queue="local",
+                     chunk_size=settings.chunk_size, study=STUDY_NAME)
+    summary = run_in_process(factory, plan)
+    if summary.failed_jobs:
+        first = next(iter(summary.failed_jobs.values()))
+        raise EczemaBatchError(f"the pipeline failed on the demo study: {first}")
+    return summary.images.get("measure", 0)
+
+
+def _train(factory: sessionmaker[Session], config: RunConfig, result: DemoResult) -> bool:
+    """Train a head unless one is active for these features; False (with the reason) if not."""
+    from eczema_batch.jobs.runtime import resolve_targets
+
+    with factory() as session, session.begin():
+        if resolve_targets(session, config).head_id is not None:
+            result.head = {"reused": True}
+            return True
+    try:
+        from eczema_batch.pipeline.train import TrainSettings
+        from eczema_batch.training.train import train_head
+    except ImportError as exc:  # training not in this build
+        result.head_problem = f"training is not available ({exc})"
+        return False
+    try:
+        result.head = train_head(factory, config=config, settings=TrainSettings(seed=0),
+                                 study=STUDY_NAME, name="demo head")
+    except EczemaBatchError as exc:
+        result.head_problem = str(exc)
+        return False
+    return True
+
+
+def run_demo(
+    folder: Path,
+    *,
+    settings: Settings,
+    size: DemoSize = DemoSize(),
+    tiny: bool = False,
+    say: Say = lambda _text: None,
+) -> DemoResult:
+    """Run every step in `folder`; `say` hears what is happening, step by step."""
+    from eczema_batch.ingest.service import ingest_study
+    from eczema_batch.synth import write_synthetic_study
+
+    folder = folder.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    study_folder = folder / STUDY_NAME
+    url = f"sqlite:///{folder / 'catalogue.sqlite3'}"
+    kind, note, segmenter, embedder, model_dir = choose_models(settings, folder, tiny=tiny)
+    result = DemoResult(folder=folder, study_folder=study_folder, database_url=url, models=kind,
+                        models_note=note, segmenter=segmenter, embedder=embedder)
+    if kind == "tiny":
+        say(f"models: TINY random-weight {segmenter} + {embedder} ({note}): the workflow runs, "
+            "the numbers mean nothing")
+    else:
+        say(f"models: REAL {segmenter} + {embedder}")
+    with _step(result, "synth", say, f"writing a synthetic study to {study_folder}"):
+        if study_folder.is_dir() and any(study_folder.iterdir()):
+            say("  (already written: reusing it)")
+        else:
+            write_synthetic_study(study_folder, patients=size.patients, visits=size.visits,
+                                  images_per_visit=size.images_per_visit, seed=size.seed)
+    factory = open_catalogue(url)
+    with _step(result, "ingest", say, "cataloguing it"):
+        ingest = ingest_study(study_folder, factory=factory, study_name=STUDY_NAME,
+                              max_pixels=settings.max_image_pixels,
+                              processes=settings.ingest_workers or 1,
+                              batch_files=settings.ingest_batch_files)
+        result.images = ingest.catalogued + ingest.already_catalogued
+    config = RunConfig.from_settings(settings, segmenter_model=segmenter, embedder_model=embedder,
+                                     model_dir=str(model_dir) if model_dir else None)
+    if kind == "real":
+        from eczema_batch.pipeline.device import resolve_device
+
+        if resolve_device(settings.device).type == "cpu":
+            minutes = result.images * CPU_SECONDS_PER_IMAGE / 60
+            say(f"  real SegGPT on a CPU: about {minutes:.0f} minutes for {result.images} images "
+                "(--tiny shows the workflow in a minute)")
+    with _step(result, "run", say, f"segmenting and embedding with {segmenter} + {embedder}"):
+        _measure(factory, config, settings)
+    with _step(result, "train", say, "training the severity head on the manifest's labels"):
+        trained = _train(factory, config, result)
+    if trained:
+        with _step(result, "predict", say, "predicting severity"):
+            _measure(factory, config, settings)
+    with _step(result, "report", say, "building the report"):
+        with factory() as session:
+            result.report = build_report(session, rules=trend_rules(settings),
+                                         thresholds=review_thresholds(settings),
+                                         study=STUDY_NAME)
+            result.html = write_html_report(session, result.report, folder / "report",
+                                            max_pixels=settings.max_image_pixels)
+    return result

@@ -1,0 +1,78 @@
+"""The cohort report: every patient's trend and the cohort's summary, from one streamed query."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy.orm import Session
+
+from eczema_batch.config import Settings
+from eczema_batch.report.queries import (
+    HeadInfo,
+    PatientKey,
+    ReviewThresholds,
+    check_scope,
+    choose_head,
+    iter_patient_visits,
+)
+from eczema_batch.report.trends import (
+    DEFAULT_CLASSES,
+    CohortSummary,
+    PatientTrend,
+    TrendRules,
+    patient_trend,
+    summarise_cohort,
+)
+
+
+def trend_rules(settings: Settings) -> TrendRules:
+    return TrendRules(stable_band=settings.trend_stable_band,
+                      responder_classes=settings.responder_classes)
+
+
+def review_thresholds(settings: Settings) -> ReviewThresholds:
+    return ReviewThresholds(min_confidence=settings.review_min_confidence,
+                            min_prompt_similarity=settings.review_min_prompt_similarity)
+
+
+@dataclass(frozen=True)
+class PatientReport:
+    key: PatientKey
+    trend: PatientTrend
+
+
+@dataclass
+class CohortReport:
+    head: HeadInfo | None
+    rules: TrendRules
+    thresholds: ReviewThresholds
+    summary: CohortSummary
+    patients: list[PatientReport] = field(default_factory=list)
+    study: str | None = None
+    patient: str | None = None
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.head.classes if self.head else DEFAULT_CLASSES
+
+
+def build_report(
+    session: Session,
+    *,
+    rules: TrendRules,
+    thresholds: ReviewThresholds,
+    study: str | None = None,
+    patient: str | None = None,
+    head_id: int | None = None,
+) -> CohortReport:
+    """Trends of every patient in scope (UnknownPatientError for a patient the catalogue lacks)."""
+    check_scope(session, study=study, patient=patient)
+    head = choose_head(session, head_id=head_id)
+    patients = [
+        PatientReport(pv.key, patient_trend(pv.visits, rules))
+        for pv in iter_patient_visits(session, head=head, thresholds=thresholds, study=study,
+                                      patient=patient, sites=False)
+    ]
+    summary = summarise_cohort(p.trend for p in patients)
+    return CohortReport(head=head, rules=rules, thresholds=thresholds, summary=summary,
+                        patients=patients, study=study, patient=patient)

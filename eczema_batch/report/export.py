@@ -1,0 +1,270 @@
+"""Tidy rows for statisticians: one row per image, visit or patient, as CSV or JSON.
+
+The columns are a contract (README, "Reports and exports"; tests pin them): add new ones at the
+end, never rename. There is no identifying data (subject codes only, no names, no file paths, no
+free-text notes). Rows stream from the catalogue one patient at a time.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import itertools
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TextIO
+
+from sqlalchemy.orm import Session
+
+from eczema_batch.report.queries import (
+    HeadInfo,
+    ImageRecord,
+    ModelRef,
+    PatientVisits,
+    ReviewThresholds,
+    check_scope,
+    choose_head,
+    flag_reasons,
+    iter_image_records,
+    iter_patient_visits,
+    model_refs,
+)
+from eczema_batch.report.trends import (
+    DEFAULT_CLASSES,
+    PatientTrend,
+    TrendRules,
+    VisitTrend,
+    expected_score,
+    patient_trend,
+)
+
+Level = Literal["image", "visit", "patient"]
+LEVELS: tuple[Level, ...] = ("image", "visit", "patient")
+FORMATS = ("csv", "json", "dicom-seg")
+#: Decimals of probabilities, scores and slopes (a millionth of a class is noise).
+DECIMALS = 6
+
+#: Appended to every level: which head scored the rows and the models its features came from.
+IDENTITY_COLUMNS = ("head", "head_digest", "embedder", "embedder_digest", "segmenter",
+                    "segmenter_digest")
+#: `{p}` expands to one p_<class> column per class of the head (p_clear ... p_severe).
+_LEVEL_COLUMNS: dict[str, tuple[str, ...]] = {
+    "image": (
+        "study", "patient", "visit", "visit_number", "visit_date", "days_from_baseline",
+        "image_id", "body_site", "format", "severity", "severity_class", "{p}", "expected_score",
+        "predicted_severity", "reviewed_severity", "change_from_baseline", "review_status",
+        "review_reasons", "prompt_similarity",
+    ),
+    "visit": (
+        "study", "patient", "visit", "visit_number", "visit_date", "days_from_baseline",
+        "body_sites", "n_images", "n_scored", "n_flagged", "n_reviewed", "severity",
+        "severity_class", "{p}", "expected_score", "worst_severity", "baseline",
+        "change_from_baseline", "change_from_previous", "class_change_from_baseline",
+        "review_status",
+    ),
+    "patient": (
+        "study", "patient", "n_visits", "n_scored_visits", "n_images", "n_flagged", "n_reviewed",
+        "baseline_date", "baseline_severity", "baseline_score", "last_date", "last_severity",
+        "last_score", "days_followed", "change_from_baseline", "class_change_from_baseline",
+        "slope_per_30d", "slope_ci_low", "slope_ci_high", "slope_n", "status", "responder",
+        "review_status",
+    ),
+}
+
+
+def columns(level: Level, classes: Sequence[str] = DEFAULT_CLASSES) -> list[str]:
+    out: list[str] = []
+    for name in _LEVEL_COLUMNS[level]:
+        if name == "{p}":
+            out.extend(f"p_{c}" for c in classes)
+        else:
+            out.append(name)
+    return out + list(IDENTITY_COLUMNS)
+
+
+@dataclass
+class ExportResult:
+    level: Level
+    columns: list[str]
+    rows: int
+    head: HeadInfo | None
+
+
+class _Rows:
+    """Builds rows (lists aligned with `columns(level)`) for one head."""
+
+    def __init__(self, head: HeadInfo | None, refs: dict[int, ModelRef],
+                 thresholds: ReviewThresholds) -> None:
+        self.head, self.refs, self.thresholds = head, refs, thresholds
+        self.classes = head.classes if head else DEFAULT_CLASSES
+        self._identity_cache: dict[int | None, list[Any]] = {}
+
+    def identity(self, segmenter_id: int | None) -> list[Any]:
+        cached = self._identity_cache.get(segmenter_id)
+        if cached is None:
+            head, emb = self.head, self.head.embedder if self.head else None
+            seg = self.refs.get(segmenter_id) if segmenter_id is not None else None
+            cached = [head.name if head else None, head.digest if head else None,
+                      emb.name if emb else None, emb.digest if emb else None,
+                      seg.name if seg else None, seg.digest if seg else None]
+            self._identity_cache[segmenter_id] = cached
+        return cached
+
+    def class_name(self, k: int | None) -> str | None:
+        if k is None:
+            return None
+        return self.classes[k] if k < len(self.classes) else str(k)
+
+    def probs(self, p: Sequence[float] | None) -> list[Any]:
+        return [round(x, DECIMALS) for x in p] if p else [None] * len(self.classes)
+
+    def visit(self, pv: PatientVisits, trend: PatientTrend, vt: VisitTrend) -> list[Any]:
+        v = vt.visit
+        return [
+            pv.key.study, pv.key.patient, v.label, vt.number, v.visit_date, vt.days_from_baseline,
+            ";".join(v.body_sites), v.n_images, v.n_scored, v.n_flagged, v.n_reviewed,
+            v.severity, self.class_name(v.severity), *self.probs(v.probabilities),
+            _r(v.expected_score), v.worst_severity, vt.is_baseline, _r(vt.change_from_baseline),
+            _r(vt.change_from_previous), vt.class_change_from_baseline, v.review_status,
+            *self.identity(pv.segmenter_ids.get(v.visit_id)),
+        ]
+
+    def patient(self, pv: PatientVisits, trend: PatientTrend) -> list[Any]:
+        base, last, slope = trend.baseline, trend.last, trend.slope
+        n_images = sum(v.visit.n_images for v in trend.visits)
+        days = None
+        if base and last and base.visit.visit_date and last.visit.visit_date:
+            days = (last.visit.visit_date - base.visit.visit_date).days
+        pending = trend.n_flagged
+        last_seg = pv.segmenter_ids.get(trend.visits[-1].visit.visit_id) if trend.visits else None
+        return [
+            pv.key.study, pv.key.patient, len(trend.visits), trend.scored_visits, n_images,
+            pending, trend.n_reviewed,
+            base.visit.visit_date if base else None, base.visit.severity if base else None,
+            _r(base.visit.expected_score) if base else None,
+            last.visit.visit_date if last else None, last.visit.severity if last else None,
+            _r(last.visit.expected_score) if last else None, days,
+            _r(trend.change_from_baseline), trend.class_change_from_baseline,
+            _r(slope.per_30_days) if slope else None, _r(slope.ci_low) if slope else None,
+            _r(slope.ci_high) if slope else None, slope.n if slope else None,
+            trend.status, trend.responder,
+            "pending" if pending else ("reviewed" if trend.n_reviewed else "none"),
+            *self.identity(last_seg),
+        ]
+
+    def image(self, pv: PatientVisits, trend: PatientTrend, visit: VisitTrend,
+              record: ImageRecord) -> list[Any]:
+        effective = record.effective
+        score = expected_score(effective) if effective else None
+        base = trend.baseline.visit.expected_score if trend.baseline else None
+        reasons = flag_reasons(record, self.thresholds)
+        status = "reviewed" if record.reviewed is not None else ("pending" if reasons else "none")
+        return [
+            pv.key.study, pv.key.patient, visit.visit.label, visit.number, visit.visit.visit_date,
+            visit.days_from_baseline, record.image_id, record.body_site, record.format,
+            record.severity, self.class_name(record.severity), *self.probs(effective), _r(score),
+            record.predicted, record.reviewed,
+            None if score is None or base is None else _r(score - base),
+            status, "; ".join(reasons) or None, _r(record.prompt_similarity),
+            *self.identity(record.segmenter_id),
+        ]
+
+
+def iter_rows(
+    session: Session,
+    *,
+    level: Level,
+    head: HeadInfo | None,
+    rules: TrendRules,
+    thresholds: ReviewThresholds,
+    study: str | None = None,
+    patient: str | None = None,
+) -> Iterator[list[Any]]:
+    """Rows of `level`, patient by patient (lists aligned with `columns(level, classes)`)."""
+    build = _Rows(head, model_refs(session), thresholds)
+    groups = iter_patient_visits(session, head=head, thresholds=thresholds, study=study,
+                                 patient=patient)
+    if level == "visit":
+        for pv in groups:
+            trend = patient_trend(pv.visits, rules)
+            for vt in trend.visits:
+                yield build.visit(pv, trend, vt)
+        return
+    if level == "patient":
+        for pv in groups:
+            yield build.patient(pv, patient_trend(pv.visits, rules))
+        return
+    # Images: a second cursor, in the same patient order, merged with the visit aggregates.
+    records = iter_image_records(session, head=head, study=study, patient=patient)
+    pending: ImageRecord | None = next(records, None)
+    for pv in groups:
+        trend = patient_trend(pv.visits, rules)
+        by_visit = {vt.visit.visit_id: vt for vt in trend.visits}
+        ordered: list[tuple[VisitTrend, ImageRecord]] = []
+        while pending is not None and pending.patient_id == pv.key.patient_id:
+            ordered.append((by_visit[pending.visit_id], pending))
+            pending = next(records, None)
+        ordered.sort(key=lambda pair: (pair[0].number, pair[1].image_id))
+        for vt, record in ordered:
+            yield build.image(pv, trend, vt, record)
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, DECIMALS)
+
+
+def _json_value(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, dt.date) else value
+
+
+def write_csv(rows: Iterable[list[Any]], header: Sequence[str], out: TextIO) -> int:
+    """CSV: empty for no value, true/false as True/False (pandas and R read both), ISO dates."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    count = 0
+    for chunk in _batched(rows, 1000):
+        writer.writerows(chunk)
+        count += len(chunk)
+    return count
+
+
+def _batched(rows: Iterable[list[Any]], size: int) -> Iterator[list[list[Any]]]:
+    it = iter(rows)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def write_json(rows: Iterable[list[Any]], header: Sequence[str], out: TextIO) -> int:
+    """A JSON array of objects, written as it streams (one object per line)."""
+    out.write("[")
+    count = 0
+    for row in rows:
+        out.write(",\n" if count else "\n")
+        out.write(json.dumps({k: _json_value(v) for k, v in zip(header, row, strict=True)}))
+        count += 1
+    out.write("\n]\n" if count else "]\n")
+    return count
+
+
+def export_table(
+    session: Session,
+    out: TextIO,
+    *,
+    level: Level = "visit",
+    fmt: Literal["csv", "json"] = "csv",
+    rules: TrendRules,
+    thresholds: ReviewThresholds,
+    study: str | None = None,
+    patient: str | None = None,
+    head_id: int | None = None,
+) -> ExportResult:
+    """Write the rows of `level` to `out`; an unknown patient raises before anything is written."""
+    check_scope(session, study=study, patient=patient)
+    head = choose_head(session, head_id=head_id)
+    header = columns(level, head.classes if head else DEFAULT_CLASSES)
+    rows = iter_rows(session, level=level, head=head, rules=rules, thresholds=thresholds,
+                     study=study, patient=patient)
+    writer = write_csv if fmt == "csv" else write_json
+    count = writer(rows, header, out)
+    return ExportResult(level=level, columns=header, rows=count, head=head)

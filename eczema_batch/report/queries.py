@@ -1,0 +1,428 @@
+"""The catalogue reads behind reports, exports and the review queue (Core selects, streamed).
+
+Every report reads one of two shapes of the same join: image -> its prediction by the chosen head
+-> the crop embedding the prediction was made from -> the mask that crop was cut with, plus the
+image's newest reviewed label. Per image (`iter_image_records`), or aggregated per visit in SQL
+(`iter_patient_visits`): the mean of the effective probability vectors, counts of images, scored,
+flagged and reviewed ones. A reviewed label replaces its image's prediction by a one-hot vector.
+Rows stream in patient order (no ORM object per row), so a 300,000-image cohort is read once, in
+constant memory per patient.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Float,
+    Select,
+    String,
+    and_,
+    case,
+    cast,
+    distinct,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+)
+from sqlalchemy.orm import Session, aliased
+
+from eczema_batch.catalogue.models import (
+    Embedding,
+    Head,
+    Image,
+    Label,
+    Mask,
+    Model,
+    Patient,
+    Prediction,
+    Study,
+    Visit,
+)
+from eczema_batch.errors import UnknownPatientError, UsageError
+from eczema_batch.report.trends import DEFAULT_CLASSES, VisitScore
+
+#: Rows fetched per round trip while streaming.
+STREAM_ROWS = 5000
+#: PostgreSQL sort memory for report queries (SET LOCAL: this transaction only).
+PG_WORK_MEM = "64MB"
+#: A head id no row has: the joins then find no prediction (a catalogue without a head).
+_NO_HEAD = -1
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """The severity head a report reads predictions of, and the models its features came from."""
+
+    id: int
+    name: str
+    digest: str
+    classes: tuple[str, ...]
+    embedder: ModelRef | None
+    segmenter: ModelRef | None
+
+
+@dataclass(frozen=True)
+class ReviewThresholds:
+    """When an unreviewed prediction is flagged for review (Settings: ECZEMA_BATCH_REVIEW_*)."""
+
+    min_confidence: float = 0.5
+    min_prompt_similarity: float = 0.5
+
+
+@dataclass(frozen=True)
+class PatientKey:
+    study: str
+    patient: str
+    patient_id: int
+
+
+@dataclass(frozen=True)
+class PatientVisits:
+    key: PatientKey
+    visits: list[VisitScore]
+    #: visit id -> the model that made the masks its predictions were cropped with
+    segmenter_ids: dict[int, int | None]
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    image_id: int
+    study: str
+    patient: str
+    patient_id: int
+    visit_id: int
+    visit_label: str
+    visit_date: date | None
+    body_site: str | None
+    format: str
+    #: the head's probabilities, None when the image has no prediction by it
+    probabilities: tuple[float, ...] | None
+    predicted: int | None
+    reviewed: int | None
+    rater: str | None
+    note: str | None
+    mask_id: int | None
+    mask_flag: str | None
+    prompt_similarity: float | None
+    segmenter_id: int | None
+
+    @property
+    def effective(self) -> tuple[float, ...] | None:
+        """What the visit mean uses: the reviewer's class as one-hot, else the prediction."""
+        if self.reviewed is not None:
+            n = len(self.probabilities) if self.probabilities else len(DEFAULT_CLASSES)
+            n = max(n, self.reviewed + 1)
+            return tuple(1.0 if k == self.reviewed else 0.0 for k in range(n))
+        return self.probabilities
+
+    @property
+    def severity(self) -> int | None:
+        return self.reviewed if self.reviewed is not None else self.predicted
+
+
+def flag_reasons(record: ImageRecord, thresholds: ReviewThresholds) -> list[str]:
+    """Why an unreviewed prediction needs a rater; the same rule as `_flagged` in SQL."""
+    if record.reviewed is not None or record.probabilities is None:
+        return []
+    reasons = []
+    top = max(record.probabilities)
+    if top < thresholds.min_confidence:
+        reasons.append(f"low confidence: top probability {top:.2f} < "
+                       f"{thresholds.min_confidence:.2f}")
+    if record.mask_flag:
+        reasons.append(f"mask: {record.mask_flag}")
+    sim = record.prompt_similarity
+    if sim is not None and sim < thresholds.min_prompt_similarity:
+        reasons.append(f"weak prompts: mean similarity {sim:.2f} < "
+                       f"{thresholds.min_prompt_similarity:.2f}")
+    return reasons
+
+
+# --- heads and scope ---------------------------------------------------------------------------
+
+
+def model_refs(session: Session) -> dict[int, ModelRef]:
+    return {mid: ModelRef(name, digest)
+            for mid, name, digest in session.execute(select(Model.id, Model.name, Model.digest))}
+
+
+def choose_head(session: Session, *, head_id: int | None = None) -> HeadInfo | None:
+    """The given head; else the newest active head with predictions; else the newest with any."""
+    if head_id is not None:
+        row = session.execute(select(Head).where(Head.id == head_id)).scalar_one_or_none()
+        if row is None:
+            raise UsageError(f"no head {head_id} in the catalogue: `eczema-batch train` makes one")
+    else:
+        has_predictions = select(Prediction.id).where(Prediction.head_id == Head.id).exists()
+        row = session.execute(
+            select(Head).where(has_predictions)
+            .order_by(Head.active.desc(), Head.id.desc()).limit(1)
+        ).scalar_one_or_none()
+        if row is None:
+            return None
+    refs = model_refs(session)
+    return HeadInfo(
+        id=row.id, name=row.name, digest=row.digest,
+        classes=tuple(str(c) for c in row.classes) or DEFAULT_CLASSES,
+        embedder=refs.get(row.embedder_model_id),
+        segmenter=refs.get(row.segmenter_model_id) if row.segmenter_model_id else None,
+    )
+
+
+def check_scope(session: Session, *, study: str | None, patient: str | None) -> None:
+    """UsageError for an unknown study, UnknownPatientError (exit 2) for an unknown patient."""
+    if study is not None and session.scalar(select(Study.id).where(Study.name == study)) is None:
+        raise UsageError(f"no study named {study!r}: `eczema-batch status` lists the studies")
+    if patient is not None:
+        stmt = select(Patient.id).where(Patient.subject_code == patient)
+        if study is not None:
+            stmt = stmt.join(Study).where(Study.name == study)
+        if session.scalar(stmt.limit(1)) is None:
+            where = f"study {study!r}" if study else "the catalogue"
+            raise UnknownPatientError(
+                f"no patient {patient!r} in {where}: `eczema-batch report` lists the patients"
+            )
+
+
+# --- the join ----------------------------------------------------------------------------------
+
+
+class _Join:
+    """Columns and FROM clause shared by the per-image and per-visit selects."""
+
+    def __init__(self, session: Session, head: HeadInfo | None) -> None:
+        self.dialect = session.get_bind().dialect.name
+        self.n_classes = len(head.classes) if head else len(DEFAULT_CLASSES)
+        head_id = head.id if head else _NO_HEAD
+        latest = (
+            select(Label.image_id.label("image_id"), func.max(Label.id).label("label_id"))
+            .where(Label.source == "review").group_by(Label.image_id).subquery("latest_review")
+        )
+        self.review = aliased(Label, name="review")
+        self.from_ = (
+            select().select_from(Patient)
+            .join(Study, Patient.study_id == Study.id)
+            .outerjoin(Visit, Visit.patient_id == Patient.id)
+            .outerjoin(Image, Image.visit_id == Visit.id)
+            .outerjoin(Prediction, and_(Prediction.image_id == Image.id,
+                                        Prediction.head_id == head_id))
+            .outerjoin(Embedding, Embedding.id == Prediction.embedding_id)
+            .outerjoin(Mask, Mask.id == Embedding.mask_id)
+            .outerjoin(latest, latest.c.image_id == Image.id)
+            .outerjoin(self.review, self.review.id == latest.c.label_id)
+        )
+        self.p = [Prediction.probabilities[k].as_float() for k in range(self.n_classes)]
+        self.similarity = self._json_mean(Mask.prompt_similarities)
+
+    def _json_mean(self, column: Any) -> ColumnElement[float]:
+        if self.dialect == "postgresql":
+            values = func.json_array_elements_text(column).table_valued("value")
+            return select(func.avg(cast(values.c.value, Float))).scalar_subquery()
+        values = func.json_each(column).table_valued("value")
+        return select(func.avg(values.c.value)).scalar_subquery()
+
+    def top_probability(self) -> ColumnElement[float]:
+        """The probability of the predicted class (the pipeline stores the argmax as severity)."""
+        if self.dialect == "postgresql":
+            return cast(Prediction.probabilities.op("->>")(Prediction.severity), Float)
+        path = literal("$[") + cast(Prediction.severity, String) + literal("]")
+        return func.json_extract(Prediction.probabilities, path)
+
+    def effective(self, k: int) -> ColumnElement[float]:
+        reviewed = self.review.severity
+        return case(
+            (reviewed.is_not(None), case((reviewed == k, literal(1.0)), else_=literal(0.0))),
+            else_=self.p[k],
+        )
+
+    def flagged(self, thresholds: ReviewThresholds) -> ColumnElement[bool]:
+        return and_(
+            Prediction.id.is_not(None),
+            self.review.id.is_(None),
+            or_(
+                self.top_probability() < thresholds.min_confidence,
+                Mask.flag.is_not(None),
+                self.similarity < thresholds.min_prompt_similarity,
+            ),
+        )
+
+    def sites(self) -> ColumnElement[str]:
+        if self.dialect == "postgresql":
+            return func.string_agg(distinct(Image.body_site), ",")
+        return func.group_concat(distinct(Image.body_site))
+
+    def scoped(self, stmt: Select[Any], *, study: str | None, patient: str | None,
+               patient_ids: Sequence[int] | None = None) -> Select[Any]:
+        if study is not None:
+            stmt = stmt.where(Study.name == study)
+        if patient is not None:
+            stmt = stmt.where(Patient.subject_code == patient)
+        if patient_ids is not None:
+            stmt = stmt.where(Patient.id.in_(list(patient_ids)))
+        return stmt
+
+
+def _stream(session: Session, stmt: Select[Any]) -> Iterator[Any]:
+    # yield_per streams (a server-side cursor on PostgreSQL); SQLite's cursor is lazy anyway.
+    plain = session.connection()
+    if plain.dialect.name == "postgresql":
+        # Grouping 300,000 images by visit spills the default 4 MB sort to disk; for this
+        # transaction only, let it sort in memory.
+        plain.exec_driver_sql(f"SET LOCAL work_mem = '{PG_WORK_MEM}'")
+    # Per statement: Connection.execution_options() would change the session's connection.
+    yield from plain.execute(stmt, execution_options={"yield_per": STREAM_ROWS})
+
+
+def visit_scores_select(
+    session: Session,
+    *,
+    head: HeadInfo | None,
+    thresholds: ReviewThresholds,
+    study: str | None = None,
+    patient: str | None = None,
+    patient_ids: Sequence[int] | None = None,
+    sites: bool = True,
+) -> Select[Any]:
+    """One row per visit: keys, counts, worst class, body sites, segmenter, mean p_0..p_C-1.
+
+    `sites=False` leaves the body sites out (NULL): the cohort report does not show them.
+    """
+    j = _Join(session, head)
+    scored = or_(Prediction.id.is_not(None), j.review.id.is_not(None))
+    # Grouped in the order of the ORDER BY, so the database sorts once.
+    keys = (Study.name, Patient.subject_code, Patient.id, Visit.id, Visit.label, Visit.visit_date)
+    return j.scoped(
+        j.from_.add_columns(
+            *keys,
+            func.count(Image.id),
+            func.count(case((scored, 1))),
+            func.count(case((j.flagged(thresholds), 1))),
+            func.count(j.review.id),
+            func.max(func.coalesce(j.review.severity, Prediction.severity)),
+            j.sites() if sites else null(),
+            func.max(Mask.model_id),
+            *[func.avg(j.effective(k)) for k in range(j.n_classes)],
+        )
+        .group_by(*keys)
+        .order_by(Study.name, Patient.subject_code, Patient.id, Visit.id),
+        study=study, patient=patient, patient_ids=patient_ids,
+    )
+
+
+def iter_patient_visits(
+    session: Session,
+    *,
+    head: HeadInfo | None,
+    thresholds: ReviewThresholds,
+    study: str | None = None,
+    patient: str | None = None,
+    patient_ids: Sequence[int] | None = None,
+    sites: bool = True,
+) -> Iterator[PatientVisits]:
+    """Per patient (by study, subject code), its visits' aggregates, computed in SQL."""
+    stmt = visit_scores_select(session, head=head, thresholds=thresholds, study=study,
+                               patient=patient, patient_ids=patient_ids, sites=sites)
+    for (study_name, pid, code), rows in itertools.groupby(
+        _stream(session, stmt), key=lambda r: (r[0], r[2], r[1])
+    ):
+        visits, segmenters = [], {}
+        for row in rows:
+            (_s, _c, _p, vid, label, vdate, n_images, n_scored, n_flagged, n_reviewed, worst,
+             joined_sites, segmenter_id, *probs) = row
+            if vid is None:  # a patient without visits: listed, with nothing to score
+                continue
+            visits.append(VisitScore(
+                vid, label, vdate if vdate is None or type(vdate) is date else _as_date(vdate),
+                n_images, n_scored, n_flagged, n_reviewed,
+                tuple(probs) if n_scored else None, worst,
+                _sites(joined_sites),
+            ))
+            segmenters[vid] = segmenter_id
+        yield PatientVisits(PatientKey(study_name, code, pid), visits, segmenters)
+
+
+def _sites(joined: str | None) -> tuple[str, ...]:
+    if not joined:
+        return ()
+    if "," not in joined:
+        return (joined,)
+    return tuple(sorted(set(joined.split(","))))
+
+
+def image_records_select(
+    session: Session, *, head: HeadInfo | None, thresholds: ReviewThresholds | None = None,
+    study: str | None = None, patient: str | None = None,
+    patient_ids: Sequence[int] | None = None, image_ids: Sequence[int] | None = None,
+) -> tuple[_Join, Select[Any]]:
+    j = _Join(session, head)
+    stmt = j.scoped(
+        j.from_.add_columns(
+            Image.id, Study.name, Patient.subject_code, Patient.id, Visit.id, Visit.label,
+            Visit.visit_date, Image.body_site, Image.format, Prediction.id,
+            Prediction.severity, j.review.severity, j.review.rater, j.review.note, Mask.id,
+            Mask.flag, j.similarity, Mask.model_id, *j.p,
+        ).where(Image.id.is_not(None))
+        .order_by(Study.name, Patient.subject_code, Patient.id, Visit.id, Image.id),
+        study=study, patient=patient, patient_ids=patient_ids,
+    )
+    if thresholds is not None:
+        stmt = stmt.where(j.flagged(thresholds))
+    if image_ids is not None:
+        stmt = stmt.where(Image.id.in_(list(image_ids)))
+    return j, stmt
+
+
+def iter_image_records(session: Session, *, head: HeadInfo | None, **scope: Any
+                       ) -> Iterator[ImageRecord]:
+    """One record per image, in patient and visit order; `thresholds=` keeps flagged ones only."""
+    _j, stmt = image_records_select(session, head=head, **scope)
+    for row in _stream(session, stmt):
+        (iid, study_name, code, pid, vid, label, vdate, site, fmt, pred_id, predicted, reviewed,
+         rater, note, mask_id, flag, sim, segmenter_id, *probs) = row
+        yield ImageRecord(
+            image_id=iid, study=study_name, patient=code, patient_id=pid, visit_id=vid,
+            visit_label=label, visit_date=_as_date(vdate), body_site=site, format=fmt,
+            probabilities=tuple(float(p) for p in probs) if pred_id is not None else None,
+            predicted=predicted, reviewed=reviewed, rater=rater, note=note, mask_id=mask_id,
+            mask_flag=flag, prompt_similarity=None if sim is None else float(sim),
+            segmenter_id=segmenter_id,
+        )
+
+
+def image_files(session: Session, image_ids: Sequence[int], *, image_root: str | None = None
+                ) -> dict[int, Path]:
+    """Where each image's file is: its study's folder (or `image_root`/study name) + its path."""
+    if not image_ids:
+        return {}
+    stmt = (select(Image.id, Study.root, Study.name, Image.path)
+            .join(Study, Image.study_id == Study.id).where(Image.id.in_(list(image_ids))))
+    return {iid: (Path(image_root) / name if image_root else Path(root)) / path
+            for iid, root, name, path in session.execute(stmt)}
+
+
+def mask_pngs(session: Session, mask_ids: Sequence[int]) -> dict[int, bytes]:
+    if not mask_ids:
+        return {}
+    stmt = select(Mask.id, Mask.png).where(Mask.id.in_(list(mask_ids)))
+    return dict(session.execute(stmt).all())
+
+
+def _as_date(value: Any) -> date | None:
+    if value is None or isinstance(value, date):
+        return value
+    return date.fromisoformat(str(value))

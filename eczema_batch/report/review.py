@@ -1,0 +1,183 @@
+"""The review queue: which predictions a clinician should look at, and recording their decision.
+
+An unreviewed prediction is flagged when its top class probability is low, its mask is flagged
+(SegGPT found no lesion, or no reference image could prompt it), or its SegGPT prompts were weakly
+similar to it (thresholds in Settings, ECZEMA_BATCH_REVIEW_*). A decision is a new label
+(source=review) plus an audit event; earlier labels and the prediction stay as they were, and the
+newest reviewed label is what reports use for that image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import date
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from eczema_batch.catalogue.db import transaction
+from eczema_batch.catalogue.models import Event, Image, Label, Prediction
+from eczema_batch.errors import UsageError
+from eczema_batch.report.queries import (
+    HeadInfo,
+    ReviewThresholds,
+    check_scope,
+    choose_head,
+    flag_reasons,
+    iter_image_records,
+)
+from eczema_batch.report.trends import DEFAULT_CLASSES
+
+#: Event.kind of a recorded review decision.
+REVIEW_EVENT = "review.label"
+#: Longest rater name the catalogue stores (labels.rater).
+MAX_RATER = 64
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    image_id: int
+    study: str
+    patient: str
+    visit: str
+    visit_date: date | None
+    body_site: str | None
+    predicted: int | None
+    predicted_class: str | None
+    top_probability: float | None
+    reasons: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["reasons"] = list(self.reasons)
+        return out
+
+
+@dataclass(frozen=True)
+class ReviewQueue:
+    head: HeadInfo | None
+    items: list[ReviewItem]
+
+
+@dataclass(frozen=True)
+class ReviewDecision:
+    label_id: int
+    event_id: int
+    image_id: int
+    severity: int
+    severity_class: str
+    rater: str
+    note: str | None
+    #: what the image's severity was before: the previous review, else the prediction
+    previous: int | None
+    previous_source: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def list_review_queue(
+    session: Session,
+    *,
+    thresholds: ReviewThresholds,
+    study: str | None = None,
+    patient: str | None = None,
+    head_id: int | None = None,
+) -> ReviewQueue:
+    """Flagged, unreviewed predictions in patient and visit order, with why each is flagged."""
+    check_scope(session, study=study, patient=patient)
+    head = choose_head(session, head_id=head_id)
+    if head is None:
+        return ReviewQueue(head=None, items=[])
+    classes = head.classes
+    items = []
+    for record in iter_image_records(session, head=head, thresholds=thresholds, study=study,
+                                     patient=patient):
+        reasons = flag_reasons(record, thresholds)
+        if not reasons:  # the SQL and Python rules agree; this guards a float on the boundary
+            continue
+        probs = record.probabilities
+        items.append(ReviewItem(
+            image_id=record.image_id, study=record.study, patient=record.patient,
+            visit=record.visit_label, visit_date=record.visit_date, body_site=record.body_site,
+            predicted=record.predicted,
+            predicted_class=_class_name(classes, record.predicted),
+            top_probability=max(probs) if probs else None, reasons=tuple(reasons),
+        ))
+    return ReviewQueue(head=head, items=items)
+
+
+def _class_name(classes: tuple[str, ...], k: int | None) -> str | None:
+    if k is None:
+        return None
+    return classes[k] if 0 <= k < len(classes) else str(k)
+
+
+def parse_severity(value: str | int, classes: tuple[str, ...]) -> int:
+    """A class index (0..C-1) or a class name, case-insensitive."""
+    text = str(value).strip()
+    names = [c.lower() for c in classes]
+    if text.lower() in names:
+        return names.index(text.lower())
+    if text.lstrip("-").isdigit() and 0 <= int(text) < len(classes):
+        return int(text)
+    choices = ", ".join(f"{k} ({c})" for k, c in enumerate(classes))
+    raise UsageError(f"severity {value!r} is not a class: use one of {choices}")
+
+
+def record_review(
+    factory: sessionmaker[Session],
+    *,
+    image_id: int,
+    severity: str | int,
+    rater: str,
+    note: str | None = None,
+    head_id: int | None = None,
+) -> ReviewDecision:
+    """Record a rater's severity for an image as a new label and an audit event (one commit)."""
+    rater = rater.strip()
+    if not rater or len(rater) > MAX_RATER:
+        raise UsageError(f"--by must name the rater in 1 to {MAX_RATER} characters")
+    with transaction(factory) as session:
+        if session.scalar(select(Image.id).where(Image.id == image_id)) is None:
+            raise UsageError(
+                f"no image {image_id} in the catalogue: `eczema-batch review list` shows image ids"
+            )
+        head = choose_head(session, head_id=head_id)
+        classes = head.classes if head else DEFAULT_CLASSES
+        level = parse_severity(severity, classes)
+        previous, source = _previous(session, image_id, head)
+        label = Label(image_id=image_id, severity=level, source="review", rater=rater,
+                      note=note or None)
+        session.add(label)
+        session.flush()
+        event = Event(
+            kind=REVIEW_EVENT, actor=rater, subject_type="image", subject_id=image_id,
+            detail={"label_id": label.id, "severity": level, "class": classes[level],
+                    "previous": previous, "previous_source": source, "note": note or None,
+                    "head_id": head.id if head else None},
+        )
+        session.add(event)
+        session.flush()
+        return ReviewDecision(
+            label_id=label.id, event_id=event.id, image_id=image_id, severity=level,
+            severity_class=classes[level], rater=rater, note=note or None, previous=previous,
+            previous_source=source,
+        )
+
+
+def _previous(session: Session, image_id: int, head: HeadInfo | None
+              ) -> tuple[int | None, str | None]:
+    reviewed = session.scalar(
+        select(Label.severity).where(Label.image_id == image_id, Label.source == "review")
+        .order_by(Label.id.desc()).limit(1)
+    )
+    if reviewed is not None:
+        return reviewed, "review"
+    if head is not None:
+        predicted = session.scalar(select(Prediction.severity).where(
+            Prediction.image_id == image_id, Prediction.head_id == head.id))
+        if predicted is not None:
+            return predicted, "prediction"
+    return None, None

@@ -1,0 +1,154 @@
+"""`eczema-batch export`: pinned columns, hand-checked values, no identifying data, clear errors."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+from typer.testing import CliRunner
+
+from eczema_batch.cli import app
+from eczema_batch.report.export import columns
+from tests.report_factories import (
+    make_head,
+    make_image,
+    make_patient,
+    make_prediction,
+    make_review,
+    make_study,
+    make_visit,
+)
+
+IDENTITY = ["head", "head_digest", "embedder", "embedder_digest", "segmenter",
+            "segmenter_digest"]
+P = ["p_clear", "p_mild", "p_moderate", "p_severe"]
+#: The contract with statisticians (README, "Reports and exports"): append, never rename.
+IMAGE_COLUMNS = ["study", "patient", "visit", "visit_number", "visit_date",
+                 "days_from_baseline", "image_id", "body_site", "format", "severity",
+                 "severity_class", *P, "expected_score", "predicted_severity",
+                 "reviewed_severity", "change_from_baseline", "review_status", "review_reasons",
+                 "prompt_similarity", *IDENTITY]
+VISIT_COLUMNS = ["study", "patient", "visit", "visit_number", "visit_date", "days_from_baseline",
+                 "body_sites", "n_images", "n_scored", "n_flagged", "n_reviewed", "severity",
+                 "severity_class", *P, "expected_score", "worst_severity", "baseline",
+                 "change_from_baseline", "change_from_previous", "class_change_from_baseline",
+                 "review_status", *IDENTITY]
+PATIENT_COLUMNS = ["study", "patient", "n_visits", "n_scored_visits", "n_images", "n_flagged",
+                   "n_reviewed", "baseline_date", "baseline_severity", "baseline_score",
+                   "last_date", "last_severity", "last_score", "days_followed",
+                   "change_from_baseline", "class_change_from_baseline", "slope_per_30d",
+                   "slope_ci_low", "slope_ci_high", "slope_n", "status", "responder",
+                   "review_status", *IDENTITY]
+D0 = dt.date(2024, 1, 1)
+ROOT = "/secret/site/study-root"
+
+
+def test_columns_are_pinned() -> None:
+    assert columns("image") == IMAGE_COLUMNS
+    assert columns("visit") == VISIT_COLUMNS
+    assert columns("patient") == PATIENT_COLUMNS
+    assert columns("visit", ("none", "some"))[13:15] == ["p_none", "p_some"]
+
+
+@pytest.fixture
+def cohort(factory: sessionmaker[Session]) -> dict[str, int]:
+    """P1: moderate (2.0) -> mild (1.3) -> reviewed mild (1.0) at days 0, 30, 60."""
+    with factory() as s, s.begin():
+        study = make_study(s, root=ROOT)
+        head = make_head(s)
+        p = make_patient(s, study, "P1")
+        v1 = make_visit(s, p, D0)
+        v2 = make_visit(s, p, D0 + dt.timedelta(30))
+        v3 = make_visit(s, p, D0 + dt.timedelta(60))
+        a = make_image(s, v1, body_site="trunk", path="P1/secret-name.jpg")
+        make_prediction(s, a, head, [0.1, 0.2, 0.3, 0.4])
+        make_prediction(s, make_image(s, v1), head, [0.0, 0.2, 0.6, 0.2])
+        make_prediction(s, make_image(s, v2), head, [0.1, 0.6, 0.2, 0.1])
+        reviewed = make_image(s, v3)
+        make_prediction(s, reviewed, head, [0.7, 0.2, 0.1, 0.0])
+        make_review(s, reviewed, 1, note="patient said her name is Jane")
+        q = make_patient(s, study, "Q1")
+        make_prediction(s, make_image(s, make_visit(s, q, D0)), head, [0.0, 0.0, 1.0, 0.0])
+        return {"flagged": a.id, "reviewed": reviewed.id}
+
+
+def _export(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["export", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _rows(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_visit_rows_by_hand(cohort: dict[str, int], tmp_path: Path) -> None:
+    out = tmp_path / "visits.csv"
+    code, _, err = _export("--level", "visit", "-o", str(out))
+    assert code == 0, err
+    assert "wrote 4 visit rows" in err
+    text = out.read_text()
+    assert text.splitlines()[0] == ",".join(VISIT_COLUMNS)
+    rows = _rows(text)
+    p1 = [r for r in rows if r["patient"] == "P1"]
+    assert [r["visit_date"] for r in p1] == ["2024-01-01", "2024-01-31", "2024-03-01"]
+    assert [r["days_from_baseline"] for r in p1] == ["0", "30", "60"]
+    assert [r["severity_class"] for r in p1] == ["moderate", "mild", "mild"]
+    assert [float(r["expected_score"]) for r in p1] == pytest.approx([2.0, 1.3, 1.0])
+    assert [r["change_from_baseline"] for r in p1] == ["0.0", "-0.7", "-1.0"]
+    assert [r["change_from_previous"] for r in p1] == ["", "-0.7", "-0.3"]
+    assert [float(p1[0][c]) for c in P] == pytest.approx([0.05, 0.2, 0.45, 0.3])
+    assert (p1[0]["n_images"], p1[0]["n_flagged"], p1[0]["worst_severity"]) == ("2", "1", "3")
+    assert p1[0]["body_sites"] == "left-arm;trunk" and p1[0]["baseline"] == "True"
+    assert [r["review_status"] for r in p1] == ["pending", "none", "reviewed"]
+    assert p1[0]["head"] == "head-test" and p1[0]["embedder"] == "tiny-dino"
+    assert p1[0]["segmenter"] == "tiny-seggpt" and p1[0]["head_digest"] == "h" * 64
+
+
+def test_patient_rows_by_hand(cohort: dict[str, int]) -> None:
+    code, stdout, err = _export("--level", "patient")
+    assert code == 0, err
+    p1, q1 = _rows(stdout)
+    assert (p1["status"], p1["responder"], p1["days_followed"]) == ("improving", "True", "60")
+    assert (p1["baseline_severity"], p1["last_severity"]) == ("2", "1")
+    assert float(p1["slope_per_30d"]) == pytest.approx(-0.5)
+    assert float(p1["slope_ci_low"]) == pytest.approx(-1.967186, abs=1e-6)
+    assert p1["slope_n"] == "3" and p1["review_status"] == "pending"
+    assert (q1["status"], q1["responder"], q1["slope_per_30d"]) == ("unknown", "", "")
+
+
+def test_image_rows_json_reviewed_as_one_hot(cohort: dict[str, int]) -> None:
+    code, stdout, err = _export("--level", "image", "--format", "json", "--patient", "P1")
+    assert code == 0, err
+    rows = json.loads(stdout)
+    assert list(rows[0]) == IMAGE_COLUMNS and len(rows) == 4
+    by_id = {r["image_id"]: r for r in rows}
+    reviewed = by_id[cohort["reviewed"]]
+    assert [reviewed[c] for c in P] == [0.0, 1.0, 0.0, 0.0]
+    assert (reviewed["severity"], reviewed["predicted_severity"]) == (1, 0)
+    assert reviewed["review_status"] == "reviewed" and reviewed["change_from_baseline"] == -1.0
+    flagged = by_id[cohort["flagged"]]
+    assert flagged["review_status"] == "pending"
+    assert flagged["review_reasons"] == "low confidence: top probability 0.40 < 0.50"
+    assert flagged["visit_date"] == "2024-01-01" and flagged["days_from_baseline"] == 0
+
+
+def test_no_identifying_data_or_paths(cohort: dict[str, int]) -> None:
+    for level in ("image", "visit", "patient"):
+        code, stdout, _ = _export("--level", level, "--format", "json")
+        assert code == 0
+        assert ROOT not in stdout and "secret-name" not in stdout and "Jane" not in stdout
+
+
+def test_unknown_patient_is_exit_2_and_no_file(cohort: dict[str, int], tmp_path: Path) -> None:
+    out = tmp_path / "x.csv"
+    code, stdout, err = _export("--patient", "NOPE", "-o", str(out))
+    assert code == 2
+    assert "no patient 'NOPE'" in err
+    assert not out.exists() and not list(tmp_path.glob("x.csv*"))
+    assert _export("--level", "visits")[0] == 2
+    assert _export("--format", "xlsx")[0] == 2
