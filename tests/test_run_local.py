@@ -121,12 +121,13 @@ def test_an_active_head_predicts_every_image(
     run_cli(tiny_model_dir)
     with factory() as session:
         embedder = session.scalars(select(Model).where(Model.name == "tiny-dino")).one()
+        segmenter = session.scalars(select(Model).where(Model.name == "tiny-seggpt")).one()
         dim = session.scalars(select(Embedding.dim)).first()
         assert dim is not None
         torch.manual_seed(0)
         weights = head_to_bytes(SeverityHead(dim, 4))
         session.add(Head(name="test", classes=["clear", "mild", "moderate", "severe"],
-                         embedder_model_id=embedder.id, segmenter_model_id=None,
+                         embedder_model_id=embedder.id, segmenter_model_id=segmenter.id,
                          segmenter_mode="seggpt", weights=weights.data, digest=weights.digest,
                          active=True))
         session.commit()

@@ -68,7 +68,11 @@ def resolve_targets(
                 Head.active.is_(True),
                 Head.embedder_model_id == embedder_id,
                 Head.segmenter_mode == config.segmenter_mode,
+                # a head eats the crops of one segmenter: never use it on another's
+                Head.segmenter_model_id.is_not_distinct_from(segmenter_id),
             )
+            .order_by(Head.id.desc())
+            .limit(1)
         )
     return Targets(embedder_id=embedder_id, segmenter_id=segmenter_id, head_id=head_id)
 

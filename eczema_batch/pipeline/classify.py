@@ -7,7 +7,6 @@ the catalogue can hold them and any worker can load them.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,11 +49,12 @@ class HeadWeights:
 
 
 def head_to_bytes(head: SeverityHead) -> HeadWeights:
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    meta = {"in_dim": str(head.in_dim), "n_classes": str(head.n_classes),
-            "hidden": str(head.hidden), "dropout": json.dumps(head.dropout)}
-    return HeadWeights(save_safetensors(state, metadata=meta), head.in_dim, head.n_classes,
-                       head.hidden, head.dropout)
+    # No safetensors metadata: its order in the header varies between saves, and the digest of
+    # the bytes must be the same for the same weights. Shapes say everything but the dropout,
+    # which only matters in training.
+    state = {k: v.detach().cpu().contiguous() for k, v in sorted(head.state_dict().items())}
+    return HeadWeights(save_safetensors(state), head.in_dim, head.n_classes, head.hidden,
+                       head.dropout)
 
 
 def head_from_bytes(data: bytes) -> SeverityHead:

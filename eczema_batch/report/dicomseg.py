@@ -67,7 +67,10 @@ def _masks(session: Session, image_ids: list[int], chosen: dict[int, int]) -> di
     rows = session.execute(
         select(Mask.image_id, Mask.id, Mask.png, Mask.model_id, Mask.prompt_ids,
                Mask.prompt_similarities, Mask.flag, Mask.variant)
-        .where(Mask.image_id.in_(image_ids), Mask.kind == "predicted").order_by(Mask.id)
+        .where(Mask.image_id.in_(image_ids), Mask.kind == "predicted",
+               # evaluation's per-fold masks (variant "...:p<prompt set>") are not results
+               ~Mask.variant.like("%:p%"))
+        .order_by(Mask.id)
     )
     out: dict[int, _MaskRow] = {}
     for iid, mid, *rest in rows:

@@ -1,0 +1,297 @@
+"""`eczema-batch evaluate`: cross-validate the whole method the way the paper reports it.
+
+Folds are grouped by patient and stratified by severity (StratifiedGroupKFold), repeated with
+different seeds. In every fold the prompts of every image come only from the training fold's
+references and never from the image's own patient, and the head (and the baselines) see only
+the training fold. Features come from the cache in `features` (computed once per image and
+prompt set), so repeats and the ablation cost model forwards only where a prompt set is new.
+
+The data-scaling curve trains the head on a random fraction of each training fold's patients
+and tests it on the whole test fold; prompts still come from all of the training fold's
+references (reference masks are a separate, small annotation budget: the curve measures how
+many severity-labelled patients the head needs).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from eczema_batch.errors import UsageError
+from eczema_batch.jobs.config import SEGMENTER_MODES, RunConfig, SegmenterMode
+from eczema_batch.jobs.runtime import identify, resolve_targets
+from eczema_batch.pipeline.classify import predict_proba
+from eczema_batch.pipeline.evaluate import (
+    BOOTSTRAP_REPLICATES,
+    Split,
+    grouped_splits,
+    logistic_proba,
+    majority_proba,
+    subsample_groups,
+)
+from eczema_batch.pipeline.train import (
+    MIN_LABELS_PER_CLASS,
+    TrainSettings,
+    check_class_counts,
+    fit_head,
+)
+from eczema_batch.training.data import LabelledImages, References, labelled_images, references
+from eczema_batch.training.features import CropRequest, FeatureStore, ForwardCounts, Key
+from eczema_batch.training.report import (
+    MethodPredictions,
+    build_report,
+    naive_forwards,
+    prediction_rows,
+)
+from eczema_batch.training.segmentation import segmentation_quality
+
+Progress = Callable[[str, int, int], None]
+
+DEFAULT_FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    folds: int = 5
+    repeats: int = 3
+    segmenter: SegmenterMode = "seggpt"
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    seed: int = 0
+    bootstrap: int = BOOTSTRAP_REPLICATES
+    #: also evaluate the other side of the segmentation ablation (seggpt vs none)
+    ablation: bool = True
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def __post_init__(self) -> None:
+        if self.segmenter not in SEGMENTER_MODES:
+            raise UsageError(f"--segmenter {self.segmenter!r}: use one of "
+                             f"{', '.join(SEGMENTER_MODES)}")
+        if self.folds < 2 or self.repeats < 1:
+            raise UsageError("use at least 2 folds and 1 repeat")
+        if not self.fractions or any(not 0.0 < f <= 1.0 for f in self.fractions):
+            raise UsageError(f"--fractions {self.fractions}: each must be in (0, 1]")
+        if self.bootstrap < 1:
+            raise UsageError("--bootstrap must be at least 1")
+
+    @property
+    def modes(self) -> tuple[SegmenterMode, ...]:
+        if not self.ablation:
+            return (self.segmenter,)
+        return (self.segmenter, "seggpt" if self.segmenter == "none" else "none")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"folds": self.folds, "repeats": self.repeats, "segmenter": self.segmenter,
+                "fractions": list(self.fractions), "seed": self.seed,
+                "bootstrap": self.bootstrap, "ablation": list(self.modes),
+                "train": self.train.as_dict()}
+
+
+@dataclass
+class EvaluationResult:
+    report: dict[str, Any]
+    #: out-of-fold predictions of the head, one row per (segmenter mode, repeat, image)
+    predictions: list[dict[str, Any]]
+    #: the prompts of every segmented image in every fold
+    prompt_audit: list[PromptUse] = field(default_factory=list)
+
+
+def run_evaluation(
+    factory: sessionmaker[Session],
+    *,
+    config: RunConfig,
+    settings: EvaluationSettings,
+    study: str | None = None,
+    progress: Progress | None = None,
+) -> EvaluationResult:
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    with factory() as session, session.begin():
+        data = labelled_images(session, study=study)
+        refs = references(session, study=study)
+        targets = {
+            mode: resolve_targets(session, replace(config, segmenter_mode=mode), use_head=False)
+            for mode in settings.modes
+        }
+    _check_data(data, settings)
+    splits = grouped_splits(data.labels, data.patient_ids, folds=settings.folds,
+                            repeats=settings.repeats, seed=settings.seed)
+    counts = ForwardCounts()
+    stores = {mode: FeatureStore(factory, replace(config, segmenter_mode=mode), targets[mode],
+                                 counts=counts) for mode in settings.modes}
+    leaks = 0
+    audit: list[PromptUse] = []
+    features: dict[SegmenterMode, tuple[list[list[Key]], dict[Key, np.ndarray]]] = {}
+    seg_quality: dict[str, Any] | None = None
+    for mode in settings.modes:
+        tick = time.perf_counter()
+        keys, vectors, mode_audit, mode_leaks = _mode_features(
+            stores[mode], mode, data, refs, splits, progress)
+        audit.extend(mode_audit)
+        leaks += mode_leaks
+        features[mode] = (keys, vectors)
+        timings[f"features_{mode}"] = time.perf_counter() - tick
+    seg_mode = next((m for m in settings.modes if m != "none"), None)
+    if seg_mode is not None and len(refs.image_ids):
+        tick = time.perf_counter()
+        seg_quality = segmentation_quality(stores[seg_mode], refs, progress=progress)
+        timings["segmentation_quality"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    results: dict[str, dict[str, MethodPredictions]] = {
+        mode: _cross_validate(data, splits, *features[mode], settings,
+                              scaling=mode == settings.segmenter, progress=progress)
+        for mode in settings.modes
+    }
+    timings["training"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    report = build_report(data, refs, splits, results, settings=settings.as_dict(),
+                          bootstrap=settings.bootstrap, seed=settings.seed,
+                          segmentation=seg_quality)
+    timings["metrics"] = time.perf_counter() - tick
+    report["models"] = _model_identities(config, settings.modes)
+    report["study"] = study
+    report["prompt_leaks"] = leaks
+    naive = naive_forwards(data, refs, splits, settings.modes, seg_mode is not None)
+    timings["total"] = time.perf_counter() - started
+    # Timings and forward counts differ between a cold and a warm cache; everything outside
+    # "run" is a function of the catalogue, the models and the seed.
+    report["run"] = {"forwards": counts.as_dict(), "naive_forwards": naive,
+                     "seconds": {k: round(v, 3) for k, v in timings.items()}}
+    rows = prediction_rows(data, results)
+    return EvaluationResult(report=report, predictions=rows, prompt_audit=audit)
+
+
+def _check_data(data: LabelledImages, settings: EvaluationSettings) -> None:
+    if len(data) == 0:
+        raise UsageError("no labelled images: add a severity column to the manifest and ingest "
+                         "again, or label images in review")
+    check_class_counts(data.labels, data.classes,
+                       minimum=max(MIN_LABELS_PER_CLASS, settings.folds))
+    patients = len(np.unique(data.patient_ids))
+    if patients < settings.folds:
+        raise UsageError(f"only {patients} labelled patients for {settings.folds} folds grouped "
+                         f"by patient: use --folds {patients} or fewer")
+
+
+@dataclass(frozen=True)
+class PromptUse:
+    """Which references prompted an image in one fold (the leakage audit)."""
+
+    segmenter: str
+    repeat: int
+    fold: int
+    image_id: int
+    test: bool
+    prompt_ids: tuple[int, ...]
+
+
+def _mode_features(
+    store: FeatureStore,
+    mode: SegmenterMode,
+    data: LabelledImages,
+    refs: References,
+    splits: list[Split],
+    progress: Progress | None,
+) -> tuple[list[list[Key]], dict[Key, np.ndarray], list[PromptUse], int]:
+    """Per split, the feature key of every labelled image; the vectors; the prompt audit and
+    the number of prompts that came from the image's own patient or the test fold (must be 0)."""
+    audit: list[PromptUse] = []
+    leaks = 0
+    if mode == "none":
+        requests = [CropRequest(int(i), "none") for i in data.image_ids]
+        keys = [[r.key for r in requests] for _ in splits]
+    else:
+        manual = set(refs.image_ids.tolist()) if mode == "manual" else set()
+        full = store.full_vectors(
+            np.concatenate([data.image_ids, refs.image_ids]).tolist(),
+            progress=_stage(progress, f"{mode}: whole-image embeddings"),
+        )
+        patient_of_ref = dict(zip(refs.image_ids.tolist(), refs.patient_ids.tolist(),
+                                  strict=True))
+        requests, keys = [], []
+        for split in splits:
+            test_patients = set(data.patient_ids[split.test].tolist())
+            is_test = np.zeros(len(data), dtype=bool)
+            is_test[split.test] = True
+            # The pool: references of patients outside the test fold (training patients and
+            # patients with no labelled image at all).
+            pool = ~np.isin(refs.patient_ids, list(test_patients))
+            sets = store.prompt_sets(data.image_ids, data.patient_ids, data.study_ids,
+                                     refs.image_ids[pool], refs.patient_ids[pool],
+                                     refs.study_ids[pool], full)
+            split_requests = []
+            for pos, iid in enumerate(data.image_ids.tolist()):
+                if iid in manual:
+                    split_requests.append(CropRequest(iid, "manual"))
+                    continue
+                prompts = sets[iid]
+                split_requests.append(store.seggpt_request(iid, prompts))
+                audit.append(PromptUse(mode, split.repeat, split.fold, iid, bool(is_test[pos]),
+                                       prompts.ids))
+                forbidden = {int(data.patient_ids[pos])} | (test_patients if is_test[pos]
+                                                            else set())
+                leaks += sum(patient_of_ref[p] in forbidden for p in prompts.ids)
+            requests.extend(split_requests)
+            keys.append([r.key for r in split_requests])
+    vectors = store.crop_vectors(requests, progress=_stage(progress, f"{mode}: lesion crops"))
+    return keys, vectors, audit, leaks
+
+
+def _cross_validate(
+    data: LabelledImages,
+    splits: list[Split],
+    keys: list[list[Key]],
+    vectors: dict[Key, np.ndarray],
+    settings: EvaluationSettings,
+    *,
+    scaling: bool,
+    progress: Progress | None,
+) -> dict[str, MethodPredictions]:
+    n_classes = len(data.classes)
+    train = settings.train
+    out = {name: MethodPredictions() for name in ("head", "majority", "logistic")}
+    fractions = sorted({f for f in settings.fractions if f < 1.0}) if scaling else []
+    for index, (split, split_keys) in enumerate(zip(splits, keys, strict=True)):
+        # One split's matrix at a time: the vectors are shared, the matrices would not be.
+        x = np.stack([vectors[k] for k in split_keys])
+        y = data.labels
+        head = fit_head(x[split.train], y[split.train], n_classes=n_classes, settings=train).head
+        out["head"].add(split, predict_proba(head, x[split.test]), len(split.train))
+        out["majority"].add(split, majority_proba(y[split.train], len(split.test), n_classes),
+                            len(split.train))
+        out["logistic"].add(split, logistic_proba(
+            x[split.train], y[split.train], x[split.test], n_classes,
+            balanced=train.class_weights == "balanced", seed=train.seed), len(split.train))
+        for fraction in fractions:
+            subset = subsample_groups(
+                split.train, data.patient_ids, fraction,
+                seed=(settings.seed, split.repeat, split.fold, round(fraction * 1000)))
+            sub_head = fit_head(x[subset], y[subset], n_classes=n_classes, settings=train).head
+            out.setdefault(f"head@{fraction:g}", MethodPredictions()).add(
+                split, predict_proba(sub_head, x[split.test]), len(subset),
+                train_patients=len(np.unique(data.patient_ids[subset])))
+        if progress is not None:
+            progress("training heads", index + 1, len(splits))
+    return out
+
+
+def _stage(progress: Progress | None, name: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(name, done, total)
+
+
+def _model_identities(config: RunConfig, modes: tuple[SegmenterMode, ...]) -> dict[str, Any]:
+    embedder = identify(config.embedder_model, kind="embedder", model_dir=config.model_dir)
+    out: dict[str, Any] = {"embedder": {"name": embedder.name, "digest": embedder.digest},
+                           "prompts": config.prompts}
+    if any(m != "none" for m in modes):
+        seg = identify(config.segmenter_model, kind="segmenter", model_dir=config.model_dir)
+        out["segmenter"] = {"name": seg.name, "digest": seg.digest}
+    return out
+

@@ -1,0 +1,65 @@
+"""The trained heads in the catalogue: list them, and choose the one `eczema-batch run` uses.
+
+At most one head is active per feature kind, the key `jobs.runtime.resolve_targets` looks heads
+up by: the embedder identity and how crops are made (seggpt | none | manual).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from eczema_batch.catalogue.models import Event, Head, Model
+from eczema_batch.errors import NoHeadError
+
+
+def activate_head(session: Session, head: Head) -> list[int]:
+    """Make `head` the active one for its features; returns the ids it replaced."""
+    replaced = list(session.scalars(select(Head.id).where(
+        Head.active.is_(True),
+        Head.id != head.id,
+        Head.embedder_model_id == head.embedder_model_id,
+        Head.segmenter_mode == head.segmenter_mode,
+        Head.segmenter_model_id.is_not_distinct_from(head.segmenter_model_id),
+    )))
+    if replaced:
+        session.execute(update(Head).where(Head.id.in_(replaced)).values(active=False))
+    head.active = True
+    session.add(Event(kind="head.activated", subject_type="head", subject_id=head.id,
+                      detail={"replaced": replaced}))
+    session.flush()
+    return replaced
+
+
+def use_head(session: Session, head_id: int) -> dict[str, Any]:
+    head = session.get(Head, head_id)
+    if head is None:
+        raise NoHeadError(f"no head {head_id} in the catalogue: `eczema-batch heads list`")
+    replaced = activate_head(session, head)
+    return {**describe_head(session, head), "replaced": replaced}
+
+
+def describe_head(session: Session, head: Head) -> dict[str, Any]:
+    names = {mid: f"{name}@{digest[:12]}" for mid, name, digest in session.execute(
+        select(Model.id, Model.name, Model.digest).where(
+            Model.id.in_([head.embedder_model_id, head.segmenter_model_id or -1])))}
+    in_sample = (head.metrics or {}).get("in_sample", {})
+    return {
+        "id": head.id,
+        "name": head.name,
+        "active": head.active,
+        "segmenter_mode": head.segmenter_mode,
+        "embedder": names.get(head.embedder_model_id),
+        "segmenter": names.get(head.segmenter_model_id) if head.segmenter_model_id else None,
+        "classes": list(head.classes),
+        "images": len(head.training_image_ids or []),
+        "in_sample_weighted_f1": in_sample.get("weighted_f1"),
+        "digest": head.digest,
+        "created_at": head.created_at.isoformat() if head.created_at else None,
+    }
+
+
+def list_heads(session: Session) -> list[dict[str, Any]]:
+    return [describe_head(session, h) for h in session.scalars(select(Head).order_by(Head.id))]

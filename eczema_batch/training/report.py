@@ -1,0 +1,279 @@
+"""The evaluation report: out-of-fold predictions in, JSON-ready numbers and summary tables out.
+
+Two views of each method, as a statistician reads them:
+- over folds: every metric per (repeat, fold), then mean +/- sample std over all folds (the
+  paper's "0.67 +/- 0.01" is reported this way);
+- pooled: all out-of-fold predictions of all repeats together (each image once per repeat): the
+  confusion matrix, per-class precision/recall/F1/support, calibration, and a 95% interval of
+  weighted F1 from a bootstrap over patients, with paired intervals of the head's margin over
+  each baseline (the same resampled patients for every method).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eczema_batch.pipeline.evaluate import (
+    Split,
+    classification_report,
+    mean_std,
+    patient_bootstrap,
+    percentile_interval,
+    scalar_metrics,
+    weighted_f1,
+)
+from eczema_batch.training.data import LabelledImages, References
+
+BASELINES = ("majority", "logistic")
+METRICS = ("weighted_f1", "accuracy", "macro_f1", "qwk", "rps", "ece")
+
+
+@dataclass
+class MethodPredictions:
+    """Out-of-fold probabilities of one method, fold by fold."""
+
+    splits: list[Split] = field(default_factory=list)
+    proba: list[np.ndarray] = field(default_factory=list)
+    n_train: list[int] = field(default_factory=list)
+    train_patients: list[int | None] = field(default_factory=list)
+
+    def add(self, split: Split, proba: np.ndarray, n_train: int, *,
+            train_patients: int | None = None) -> None:
+        self.splits.append(split)
+        self.proba.append(np.asarray(proba, dtype=np.float64))
+        self.n_train.append(n_train)
+        self.train_patients.append(train_patients)
+
+    def pooled(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, probabilities) of every out-of-fold prediction."""
+        return (np.concatenate([s.test for s in self.splits]), np.concatenate(self.proba))
+
+
+def _fold_rows(data: LabelledImages, preds: MethodPredictions) -> list[dict[str, Any]]:
+    return [
+        {"repeat": s.repeat, "fold": s.fold, "n_train": n, "n_test": len(s.test),
+         **scalar_metrics(data.labels[s.test], p)}
+        for s, p, n in zip(preds.splits, preds.proba, preds.n_train, strict=True)
+    ]
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {m: mean_std([r[m] for r in rows]) for m in METRICS}
+
+
+def _method_report(data: LabelledImages, preds: MethodPredictions, replicates: np.ndarray
+                   ) -> dict[str, Any]:
+    positions, proba = preds.pooled()
+    rows = _fold_rows(data, preds)
+    pooled = classification_report(data.labels[positions], proba, data.classes)
+    pooled["weighted_f1_ci95"] = percentile_interval(replicates)
+    pooled["predictions"] = len(positions)
+    return {"summary": _summary(rows), "pooled": pooled, "folds": rows}
+
+
+def _replicates(data: LabelledImages, preds: MethodPredictions, *, bootstrap: int, seed: int
+                ) -> np.ndarray:
+    positions, proba = preds.pooled()
+    n_classes = len(data.classes)
+    return patient_bootstrap(
+        data.labels[positions], proba.argmax(axis=1), data.patient_ids[positions],
+        metric=lambda t, p, w: weighted_f1(t, p, w, n_classes=n_classes),
+        replicates=bootstrap, seed=seed,
+    )
+
+
+def build_report(
+    data: LabelledImages,
+    refs: References,
+    splits: list[Split],
+    results: dict[str, dict[str, MethodPredictions]],
+    *,
+    settings: dict[str, Any],
+    bootstrap: int,
+    seed: int,
+    segmentation: dict[str, Any] | None,
+) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "settings": settings,
+        "data": {
+            "images": len(data), "patients": len(np.unique(data.patient_ids)),
+            "references": len(refs.image_ids), "classes": list(data.classes),
+            "class_counts": np.bincount(data.labels, minlength=len(data.classes)).tolist(),
+            "splits": len(splits),
+        },
+        "results": {}, "comparison": {}, "ablation": [], "scaling": [],
+        "segmentation": segmentation,
+    }
+    for mode, methods in results.items():
+        reps = {name: _replicates(data, methods[name], bootstrap=bootstrap, seed=seed)
+                for name in ("head", *BASELINES)}
+        report["results"][mode] = {
+            name: _method_report(data, methods[name], reps[name]) for name in reps
+        }
+        head_pooled = report["results"][mode]["head"]["pooled"]["weighted_f1"]
+        report["comparison"][mode] = {
+            f"head_minus_{name}": {
+                "weighted_f1": head_pooled - report["results"][mode][name]["pooled"]["weighted_f1"],
+                "ci95": percentile_interval(reps["head"] - reps[name]),
+            }
+            for name in BASELINES
+        }
+        head = report["results"][mode]["head"]
+        report["ablation"].append({
+            "segmenter": mode, "weighted_f1": head["summary"]["weighted_f1"],
+            "weighted_f1_ci95": head["pooled"]["weighted_f1_ci95"],
+            "qwk": head["summary"]["qwk"],
+        })
+        scaled = sorted((float(k.split("@")[1]), v) for k, v in methods.items() if "@" in k)
+        if scaled or mode == settings["segmenter"]:
+            report["scaling"] = _scaling(data, scaled, methods["head"], settings["fractions"])
+    return report
+
+
+def _scaling(data: LabelledImages, scaled: list[tuple[float, MethodPredictions]],
+             full: MethodPredictions, fractions: list[float]) -> list[dict[str, Any]]:
+    points = list(scaled)
+    if 1.0 in fractions:
+        whole = MethodPredictions(full.splits, full.proba, full.n_train, [
+            len(np.unique(data.patient_ids[s.train])) for s in full.splits])
+        points.append((1.0, whole))
+    out = []
+    for fraction, preds in points:
+        rows = _fold_rows(data, preds)
+        out.append({
+            "fraction": fraction,
+            "train_patients": mean_std([p for p in preds.train_patients if p is not None])["mean"],
+            "train_images": mean_std([float(n) for n in preds.n_train])["mean"],
+            **{m: mean_std([r[m] for r in rows]) for m in ("weighted_f1", "accuracy", "qwk")},
+        })
+    return out
+
+
+def prediction_rows(data: LabelledImages, results: dict[str, dict[str, MethodPredictions]]
+                    ) -> list[dict[str, Any]]:
+    """The head's out-of-fold predictions, one row per (segmenter mode, repeat, image)."""
+    rows = []
+    for mode, methods in results.items():
+        preds = methods["head"]
+        for split, proba in zip(preds.splits, preds.proba, strict=True):
+            for pos, p in zip(split.test, proba, strict=True):
+                row: dict[str, Any] = {
+                    "image_id": int(data.image_ids[pos]),
+                    "patient": data.patient_codes[int(data.patient_ids[pos])],
+                    "segmenter": mode, "repeat": split.repeat, "fold": split.fold,
+                    "true": int(data.labels[pos]), "predicted": int(np.argmax(p)),
+                }
+                row.update({f"p_{name}": round(float(v), 6)
+                            for name, v in zip(data.classes, p, strict=True)})
+                rows.append(row)
+    rows.sort(key=lambda r: (r["segmenter"], r["repeat"], r["image_id"]))
+    return rows
+
+
+def naive_forwards(data: LabelledImages, refs: References, splits: list[Split],
+                   modes: tuple[str, ...], segmentation: bool) -> dict[str, Any]:
+    """Model forwards if every (segmenter mode, repeat, fold) recomputed its features.
+
+    Per fold: whole-image embeddings of the fold's images and of its reference pool (for the
+    prompts), one SegGPT query and one crop embedding per image. The scaling curve is not
+    counted (its heads reuse the fold's features even without a cache), nor a second pass.
+    """
+    embedder = segmenter = 0
+    labelled = set(data.image_ids.tolist())
+    manual = set(refs.image_ids.tolist())
+    for split in splits:
+        test_patients = np.unique(data.patient_ids[split.test])
+        pool = set(refs.image_ids[~np.isin(refs.patient_ids, test_patients)].tolist())
+        for mode in modes:
+            if mode == "none":
+                embedder += len(labelled)
+                continue
+            segmented = labelled - manual if mode == "manual" else labelled
+            embedder += len(segmented | pool) + len(labelled)
+            segmenter += len(segmented)
+    if segmentation:
+        embedder += len(manual)
+        segmenter += len(manual)
+    return {"embedder_images": embedder, "segmenter_queries": segmenter}
+
+
+def report_json(report: dict[str, Any]) -> str:
+    # allow_nan=False: an undefined metric must be None (null), never an invalid NaN token.
+    return json.dumps(report, indent=2, allow_nan=False, default=str) + "\n"
+
+
+def write_predictions_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    if not rows:
+        raise ValueError("no predictions to write")
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# --- readable summary ---------------------------------------------------------------------------
+
+
+def _pm(stat: dict[str, Any]) -> str:
+    if stat.get("mean") is None:
+        return "-"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def _ci(ci: list[float]) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def summary_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, columns, rows) tables for a terminal: the CLI renders them."""
+    tables = []
+    rows = []
+    for mode, methods in report["results"].items():
+        for name, r in methods.items():
+            s = r["summary"]
+            pooled = r["pooled"]
+            rows.append([mode, name, _pm(s["weighted_f1"]),
+                         f"{pooled['weighted_f1']:.3f} {_ci(pooled['weighted_f1_ci95'])}",
+                         _pm(s["accuracy"]), _pm(s["macro_f1"]), _pm(s["qwk"]), _pm(s["rps"]),
+                         _pm(s["ece"])])
+    tables.append((
+        "severity: mean ± std over folds; pooled out-of-fold weighted F1 with its 95% interval "
+        "from a patient bootstrap",
+        ["segmenter", "method", "weighted F1", "pooled [95% CI]", "accuracy", "macro F1", "QWK",
+         "RPS", "ECE"], rows))
+    main = report["settings"]["segmenter"]
+    pooled = report["results"][main]["head"]["pooled"]
+    tables.append((
+        f"head ({main}), pooled out-of-fold predictions of all repeats",
+        ["class", "precision", "recall", "F1", "support"],
+        [[c["class"], f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}",
+          str(c["support"])] for c in pooled["per_class"]]))
+    classes = report["data"]["classes"]
+    tables.append((
+        f"confusion matrix, head ({main}): rows truth, columns prediction", ["", *classes],
+        [[name, *map(str, row)] for name, row in zip(classes, pooled["confusion"], strict=True)]))
+    tables.append((
+        "head minus baseline, weighted F1 (paired patient bootstrap)",
+        ["segmenter", "comparison", "difference", "95% CI"],
+        [[mode, name, f"{v['weighted_f1']:+.3f}", _ci(v["ci95"])]
+         for mode, comp in report["comparison"].items() for name, v in comp.items()]))
+    if report["scaling"]:
+        tables.append((
+            f"data scaling ({main}): head trained on a fraction of each training fold's patients",
+            ["fraction", "train patients", "train images", "weighted F1", "QWK"],
+            [[f"{p['fraction']:g}", f"{p['train_patients']:.1f}", f"{p['train_images']:.1f}",
+              _pm(p["weighted_f1"]), _pm(p["qwk"])] for p in report["scaling"]]))
+    seg = report.get("segmentation")
+    if seg:
+        tables.append((
+            "segmentation vs manual masks (prompts leave-one-patient-out)",
+            ["references", "Dice", "Dice median", "IoU", "IoU median", "no prompts"],
+            [[str(seg["images"]), _pm(seg["dice"]), f"{seg['dice']['median']:.3f}",
+              _pm(seg["iou"]), f"{seg['iou']['median']:.3f}", str(seg["no_prompts"])]]))
+    return tables

@@ -1,0 +1,129 @@
+"""`eczema-batch train`: fit the severity head on the study's labelled lesion-crop embeddings.
+
+The features are exactly those `eczema-batch run` computes and predicts from (same embedder,
+segmenter and crop variant), so the head is trained on what it will be applied to. This command
+does not compute them: it is a seconds-long CPU step, while the embeddings are the run's work
+(batched on GPU workers, with jobs and leases); a missing embedding is an error that says to run
+`eczema-batch run` first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from eczema_batch.catalogue.models import Event, Head, Model
+from eczema_batch.errors import UsageError
+from eczema_batch.jobs import inputs
+from eczema_batch.jobs.config import RunConfig
+from eczema_batch.jobs.runtime import resolve_targets
+from eczema_batch.pipeline.classify import head_to_bytes, predict_proba
+from eczema_batch.pipeline.evaluate import scalar_metrics
+from eczema_batch.pipeline.train import (
+    TrainSettings,
+    check_class_counts,
+    fit_head,
+    state_digest,
+)
+from eczema_batch.training.data import labelled_images, references
+from eczema_batch.training.heads import activate_head, describe_head
+
+
+class MissingFeaturesError(UsageError):
+    """labelled images have no lesion-crop embedding yet: run `eczema-batch run` first"""
+
+
+def crop_variants(config: RunConfig, segmenter_id: int | None, image_ids: list[int],
+                  manual_ids: set[int]) -> dict[int, str]:
+    """The crop-embedding variant `eczema-batch run` stores for each image (jobs.plan's rule)."""
+    variant = config.mask_variant(segmenter_id)
+    if config.segmenter_mode != "manual":
+        return dict.fromkeys(image_ids, variant)
+    return {i: "manual" if i in manual_ids else variant for i in image_ids}
+
+
+def _features(session: Session, ids: list[int], variants: dict[int, str], embedder_id: int
+              ) -> dict[int, np.ndarray]:
+    found: dict[int, np.ndarray] = {}
+    for variant in sorted(set(variants.values())):
+        mine = [i for i in ids if variants[i] == variant]
+        found.update(inputs.vectors(session, mine, model_id=embedder_id, region="crop",
+                                    variant=variant))
+    return found
+
+
+def train_head(
+    factory: sessionmaker[Session],
+    *,
+    config: RunConfig,
+    settings: TrainSettings,
+    study: str | None = None,
+    activate: bool = True,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Train, store and (unless told not to) activate a head; returns its description."""
+    with factory() as session, session.begin():
+        data = labelled_images(session, study=study)
+        if len(data) == 0:
+            raise UsageError("no labelled images: add a severity column to the manifest and "
+                             "ingest again, or label images in review")
+        check_class_counts(data.labels, data.classes)
+        targets = resolve_targets(session, config, use_head=False)
+        ids = [int(i) for i in data.image_ids]
+        manual = set(references(session, study=study).image_ids.tolist())
+        variants = crop_variants(config, targets.segmenter_id, ids, manual)
+        found = _features(session, ids, variants, targets.embedder_id)
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise MissingFeaturesError(
+                f"{len(missing)} of {len(ids)} labelled images have no lesion-crop embedding for "
+                f"embedder {config.embedder_model} with --segmenter {config.segmenter_mode}: run "
+                f"`eczema-batch run --segmenter {config.segmenter_mode}` with the same models "
+                "first, then train again"
+            )
+        features = np.stack([found[i] for i in ids])
+        fit = fit_head(features, data.labels, n_classes=len(data.classes), settings=settings)
+        in_sample = scalar_metrics(data.labels, predict_proba(fit.head, features))
+        weights = head_to_bytes(fit.head)
+        models = {mid: {"name": n, "digest": d} for mid, n, d in session.execute(
+            select(Model.id, Model.name, Model.digest).where(
+                Model.id.in_([targets.embedder_id, targets.segmenter_id or -1])))}
+        head = Head(
+            name=name or f"{config.embedder_model}+{config.segmenter_mode}",
+            classes=list(data.classes),
+            embedder_model_id=targets.embedder_id,
+            segmenter_model_id=targets.segmenter_id,
+            segmenter_mode=config.segmenter_mode,
+            settings={
+                **settings.as_dict(), "study": study, "prompts": config.prompts,
+                "feature_variants": sorted(set(variants.values())),
+                "in_dim": weights.in_dim,
+                "embedder": models[targets.embedder_id],
+                "segmenter": models.get(targets.segmenter_id) if targets.segmenter_id else None,
+            },
+            metrics={
+                "images": len(ids),
+                "patients": len(np.unique(data.patient_ids)),
+                "class_counts": np.bincount(data.labels, minlength=len(data.classes)).tolist(),
+                "class_weights": fit.class_weights,
+                "losses": [round(v, 6) for v in fit.losses],
+                # On the training images themselves: optimistic by construction.
+                "in_sample": in_sample,
+                "note": "in-sample figures; `eczema-batch evaluate` estimates accuracy",
+            },
+            training_image_ids=ids,
+            weights=weights.data,
+            digest=state_digest(fit.head),
+            active=False,
+        )
+        session.add(head)
+        session.flush()
+        session.add(Event(kind="head.trained", subject_type="head", subject_id=head.id,
+                          detail={"images": len(ids), "seed": settings.seed}))
+        replaced = activate_head(session, head) if activate else []
+        return {**describe_head(session, head), "replaced": replaced,
+                "class_counts": head.metrics["class_counts"],
+                "final_loss": fit.losses[-1], "in_sample": in_sample}
