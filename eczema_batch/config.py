@@ -33,6 +33,19 @@ class Settings(BaseSettings):
         default=None, description="SQLAlchemy URL; default: SQLite in the workspace folder"
     )
     broker_url: str | None = Field(default=None, description="Celery broker, e.g. redis://host:6379/0")
+    lease_seconds: float = Field(
+        default=300, gt=0,
+        description="a job not heard from for this long is taken over (its worker died); "
+        "heartbeats renew it every third of it",
+    )
+    visibility_timeout: int = Field(
+        default=7200, ge=1,
+        description="seconds before Redis re-delivers a task a worker took but never finished: "
+        "longer than the slowest chunk",
+    )
+    worker_device: str | None = Field(
+        default=None, description="device a worker computes on (overrides the run's device)"
+    )
     model_dir: Path | None = Field(
         default=None, description="folder of model weights, one sub-folder per model name"
     )
@@ -51,6 +64,24 @@ class Settings(BaseSettings):
     ingest_workers: int = Field(default=0, ge=0, description="decode processes; 0 = one per core")
     ingest_batch_files: int = Field(
         default=500, ge=1, description="files per ingest transaction (a kill loses at most one)"
+    )
+    # Review queue and trends (eczema_batch/report): what a clinician should look at again, and
+    # what counts as a change. Severity is scored 0-3 (the expected class of the visit).
+    review_min_confidence: float = Field(
+        default=0.5, ge=0, le=1,
+        description="flag an image for review when its top class probability is below this",
+    )
+    review_min_prompt_similarity: float = Field(
+        default=0.5, ge=-1, le=1,
+        description="flag an image when its SegGPT prompts' mean cosine similarity is below this",
+    )
+    trend_stable_band: float = Field(
+        default=0.5, ge=0,
+        description="a change from baseline (expected score, 0-3) within +/- this is 'stable'",
+    )
+    responder_classes: int = Field(
+        default=1, ge=1,
+        description="a responder's last visit is at least this many classes better than baseline",
     )
 
     @field_validator("database_url")
