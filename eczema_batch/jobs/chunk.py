@@ -9,10 +9,11 @@ rest of the chunk completes. Logs carry ids, never file names.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +81,8 @@ class _Chunk:
         self.rows = inputs.image_rows(session, image_ids, image_root=config.image_root)
         self.ids = [i for i in image_ids if i in self.rows]
         self.failed: dict[int, str] = {}
+        #: image id -> the variant of mask and crop embedding this chunk uses for it
+        self.variant_of: dict[int, str] = {}
         self.writes: dict[str, list[dict[str, Any]]] = {"full": [], "mask": [], "crop": [],
                                                         "prediction": []}
 
@@ -136,6 +139,7 @@ class _Chunk:
             iid: ("manual" if config.segmenter_mode == "manual" and iid in manual else seg_variant)
             for iid in self.ids
         }
+        self.variant_of = variant_of
         crops: dict[int, np.ndarray] = {}
         for variant in set(variant_of.values()):
             mine = [i for i in self.ids if variant_of[i] == variant]
@@ -165,7 +169,7 @@ class _Chunk:
             full.update(self._embed_full(missing, pixels))
             masks: dict[int, tuple[np.ndarray | None, int | None]] = {}
             if config.segmenter_mode == "none":
-                masks = {i: (None, None) for i in pixels}
+                masks = dict.fromkeys(pixels, (None, None))
             else:
                 for iid in pixels:
                     if variant_of[iid] == "manual":
@@ -307,12 +311,17 @@ class _Chunk:
         upsert(s, Embedding, self.writes["crop"], keys=("image_id", "model_id", "region",
                                                          "variant"))
         if self.writes["prediction"]:
-            crop_ids = dict(s.execute(select(Embedding.image_id, Embedding.id).where(
-                Embedding.image_id.in_([r["image_id"] for r in self.writes["prediction"]]),
-                Embedding.model_id == self.targets.embedder_id, Embedding.region == "crop",
-            ).order_by(Embedding.id)).all())
+            # Link each prediction to the crop embedding of this run's variant (evaluation keeps
+            # crop embeddings of other prompt sets for the same image).
+            crop_ids = {(iid, variant): eid for iid, variant, eid in s.execute(
+                select(Embedding.image_id, Embedding.variant, Embedding.id).where(
+                    Embedding.image_id.in_([r["image_id"] for r in self.writes["prediction"]]),
+                    Embedding.model_id == self.targets.embedder_id, Embedding.region == "crop",
+                ))}
             for row in self.writes["prediction"]:
-                row["embedding_id"] = crop_ids.get(row["image_id"])
+                row["embedding_id"] = crop_ids.get(
+                    (row["image_id"], self.variant_of.get(row["image_id"], ""))
+                )
         upsert(s, Prediction, self.writes["prediction"], keys=("image_id", "head_id"))
         for iid, reason in self.failed.items():
             s.execute(update(Image).where(Image.id == iid).values(decode_status=reason[:200]))
@@ -326,10 +335,13 @@ def run_chunk(
     owner: str | None = None,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
     runtime_for: Callable[[RunConfig], Runtime] = get_runtime,
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> ChunkOutcome:
     """Claim the job, compute, and commit its results with its new state.
 
     Returns the outcome; a job someone else holds (or that is finished) is left alone.
+    `config_overrides` replaces run settings that belong to the machine, not to the work
+    (a worker's device, model folder and image root).
     """
     owner = owner or worker_name()
     with factory() as session, session.begin():
@@ -342,6 +354,8 @@ def run_chunk(
                 job = session.get_one(Job, job_id)
                 run = session.get_one(Run, job.run_id)
                 config = RunConfig.from_dict(run.settings)
+                if config_overrides:
+                    config = dataclasses.replace(config, **config_overrides)
                 targets = Targets(**run.settings["targets"])
                 chunk = _Chunk(session, runtime_for(config), config, targets, list(job.image_ids))
                 if job.stage == "embed":
@@ -368,9 +382,11 @@ def run_chunk(
 
 
 def _transient(exc: Exception) -> bool:
-    from eczema_batch.errors import TransientError
+    from eczema_batch.errors import ModelNotFoundError, TransientError
 
-    return isinstance(exc, TransientError)
+    # Weights missing on this machine are the worker's problem, not the job's: give the job back
+    # (up to MAX_ATTEMPTS) so that a worker that has them can run it.
+    return isinstance(exc, TransientError | ModelNotFoundError)
 
 
 def _note(failed: dict[int, str]) -> str | None:

@@ -1,0 +1,1 @@
+"""Celery adapters over `eczema_batch.jobs`: the only package that imports Celery."""
