@@ -200,8 +200,10 @@ def plain_dump(url: str, out: Path) -> int:
                            stdout=handle, check=True)
         else:
             libpq = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
-            # The same sort memory the export's transaction gets (report.queries.PG_WORK_MEM).
+            # The same settings the export's transaction gets (report.queries._stream): sort
+            # memory, and no JIT, so the ratio compares like with like.
             subprocess.run(["psql", "-X", "-q", libpq, "-c", f"SET work_mem = '{PG_WORK_MEM}'",
+                            "-c", "SET jit = off",
                             "-c", f"COPY ({sql}) TO STDOUT WITH (FORMAT csv, HEADER)"],
                            stdout=handle, check=True)
     with out.open("rb") as handle:

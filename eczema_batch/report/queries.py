@@ -281,9 +281,13 @@ def _stream(session: Session, stmt: Select[Any]) -> Iterator[Any]:
     # yield_per streams (a server-side cursor on PostgreSQL); SQLite's cursor is lazy anyway.
     plain = session.connection()
     if plain.dialect.name == "postgresql":
-        # Grouping 300,000 images by visit spills the default 4 MB sort to disk; for this
-        # transaction only, let it sort in memory.
-        plain.exec_driver_sql(f"SET LOCAL work_mem = '{PG_WORK_MEM}'")
+        # For this transaction only (is_local): grouping 300,000 images by visit spills the
+        # default 4 MB sort to disk, so let it sort in memory; and the plan's cost is far above
+        # jit_above_cost, but JIT-compiling it took 0.5 s of a 2.5 s query that runs once and
+        # gained nothing back (EXPLAIN ANALYZE on the bench/report.py catalogue). One round trip.
+        plain.exec_driver_sql(
+            f"SELECT set_config('work_mem', '{PG_WORK_MEM}', true), set_config('jit', 'off', true)"
+        )
     # Per statement: Connection.execution_options() would change the session's connection.
     yield from plain.execute(stmt, execution_options={"yield_per": STREAM_ROWS})
 

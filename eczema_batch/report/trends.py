@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from itertools import pairwise
 
 #: Class names when no head says otherwise (the paper's four ordinal classes).
@@ -112,9 +112,17 @@ class PatientTrend:
     visits: tuple[VisitTrend, ...]
     baseline: VisitTrend | None
     last: VisitTrend | None
-    slope: Slope | None
     status: str
     responder: bool | None
+    #: (days since baseline, expected score) of the dated scored visits: the slope's data
+    points: tuple[tuple[float, float], ...] = ()
+    confidence: float = 0.95
+
+    @cached_property
+    def slope(self) -> Slope | None:
+        # Fitted on first use: the cohort summary and the visit export never show it, and the
+        # fit (with its t quantile) was a tenth of a 10,000-patient report.
+        return fit_slope(self.points, confidence=self.confidence)
 
     @property
     def change_from_baseline(self) -> float | None:
@@ -231,7 +239,6 @@ def patient_trend(visits: Iterable[VisitScore], rules: TrendRules = TrendRules()
         if last is not None:
             trend.change_from_previous = score - (last.visit.expected_score or 0.0)
         last = trend
-    slope = fit_slope(points, confidence=rules.confidence)
     status, responder = "unknown", None
     if last is not None and last is not baseline:
         change = last.change_from_baseline or 0.0
@@ -242,8 +249,8 @@ def patient_trend(visits: Iterable[VisitScore], rules: TrendRules = TrendRules()
         else:
             status = "stable"
         responder = -(last.class_change_from_baseline or 0) >= rules.responder_classes
-    return PatientTrend(visits=tuple(trends), baseline=baseline, last=last, slope=slope,
-                        status=status, responder=responder)
+    return PatientTrend(visits=tuple(trends), baseline=baseline, last=last, status=status,
+                        responder=responder, points=tuple(points), confidence=rules.confidence)
 
 
 def sparkline(values: Sequence[float | None], *, low: float = 0.0, high: float = 3.0) -> str:

@@ -1,0 +1,230 @@
+"""Catalogue commands: version, ingest, status, synth, db upgrade/current."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from eczema_batch import __version__
+from eczema_batch.cli.common import (
+    JsonOption,
+    _catalogue,
+    _emit_json,
+    _progress,
+    _settings,
+    app,
+    command,
+    db_app,
+    err,
+)
+
+
+@command(app)
+def version() -> None:
+    """Print the version.
+
+    Example: eczema-batch version
+    """
+    typer.echo(__version__)
+
+
+@command(app)
+def ingest(
+    folder: Annotated[Path, typer.Argument(help="The study folder: PATIENT/VISIT/images.")],
+    study: Annotated[
+        str | None, typer.Option(help="Study name (default: the folder's name).")
+    ] = None,
+    processes: Annotated[
+        int, typer.Option(help="Decode processes (default: one per core).", min=0)
+    ] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Catalogue a study folder of JPEG, PNG and DICOM images.
+
+    Every file is catalogued, recognised as already catalogued or a duplicate, or rejected with
+    a reason. Running it again adds only what is new.
+
+    Example: eczema-batch ingest ./study --json
+    """
+    from eczema_batch.ingest.service import ingest_study
+
+    settings = _settings()
+    factory = _catalogue(settings)
+    with _progress("ingesting") as update:
+        report = ingest_study(
+            folder,
+            factory=factory,
+            study_name=study,
+            max_pixels=settings.max_image_pixels,
+            processes=processes or settings.ingest_workers,
+            batch_files=settings.ingest_batch_files,
+            progress=update,
+        )
+    if as_json:
+        _emit_json(report.as_dict())
+    else:
+        table = Table(title=f"study {report.study}", show_header=False)
+        table.add_row("files", str(report.files))
+        table.add_row("catalogued", str(report.catalogued))
+        table.add_row("already catalogued", str(report.already_catalogued))
+        if report.updated:
+            table.add_row("labels/masks added", str(report.updated))
+        table.add_row("duplicates", str(len(report.duplicates)))
+        table.add_row("rejected", str(len(report.rejected)))
+        err.print(table)
+        for dup in sorted(report.duplicates, key=lambda d: d["path"])[:20]:
+            err.print(f"  duplicate  {dup['path']}  (same as {dup['same_as']})", highlight=False)
+        for rej in sorted(report.rejected, key=lambda d: d["path"])[:50]:
+            err.print(f"  rejected   {rej['path']}: {rej['reason']}", highlight=False)
+        if len(report.rejected) > 50:
+            err.print(f"  ... and {len(report.rejected) - 50} more: eczema-batch status --rejected")
+    raise typer.Exit(report.exit_code)
+
+
+@command(app)
+def status(
+    rejected: Annotated[bool, typer.Option("--rejected", help="List rejected files.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """What the catalogue holds, per study, and where the work stands (jobs, failures).
+
+    Jobs are counted by stage, queue and state from the catalogue (not the broker); running jobs
+    are listed by the worker holding them; failed jobs and images come with their reasons.
+
+    Example: eczema-batch status --json
+    """
+    from eczema_batch.catalogue import queries
+    from eczema_batch.jobs.status import job_status
+
+    factory = _catalogue(_settings())
+    with factory() as session:
+        counts = queries.study_counts(session)
+        rejections = queries.rejections(session) if rejected else []
+        jobs = job_status(session)
+    if as_json:
+        payload: dict[str, Any] = {"studies": [c.as_dict() for c in counts],
+                                   "jobs": jobs.as_dict()}
+        if rejected:
+            payload["rejected"] = [
+                {"study": s, "path": p, "kind": k, "reason": r} for s, p, k, r in rejections
+            ]
+        _emit_json(payload)
+        return
+    if not counts:
+        err.print("The catalogue is empty: eczema-batch ingest ./study")
+        return
+    table = Table(title="catalogue")
+    for column in ("study", "patients", "visits", "images", "references", "labelled",
+                   "rejected", "duplicates"):
+        table.add_column(column, justify="left" if column == "study" else "right")
+    for c in counts:
+        table.add_row(c.study, str(c.patients), str(c.visits), str(c.images),
+                      str(c.reference_masks), str(c.labelled_images), str(c.rejected),
+                      str(c.duplicates))
+    err.print(table)
+    for study, path, kind, reason in rejections:
+        err.print(f"  {study}  {kind:9}  {path}: {reason}", highlight=False)
+    if jobs.counts:
+        _print_jobs(jobs)
+
+
+def _print_jobs(jobs: Any) -> None:
+    table = Table(title="jobs")
+    for column in ("stage", "queue", "state", "jobs", "images"):
+        table.add_column(column, justify="right" if column in ("jobs", "images") else "left")
+    for c in jobs.counts:
+        table.add_row(c.stage, c.queue, c.state, str(c.jobs), str(c.images))
+    err.print(table)
+    for w in jobs.workers:
+        beat = w.last_heartbeat.strftime("%H:%M:%S") if w.last_heartbeat else "never"
+        note = "  (lease expired: presumed dead, the job will be taken over)" if w.expired else ""
+        err.print(f"  running on {w.worker}: {w.jobs} job(s), last heartbeat {beat}{note}",
+                  highlight=False)
+    for j in jobs.failed_jobs[:10]:
+        err.print(f"  failed job {j.id} ({j.stage}, {j.queue}, {j.attempts} attempts): "
+                  f"{j.error.splitlines()[0]}", highlight=False)
+    for i in jobs.failed_images[:20]:
+        err.print(f"  failed image {i.id} {i.study}/{i.path}: {i.reason}", highlight=False)
+    if jobs.failed_jobs or jobs.failed_images:
+        err.print("try them again after fixing the cause: eczema-batch run --retry-failed")
+
+
+@command(app)
+def synth(
+    folder: Annotated[Path, typer.Argument(help="New folder to write the study into.")],
+    patients: Annotated[int, typer.Option(min=1, help="Number of patients.")] = 12,
+    visits: Annotated[int, typer.Option(min=1, help="Visits per patient.")] = 4,
+    images_per_visit: Annotated[int, typer.Option(min=1, help="Images per visit.")] = 2,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same files.")] = 0,
+    width: Annotated[int, typer.Option(min=32, help="Image width in pixels.")] = 320,
+    height: Annotated[int, typer.Option(min=32, help="Image height in pixels.")] = 240,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a synthetic study (photos, DICOM, masks, manifest) to try the tool.
+
+    Example: eczema-batch synth ./demo-study --patients 12 --visits 4 --seed 0
+    """
+    from eczema_batch.synth import write_synthetic_study
+
+    summary = write_synthetic_study(
+        folder,
+        patients=patients,
+        visits=visits,
+        seed=seed,
+        images_per_visit=images_per_visit,
+        size=(width, height),
+    )
+    payload = {
+        "folder": str(summary.root),
+        "patients": summary.patients,
+        "visits": summary.visits,
+        "images": summary.images,
+        "references": summary.references,
+        "dicom": summary.dicom,
+        "labels": {str(k): v for k, v in sorted(summary.labels.items())},
+    }
+    if as_json:
+        _emit_json(payload)
+    else:
+        err.print(
+            f"wrote {summary.images} images of {summary.patients} patients "
+            f"({summary.references} with manual masks, {summary.dicom} DICOM) to {summary.root}"
+        )
+        err.print(f"next: eczema-batch ingest {summary.root}")
+
+
+@command(db_app, "upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+) -> None:
+    """Migrate the catalogue's schema (to the newest revision by default).
+
+    Example: ECZEMA_BATCH_DATABASE_URL=postgresql+psycopg://user@host/db eczema-batch db upgrade
+    """
+    from eczema_batch.catalogue.db import current_revision, get_engine, upgrade
+
+    settings = _settings()
+    engine = get_engine(settings.resolved_database_url)
+    upgrade(engine, revision)
+    err.print(f"catalogue at revision {current_revision(engine)}")
+
+
+@command(db_app, "current")
+def db_current(as_json: JsonOption = False) -> None:
+    """Show the catalogue's schema revision and the newest one this version knows.
+
+    Example: eczema-batch db current
+    """
+    from eczema_batch.catalogue.db import current_revision, get_engine, head_revision
+
+    settings = _settings()
+    engine = get_engine(settings.resolved_database_url)
+    current, head = current_revision(engine), head_revision(engine)
+    url = engine.url.render_as_string(hide_password=True)
+    if as_json:
+        _emit_json({"url": url, "current": current, "head": head})
+    else:
+        typer.echo(f"{url}: {current or 'empty'} (newest: {head})")

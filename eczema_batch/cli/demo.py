@@ -1,0 +1,77 @@
+"""The demo: a synthetic study from end to end (eczema_batch/demo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from eczema_batch.cli.common import (
+    JsonOption,
+    _emit_json,
+    _settings,
+    app,
+    command,
+    err,
+)
+from eczema_batch.cli.reports import _print_cohort, _report_json
+
+
+@command(app)
+def demo(
+    folder: Annotated[Path | None, typer.Argument(
+        help="Workspace to use (default: ECZEMA_BATCH_HOME, ./.eczema-batch).")] = None,
+    tiny: Annotated[bool, typer.Option(
+        "--tiny", help="Use tiny random models even when the real weights are found.")] = False,
+    patients: Annotated[int, typer.Option(min=1, help="Synthetic patients.")] = 8,
+    visits: Annotated[int, typer.Option(min=2, help="Visits per patient.")] = 3,
+    as_json: JsonOption = False,
+) -> None:
+    """Try everything on a synthetic study: write, ingest, measure, train, report.
+
+    Uses the real models when their weights are found, tiny random ones otherwise (and says so).
+    Runs on an embedded SQLite catalogue in FOLDER; running it again reuses what is there.
+
+    Example: eczema-batch demo ./demo --tiny
+    """
+    from eczema_batch.demo import DemoSize, run_demo
+
+    settings = _settings()
+    where = folder or settings.home
+    result = run_demo(where, settings=settings, size=DemoSize(patients=patients, visits=visits),
+                      tiny=tiny, say=lambda text: err.print(text, highlight=False))
+    if result.models == "tiny":
+        err.print(f"\n[bold black on yellow] TINY MODELS [/] [bold yellow]{result.segmenter} + "
+                  f"{result.embedder} have random weights: every number below is meaningless; "
+                  "it shows the workflow, not eczema severity.[/]\n"
+                  f"why: {result.models_note}\n"
+                  "for real results: eczema-batch models list shows where weights are looked for",
+                  highlight=False, soft_wrap=True)
+    else:
+        err.print(f"\n[bold white on green] REAL MODELS [/] {result.segmenter} + "
+                  f"{result.embedder} ({result.models_note})", highlight=False, soft_wrap=True)
+    if result.head_problem:
+        err.print(f"[yellow]no severity head trained[/]: {result.head_problem}", highlight=False)
+    else:
+        err.print("the head was trained on this study's own labels: its predictions here are "
+                  "in-sample (eczema-batch evaluate estimates real accuracy)", soft_wrap=True)
+    assert result.report is not None and result.html is not None
+    if as_json:
+        _emit_json({"folder": str(result.folder), "models": result.models,
+                    "models_note": result.models_note, "segmenter": result.segmenter,
+                    "embedder": result.embedder, "images": result.images,
+                    "head_problem": result.head_problem, "seconds": result.seconds,
+                    "report": _report_json(result.report, visits=False),
+                    "html": str(result.html.index)})
+        return
+    _print_cohort(result.report, limit=10)
+    err.print(f"HTML report: {result.html.index.as_uri()}", soft_wrap=True, highlight=False)
+    if settings.database_url:
+        err.print("(the demo used its own SQLite catalogue, not ECZEMA_BATCH_DATABASE_URL: "
+                  "unset it to follow the steps below)", soft_wrap=True)
+    err.print(f"catalogue: {result.database_url}; next:\n"
+              f"  export ECZEMA_BATCH_HOME={result.folder}\n"
+              "  eczema-batch report --patient S001\n"
+              "  eczema-batch review list\n"
+              "  eczema-batch export --level visit -o visits.csv", highlight=False)

@@ -1,0 +1,252 @@
+"""Measuring: run (here or on a Celery queue), worker, models list/make-tiny."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+from sqlalchemy.orm import Session, sessionmaker
+
+from eczema_batch.cli.common import (
+    JsonOption,
+    SegmenterOption,
+    _catalogue,
+    _emit_json,
+    _progress,
+    _settings,
+    app,
+    command,
+    err,
+    models_app,
+)
+from eczema_batch.config import Settings
+from eczema_batch.errors import UsageError
+
+if TYPE_CHECKING:  # the commands import these lazily: `--help` stays fast, torch-free
+    from eczema_batch.jobs.config import RunConfig
+    from eczema_batch.jobs.local import RunSummary
+
+
+def _run_on_queue(
+    factory: sessionmaker[Session], settings: Settings, config: RunConfig, *, queue: str,
+    wait: bool, study: str | None, retry_failed: bool, as_json: bool,
+) -> RunSummary | None:
+    """Plan, send the jobs to `queue`, and follow them in the catalogue; None with no wait."""
+    from eczema_batch.jobs import dispatch
+    from eczema_batch.jobs.local import start_run
+    from workers.celery_app import job_sender
+
+    assert settings.broker_url is not None
+    with job_sender(settings.broker_url) as send:  # reach the broker before planning anything
+        plan = start_run(factory, config=config, executor="celery", queue=queue,
+                         chunk_size=settings.chunk_size, study=study, retry_failed=retry_failed)
+        tracked = dispatch.track(factory, plan)
+        sent = dispatch.dispatch_plan(factory, plan, queue=queue, send=send)
+    if not wait:
+        if as_json:
+            _emit_json({"run": plan.run_id, "queue": queue, "jobs_sent": len(sent),
+                        "resumed_jobs": plan.resumed, "images": plan.images})
+        else:
+            err.print(f"run {plan.run_id}: sent {len(sent)} jobs to queue {queue}; "
+                      "follow them with: eczema-batch status")
+        return None
+    if sent and not as_json:
+        err.print(f"run {plan.run_id}: {len(sent)} jobs sent to queue {queue}, progress read from "
+                  f"the catalogue (workers: eczema-batch worker --queue {queue}); Ctrl-C stops "
+                  "waiting, the workers carry on")
+    with _progress(f"measuring on queue {queue}") as update:
+        dispatch.wait_for_jobs(
+            factory, tracked, on_progress=lambda p: update(p.finished_images, p.total_images)
+        )
+    return dispatch.summarise(factory, plan, tracked)
+
+
+@command(app)
+def run(
+    study: Annotated[str | None, typer.Option(help="Only this study.")] = None,
+    segmenter: SegmenterOption = "seggpt",
+    segmenter_model: Annotated[
+        str | None, typer.Option(help="Segmenter model name (ECZEMA_BATCH_SEGMENTER_MODEL).")
+    ] = None,
+    embedder_model: Annotated[
+        str | None, typer.Option(help="Embedder model name (ECZEMA_BATCH_EMBEDDER_MODEL).")
+    ] = None,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="Folder of model weights (ECZEMA_BATCH_MODEL_DIR).")
+    ] = None,
+    prompts: Annotated[int | None, typer.Option(min=1, help="K reference prompts.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per forward pass.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Try failed jobs and images again.")
+    ] = False,
+    queue: Annotated[
+        str | None, typer.Option(help="Send the jobs to Celery workers on this queue (gpu or cpu) "
+                                 "instead of running them here; needs ECZEMA_BATCH_BROKER_URL.")
+    ] = None,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="With --queue: return once the jobs are sent.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure every image that still needs it: embed, retrieve prompts, segment, crop, classify.
+
+    Runs in this process on the embedded default. Re-running does nothing new; changing a model
+    redoes only what depends on it. With --queue the jobs go to Celery workers and progress is
+    read from the catalogue; running it again sends whatever is still unfinished (after a broker
+    restart, say).
+
+    Example: eczema-batch run --model-dir ./models --segmenter seggpt
+
+    Example: ECZEMA_BATCH_BROKER_URL=redis://redis:6379/0 eczema-batch run --queue gpu --no-wait
+    """
+    from eczema_batch.jobs.config import RunConfig
+    from eczema_batch.jobs.local import run_in_process, start_run
+
+    settings = _settings()
+    if queue is None and no_wait:
+        raise UsageError("--no-wait goes with --queue: without a queue the run is this process")
+    if queue is not None and not settings.broker_url:
+        raise UsageError("--queue needs a broker: set ECZEMA_BATCH_BROKER_URL=redis://host:6379/0")
+    config = RunConfig.from_settings(
+        settings, segmenter_mode=segmenter, segmenter_model=segmenter_model,
+        embedder_model=embedder_model, model_dir=str(model_dir) if model_dir else None,
+        prompts=prompts, batch_size=batch_size, device=device,
+    )
+    factory = _catalogue(settings)
+    if queue is not None:
+        queued = _run_on_queue(factory, settings, config, queue=queue, wait=not no_wait,
+                               study=study, retry_failed=retry_failed, as_json=as_json)
+        if queued is None:
+            return
+        summary = queued
+    else:
+        plan = start_run(factory, config=config, executor="local", queue="local",
+                         chunk_size=settings.chunk_size, study=study, retry_failed=retry_failed)
+        with _progress("measuring") as update:
+            summary = run_in_process(
+                factory, plan, progress=lambda stage, done, total: update(done, total)
+            )
+    payload = {
+        "run": summary.run_id,
+        "jobs": summary.jobs,
+        "resumed_jobs": summary.resumed,
+        "images": summary.images,
+        "failed_jobs": {str(k): v for k, v in summary.failed_jobs.items()},
+        "failed_images": {str(k): v for k, v in summary.failed_images.items()},
+        "head": summary.targets.head_id,
+    }
+    if as_json:
+        _emit_json(payload)
+    else:
+        if summary.jobs == 0:
+            err.print("nothing to do: every image is measured with the current models")
+        else:
+            err.print(
+                f"run {summary.run_id}: {summary.images.get('measure', 0)} images measured, "
+                f"{summary.images.get('embed', 0)} references embedded, "
+                f"{len(summary.failed_images)} images failed, "
+                f"{len(summary.failed_jobs)} jobs failed"
+            )
+        for iid, reason in list(summary.failed_images.items())[:20]:
+            err.print(f"  image {iid}: {reason}", highlight=False)
+        if not summary.has_head:
+            err.print("no severity head trained for these features: stopped after the crop "
+                      "embeddings (eczema-batch train makes one)")
+    if summary.failed_jobs:
+        raise typer.Exit(1 if summary.done_jobs == 0 else 3)
+    if summary.failed_images:
+        raise typer.Exit(3)
+
+
+@command(app)
+def worker(
+    queue: Annotated[
+        str, typer.Option("--queue", "-Q", help="Queue(s) to take jobs from: gpu, cpu or gpu,cpu.")
+    ] = "gpu",
+    device: Annotated[
+        str | None, typer.Option(help="Compute on this device: cpu, cuda or cuda:N "
+                                 "(default: the run's, auto).")
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="Pool processes; keep 1 per GPU (one worker per GPU).")
+    ] = 1,
+    loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    hostname: Annotated[
+        str | None, typer.Option(help="Worker name shown by Celery (default: QUEUE-PID@host).")
+    ] = None,
+) -> None:
+    """Take jobs from a Celery queue and run them until stopped (Ctrl-C finishes the chunk first).
+
+    Models load in the pool process on its first chunk, never in the parent that forks it, so
+    CUDA is not initialised before a fork. Logs carry job ids only. Needs
+    ECZEMA_BATCH_BROKER_URL and a shared catalogue (ECZEMA_BATCH_DATABASE_URL).
+
+    Example: ECZEMA_BATCH_BROKER_URL=redis://redis:6379/0 eczema-batch worker --queue gpu \
+    --device cuda:0
+    """
+    settings = _settings()
+    if not settings.broker_url:
+        raise UsageError("worker needs a broker: set ECZEMA_BATCH_BROKER_URL=redis://host:6379/0")
+    from workers.celery_app import start_worker
+
+    queues = [q.strip() for q in queue.split(",") if q.strip()]
+    if not queues:
+        raise UsageError("--queue: name at least one queue, e.g. --queue gpu")
+    start_worker(queues=queues, concurrency=concurrency, device=device, loglevel=loglevel,
+                 hostname=hostname)
+
+
+@command(models_app, "list")
+def models_list(
+    model_dir: Annotated[Path | None, typer.Option(help="Folder of model weights.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the models eczema-batch knows and whether their weights are found.
+
+    Example: eczema-batch models list --model-dir ./models
+    """
+    from eczema_batch.errors import ModelNotFoundError
+    from eczema_batch.pipeline.loading import find_weights, weights_digest
+    from eczema_batch.pipeline.registry import list_specs
+
+    settings = _settings()
+    folder = model_dir or settings.model_dir
+    rows: list[dict[str, Any]] = []
+    for spec in list_specs():
+        try:
+            found = find_weights(spec, model_dir=folder)
+            where, digest = str(found), weights_digest(found)[:12]
+        except ModelNotFoundError:
+            where, digest = "not found", ""
+        rows.append({"name": spec.name, "kind": spec.kind, "tiny": spec.tiny,
+                     "weights": where, "digest": digest})
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table(title="models")
+    for column in ("name", "kind", "weights", "digest"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in ("name", "kind", "weights", "digest")))
+    err.print(table)
+
+
+@command(models_app, "make-tiny")
+def models_make_tiny(
+    folder: Annotated[Path, typer.Argument(help="Where to write tiny-seggpt and tiny-dino.")],
+) -> None:
+    """Write tiny random-weight models (tiny-seggpt, tiny-dino) for trying the tool offline.
+
+    They are loaded through the same code as real weights; their results mean nothing.
+
+    Example: eczema-batch models make-tiny ./models && ECZEMA_BATCH_MODEL_DIR=./models \
+    eczema-batch run --segmenter-model tiny-seggpt --embedder-model tiny-dino
+    """
+    from eczema_batch.pipeline.tiny import make_tiny_models
+
+    written = make_tiny_models(folder)
+    for name, path in written.items():
+        err.print(f"{name}: {path}")
