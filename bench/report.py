@@ -11,9 +11,9 @@ on SQLite and on PostgreSQL, then measures in the same run:
 
 Targets: cohort report <= 2 s; export within 2x of the plain dump.
 
-    python bench/report.py                          # both backends, full size
-    python bench/report.py --scale 0.1 --backend sqlite
-    python bench/report.py --postgres-url postgresql+psycopg://127.0.0.1:5432/test
+    python -m bench.report                          # both backends, full size
+    python -m bench.report --scale 0.1 --backend sqlite
+    python -m bench.report --postgres-url postgresql+psycopg://127.0.0.1:5432/test
 """
 
 from __future__ import annotations
