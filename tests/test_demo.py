@@ -33,6 +33,10 @@ def test_demo_with_tiny_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert "in-sample" in err and "cohort: 8 patients" in err
         assert (folder / "report" / "index.html").is_file()
         assert len(list((folder / "report" / "patients").glob("*.html"))) == 8
+        # Tiny random-weight models say so on every page, not only in the terminal.
+        for page in [folder / "report" / "index.html",
+                     *(folder / "report" / "patients").glob("*.html")]:
+            assert 'id="tiny-models"' in page.read_text(encoding="utf-8"), page.name
         engine = create_engine(f"sqlite:///{folder / 'catalogue.sqlite3'}")
         with engine.connect() as conn:
             assert conn.scalar(select(func.count()).select_from(Prediction)) == 48

@@ -49,6 +49,7 @@ figure.reviewed img{outline:3px solid #1a7f37}
 ul.flags{color:#b45f00;padding-left:1.2em;margin:.2em 0}
 img.broken{outline:3px dashed #c62828}
 .note{color:#666;font-size:.9em}
+.tiny{background:#fdecea;border:2px solid #c62828;padding:.5em .8em;font-weight:bold}
 """
 # Marks images that did not load (and counts them on <body>), so a reader sees a broken link.
 _SCRIPT = """
@@ -104,6 +105,19 @@ def _slope_text(p: PatientReport) -> str:
     return f"{s.per_30_days:+.2f}{ci}"
 
 
+def _tiny_banner(report: CohortReport) -> str:
+    """A loud warning when the scores come from the tiny random-weight test models."""
+    head = report.head
+    names = [m.name for m in (head.embedder, head.segmenter) if m is not None] if head else []
+    # The registry names every tiny test model "tiny-*" (eczema_batch.pipeline.registry).
+    tiny = [n for n in names if n.startswith("tiny-")]
+    if not tiny:
+        return ""
+    return (f'<p class="tiny" id="tiny-models">Scored with tiny random-weight test models '
+            f'({escape(", ".join(tiny))}): every number here is meaningless; it shows the '
+            "workflow, not eczema severity.</p>")
+
+
 def _index(report: CohortReport, generated: str) -> str:
     s, classes = report.summary, report.classes
     head = report.head
@@ -131,6 +145,7 @@ def _index(report: CohortReport, generated: str) -> str:
     return _page("Eczema severity: cohort", f"""
 <h1>Eczema severity: cohort{' ' + escape(report.study) if report.study else ''}</h1>
 <p class="note">eczema-batch {escape(__version__)}, {escape(generated)}. Scores: {model}.</p>
+{_tiny_banner(report)}
 <h2>Patients by status</h2>
 {_table(["status", "patients"], status_rows)}
 <p>Responders (last visit at least {rules.responder_classes} class(es) better than baseline):
@@ -203,6 +218,7 @@ def _patient_page(report: CohortReport, p: PatientReport, figures: dict[int, lis
     return _page(f"Patient {p.key.patient}", f"""
 <p><a href="../index.html">&larr; cohort</a></p>
 <h1>Patient {code} <small>({escape(p.key.study)})</small></h1>
+{_tiny_banner(report)}
 <p>Status <b id="status" class="{t.status}">{t.status}</b>; responder <b>{responder}</b>;
 change from baseline <b>{_num(t.change_from_baseline, 2, True)}</b>; slope per 30 days
 {_slope_text(p)}; <b id="pending">{t.n_flagged}</b> image(s) waiting for review,
