@@ -6,6 +6,7 @@ changing the environment.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -56,6 +57,10 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=8, ge=1)
     prompts: int = Field(default=2, ge=1, description="K reference images that prompt SegGPT")
     chunk_size: int = Field(default=64, ge=1, description="image ids per job")
+    decode_threads: int = Field(
+        default_factory=lambda: min(8, os.cpu_count() or 1), ge=1,
+        description="threads decoding images while the models compute",
+    )
     max_image_pixels: int = Field(default=DEFAULT_MAX_IMAGE_PIXELS, ge=1)
     image_root: Path | None = Field(
         default=None,

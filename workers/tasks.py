@@ -37,8 +37,9 @@ def _catalogue(url: str) -> sessionmaker[Session]:
 
 
 def worker_overrides(settings: Settings) -> dict[str, Any]:
-    """Run settings that belong to the worker's machine: its device, model folder, image root."""
-    overrides: dict[str, Any] = {}
+    """Run settings that belong to the worker's machine: its device, model folder, image root,
+    and how many threads decode images beside the model."""
+    overrides: dict[str, Any] = {"decode_threads": settings.decode_threads}
     if settings.worker_device:
         overrides["device"] = settings.worker_device
     if settings.model_dir:

@@ -107,7 +107,7 @@ class _Chunk:
         todo = [self.rows[i] for i in self.ids if i not in have]
         if not todo:
             return
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        with ThreadPoolExecutor(max_workers=self.config.decode_threads) as pool:
             futures = _decode_all(todo, max_pixels=self.config.max_pixels,
                                   max_side=PROMPT_MAX_SIDE, pool=pool)
             self._embed_full([r.id for r in todo], self._pixels(futures, [r.id for r in todo]))
@@ -159,7 +159,7 @@ class _Chunk:
     def _crops(self, ids: list[int], variant_of: dict[int, str],
                manual: dict[int, tuple[int, bytes]]) -> dict[int, np.ndarray]:
         config = self.config
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        with ThreadPoolExecutor(max_workers=self.config.decode_threads) as pool:
             futures = _decode_all([self.rows[i] for i in ids], max_pixels=config.max_pixels,
                                   max_side=QUERY_MAX_SIDE, pool=pool)
             full = inputs.vectors(self.session, ids, model_id=self.targets.embedder_id,
