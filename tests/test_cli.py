@@ -65,6 +65,13 @@ def test_ingest_usage_errors(tmp_path: Path, db_url: str) -> None:
     assert "no 'path' column" in err
 
 
+def test_ingest_of_an_empty_folder_says_so(tmp_path: Path, db_url: str) -> None:
+    (tmp_path / "empty").mkdir()
+    code, _, err = invoke("ingest", str(tmp_path / "empty"))
+    assert code == 1
+    assert "no files found" in err
+
+
 def test_ingest_of_nothing_usable_exits_1(tmp_path: Path, db_url: str) -> None:
     root = tmp_path / "study"
     (root / "P001" / "v1").mkdir(parents=True)

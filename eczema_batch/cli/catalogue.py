@@ -81,6 +81,11 @@ def ingest(
             err.print(f"  rejected   {rej['path']}: {rej['reason']}", highlight=False)
         if len(report.rejected) > 50:
             err.print(f"  ... and {len(report.rejected) - 50} more: eczema-batch status --rejected")
+    if report.files == 0:
+        err.print(f"no files found in {folder}: a study folder holds PATIENT/VISIT/ images "
+                  "(.jpg, .png, .dcm) and optionally manifest.csv")
+    elif report.exit_code == 1:
+        err.print("nothing could be catalogued: every file was rejected (reasons above)")
     raise typer.Exit(report.exit_code)
 
 
