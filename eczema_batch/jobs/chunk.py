@@ -24,7 +24,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Embedding, Image, Job, Mask, Prediction, Run
 from eczema_batch.catalogue.upsert import upsert
-from eczema_batch.errors import EczemaBatchError, RejectedFileError
+from eczema_batch.errors import (
+    EczemaBatchError,
+    ModelNotFoundError,
+    RejectedFileError,
+    TransientError,
+)
 from eczema_batch.imaging import DecodedImage, decode_mask_png, encode_mask_png
 from eczema_batch.jobs import inputs
 from eczema_batch.jobs.config import PROMPT_MAX_SIDE, QUERY_MAX_SIDE, RunConfig
@@ -194,9 +199,9 @@ class _Chunk:
         out = {}
         for (iid, mask_id), vector in zip(crop_meta, matrix, strict=True):
             out[iid] = vector
-            row = self._embedding_row(iid, "crop", variant_of[iid], mask_id, vector)
-            row["mask_id"] = mask_id
-            self.writes["crop"].append(row)
+            self.writes["crop"].append(
+                self._embedding_row(iid, "crop", variant_of[iid], mask_id, vector)
+            )
         return out
 
     def _segment(self, ids: list[int], pixels: dict[int, DecodedImage],
@@ -382,8 +387,6 @@ def run_chunk(
 
 
 def _transient(exc: Exception) -> bool:
-    from eczema_batch.errors import ModelNotFoundError, TransientError
-
     # Weights missing on this machine are the worker's problem, not the job's: give the job back
     # (up to MAX_ATTEMPTS) so that a worker that has them can run it.
     return isinstance(exc, TransientError | ModelNotFoundError)

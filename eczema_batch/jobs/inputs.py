@@ -11,7 +11,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from eczema_batch.catalogue.models import Embedding, Image, Mask, Patient, Prediction, Study, Visit
+from eczema_batch.catalogue.models import Embedding, Image, Mask, Prediction, Study, Visit
 from eczema_batch.errors import RejectedFileError
 from eczema_batch.imaging import DecodedImage, decode_path
 
@@ -116,16 +116,6 @@ def predicted_ids(session: Session, ids: Iterable[int], *, head_id: int) -> set[
         Prediction.image_id.in_(list(ids)), Prediction.head_id == head_id
     )
     return set(session.scalars(stmt))
-
-
-def patients_of(session: Session, ids: Iterable[int]) -> dict[int, str]:
-    stmt = (
-        select(Image.id, Patient.subject_code)
-        .join(Visit, Image.visit_id == Visit.id)
-        .join(Patient, Visit.patient_id == Patient.id)
-        .where(Image.id.in_(list(ids)))
-    )
-    return dict(session.execute(stmt).all())
 
 
 def load_pixels(row: ImageRow, *, max_pixels: int, max_side: int) -> DecodedImage:

@@ -12,7 +12,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Job, Run
@@ -149,7 +149,3 @@ def _job_size(factory: sessionmaker[Session], job_id: int) -> int:
 def _last_error(factory: sessionmaker[Session], job_id: int) -> str:
     with factory() as session:
         return session.scalar(select(Job.last_error).where(Job.id == job_id)) or "unknown error"
-
-
-def job_counts(session: Session) -> dict[str, int]:
-    return dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())

@@ -7,13 +7,14 @@ Planning needs only identities (name + digest of the weight files), not the mode
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from eczema_batch.catalogue.identities import model_row_id
 from eczema_batch.catalogue.models import Head
+from eczema_batch.errors import NoHeadError, UsageError
 from eczema_batch.jobs.config import RunConfig
 from eczema_batch.jobs.plan import Targets
 from eczema_batch.pipeline.classify import SeverityHead, head_from_bytes
@@ -39,8 +40,6 @@ class WeightsIdentity:
 def identify(name: str, *, kind: str, model_dir: str | None) -> WeightsIdentity:
     spec = get_spec(name)
     if spec.kind != kind:
-        from eczema_batch.errors import UsageError
-
         raise UsageError(f"model {name!r} is a {spec.kind}, not a {kind}")
     folder = find_weights(spec, model_dir=model_dir)
     return WeightsIdentity(name, kind, weights_digest(folder), str(folder))
@@ -84,13 +83,14 @@ class Runtime:
         self.config = config
         self._heads: dict[int, SeverityHead] = {}
 
-    @property
+    # Resolved once per Runtime: the loaders' own caches still find the weights folder each call.
+    @cached_property
     def embedder(self) -> Embedder:
         c = self.config
         return load_embedder(c.embedder_model, model_dir=c.model_dir, device=c.device,
                              precision=c.precision)
 
-    @property
+    @cached_property
     def segmenter(self) -> Segmenter:
         c = self.config
         return load_segmenter(c.segmenter_model, model_dir=c.model_dir, device=c.device,
@@ -100,8 +100,6 @@ class Runtime:
         if head_id not in self._heads:
             weights = session.scalar(select(Head.weights).where(Head.id == head_id))
             if weights is None:
-                from eczema_batch.errors import NoHeadError
-
                 raise NoHeadError(
                     f"head {head_id} is not in the catalogue: `eczema-batch heads list`"
                 )
