@@ -71,7 +71,8 @@ TABLE_COLUMNS = {
     "images": ("id", "study_id", "visit_id", "sha256", "path", "format", "size_bytes", "width",
                "height", "frames", "body_site", "decode_status"),
     "masks": ("id", "image_id", "kind", "variant", "model_id", "prompt_ids",
-              "prompt_similarities", "width", "height", "area_fraction", "png", "flag"),
+              "prompt_similarities", "prompt_similarity", "width", "height", "area_fraction",
+              "png", "flag"),
     "embeddings": ("id", "image_id", "model_id", "region", "variant", "mask_id", "dim", "vector"),
     "predictions": ("id", "image_id", "head_id", "embedding_id", "severity", "probabilities"),
     "labels": ("id", "image_id", "severity", "source", "rater", "note"),
@@ -119,7 +120,8 @@ def generate(patients: int, seed: int = 0) -> dict[str, list[tuple[Any, ...]]]:
                                        "jpeg", 100_000, 320, 240, 1, SITES[site_idx[iid - 1]],
                                        "ok"))
                 rows["masks"].append((iid, iid, "predicted", "seggpt:2:k2", 2, "[1, 2]",
-                                      json.dumps(sims[iid - 1, ::-1].tolist()), 320, 240, 0.2,
+                                      json.dumps(sims[iid - 1, ::-1].tolist()),
+                                      float(sims[iid - 1].mean()), 320, 240, 0.2,
                                       png, FLAG if flagged[iid - 1] else None))
                 rows["embeddings"].append((iid, iid, 1, "crop", "seggpt:2:k2", iid, 2, b"\0" * 8))
                 rows["predictions"].append((iid, iid, 1, iid, severity,

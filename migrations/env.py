@@ -7,7 +7,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection
 
-from eczema_batch.catalogue.db import make_engine
+from eczema_batch.catalogue.db import make_engine, migration_connection
 from eczema_batch.catalogue.models import Base
 from eczema_batch.config import get_settings
 
@@ -38,14 +38,14 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
-        # Called from eczema_batch.catalogue.db.upgrade inside its transaction.
+        # Called from eczema_batch.catalogue.db.upgrade inside its migration_connection.
         _configure(connection)
         with context.begin_transaction():
             context.run_migrations()
         return
     url = config.get_main_option("sqlalchemy.url") or get_settings().resolved_database_url
     engine = make_engine(url)
-    with engine.connect() as conn:
+    with migration_connection(engine) as conn:
         _configure(conn)
         with context.begin_transaction():
             context.run_migrations()

@@ -25,6 +25,7 @@ from eczema_batch.catalogue.models import (
     Prediction,
     Study,
     Visit,
+    mean_prompt_similarity,
 )
 from eczema_batch.imaging import encode_mask_png
 from eczema_batch.report.trends import DEFAULT_CLASSES
@@ -100,7 +101,9 @@ def make_prediction(
     mask_row = Mask(
         image_id=image.id, kind="predicted", variant=f"seggpt:{head.segmenter_model_id}:k2",
         model_id=head.segmenter_model_id, prompt_ids=[1, 2][: len(similarities)],
-        prompt_similarities=list(similarities), width=image.width, height=image.height,
+        prompt_similarities=list(similarities),
+        prompt_similarity=mean_prompt_similarity(similarities), width=image.width,
+        height=image.height,
         area_fraction=float(mask.mean()), png=encode_mask_png(mask), flag=mask_flag,
     )
     session.add(mask_row)

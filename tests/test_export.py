@@ -9,11 +9,13 @@ import json
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
+from eczema_batch.catalogue.models import Image, Mask, Model, Patient, Visit
 from eczema_batch.cli import app
-from eczema_batch.report.export import columns
+from eczema_batch.report.export import columns, fixed
 from tests.report_factories import (
     make_head,
     make_image,
@@ -99,8 +101,8 @@ def test_visit_rows_by_hand(cohort: dict[str, int], tmp_path: Path) -> None:
     assert [r["days_from_baseline"] for r in p1] == ["0", "30", "60"]
     assert [r["severity_class"] for r in p1] == ["moderate", "mild", "mild"]
     assert [float(r["expected_score"]) for r in p1] == pytest.approx([2.0, 1.3, 1.0])
-    assert [r["change_from_baseline"] for r in p1] == ["0.0", "-0.7", "-1.0"]
-    assert [r["change_from_previous"] for r in p1] == ["", "-0.7", "-0.3"]
+    assert [r["change_from_baseline"] for r in p1] == ["0.000000", "-0.700000", "-1.000000"]
+    assert [r["change_from_previous"] for r in p1] == ["", "-0.700000", "-0.300000"]
     assert [float(p1[0][c]) for c in P] == pytest.approx([0.05, 0.2, 0.45, 0.3])
     assert (p1[0]["n_images"], p1[0]["n_flagged"], p1[0]["worst_severity"]) == ("2", "1", "3")
     assert p1[0]["body_sites"] == "left-arm;trunk" and p1[0]["baseline"] == "True"
@@ -137,6 +139,49 @@ def test_image_rows_json_reviewed_as_one_hot(cohort: dict[str, int]) -> None:
     assert flagged["visit_date"] == "2024-01-01" and flagged["days_from_baseline"] == 0
 
 
+def test_csv_and_json_agree_cell_for_cell(factory: sessionmaker[Session],
+                                          cohort: dict[str, int]) -> None:
+    # Q1's mask came from another segmenter, whose name needs CSV quoting: the identity cells
+    # change mid-export and must still be quoted and aligned.
+    with factory() as s, s.begin():
+        other = Model(kind="segmenter", name='seggpt, retrained "v2"', digest="t" * 64,
+                      config={})
+        s.add(other)
+        s.flush()
+        q1_masks = (select(Mask.id).join(Image, Image.id == Mask.image_id)
+                    .join(Visit, Visit.id == Image.visit_id)
+                    .join(Patient, Patient.id == Visit.patient_id)
+                    .where(Patient.subject_code == "Q1"))
+        s.execute(update(Mask).where(Mask.id.in_(q1_masks)).values(model_id=other.id))
+    for level in ("image", "visit", "patient"):
+        code, text, err = _export("--level", level)
+        assert code == 0, err
+        code, js, err = _export("--level", level, "--format", "json")
+        assert code == 0, err
+        table, objects = _rows(text), json.loads(js)
+        assert len(table) == len(objects) > 0 and list(table[0]) == list(objects[0])
+        for row, obj in zip(table, objects, strict=True):
+            for key, value in obj.items():
+                if value is None:
+                    assert row[key] == "", (level, key)
+                elif isinstance(value, bool):
+                    assert row[key] == str(value), (level, key)
+                elif isinstance(value, float):
+                    assert float(row[key]) == pytest.approx(value, abs=1e-6), (level, key)
+                    assert len(row[key].split(".")[1]) == 6, (level, key, row[key])
+                else:
+                    assert row[key] == str(value), (level, key)
+        q1 = [r for r in table if r["patient"] == "Q1"]
+        assert {r["segmenter"] for r in q1} == {'seggpt, retrained "v2"'}
+        assert {r["segmenter"] for r in table if r["patient"] == "P1"} == {"tiny-seggpt"}
+
+
+def test_csv_numbers_have_fixed_decimals_and_no_negative_zero() -> None:
+    assert [fixed(x) for x in (0.7, -0.7, 1 / 3, -1e-9, -0.0, 0.0, None)] == [
+        "0.700000", "-0.700000", "0.333333", "0.000000", "0.000000", "0.000000", None]
+    assert fixed(-10.0) == "-10.000000" and fixed(2.5e-7) == "0.000000"
+
+
 def test_no_identifying_data_or_paths(cohort: dict[str, int]) -> None:
     for level in ("image", "visit", "patient"):
         code, stdout, _ = _export("--level", level, "--format", "json")
@@ -152,3 +197,16 @@ def test_unknown_patient_is_exit_2_and_no_file(cohort: dict[str, int], tmp_path:
     assert not out.exists() and not list(tmp_path.glob("x.csv*"))
     assert _export("--level", "visits")[0] == 2
     assert _export("--format", "xlsx")[0] == 2
+
+
+def test_patients_in_byte_order_on_every_database(factory: sessionmaker[Session]) -> None:
+    # Locale-aware order would put "a2" before "B1" on many PostgreSQL servers; SQLite never does.
+    with factory() as s, s.begin():
+        head, study = make_head(s), make_study(s)
+        for code in ("a2", "B1", "_3"):
+            visit = make_visit(s, make_patient(s, study, code), D0)
+            make_prediction(s, make_image(s, visit), head, [0.0, 1.0, 0.0, 0.0])
+    for level in ("visit", "patient", "image"):
+        code, text, err = _export("--level", level)
+        assert code == 0, err
+        assert [r["patient"] for r in _rows(text)] == ["B1", "_3", "a2"], level

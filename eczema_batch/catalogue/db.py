@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -64,13 +64,48 @@ def alembic_config(url: str) -> Any:
     return cfg
 
 
+@contextmanager
+def migration_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection in a transaction for Alembic, safe for SQLite's batch mode.
+
+    Batch mode rebuilds a table (CREATE new, copy, DROP old). With foreign keys on, that DROP
+    deletes the old rows first, which fires ON DELETE SET NULL / CASCADE in the tables that point
+    at it: a migration would silently unlink or delete results. So on SQLite foreign keys are off
+    while migrating (the pragma only takes effect outside a transaction, hence before begin), and
+    the result is checked before commit. On PostgreSQL: a transaction-scoped lock, so two
+    processes starting at once do not race.
+    """
+    with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()  # SQLAlchemy's autobegun transaction; SQLite has none open
+        try:
+            with connection.begin():
+                if not sqlite:
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:k)"),
+                                       {"k": _PG_MIGRATION_LOCK})
+                yield connection
+                if sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise CatalogueError(
+                            f"the migration left {len(broken)} rows pointing at missing rows "
+                            f"(first: {tuple(broken[0])}); nothing was changed. Report this "
+                            "with `eczema-batch db current`'s output"
+                        )
+        finally:
+            if sqlite:
+                connection.rollback()
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic import command
 
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+    with migration_connection(engine) as connection:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, revision)
 

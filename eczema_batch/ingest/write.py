@@ -294,7 +294,7 @@ def _mask_row(image_id: int, item: NewImage) -> dict[str, Any]:
     assert mask is not None and mask.png is not None
     return {
         "image_id": image_id, "kind": "manual", "variant": "", "model_id": None,
-        "prompt_ids": [], "prompt_similarities": [],
+        "prompt_ids": [], "prompt_similarities": [], "prompt_similarity": None,
         "width": item.read.width, "height": item.read.height,
         "area_fraction": mask.area_fraction, "png": mask.png,
         "source_path": mask.rel,

@@ -22,7 +22,15 @@ import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from eczema_batch.catalogue.models import Embedding, Image, Job, Mask, Prediction, Run
+from eczema_batch.catalogue.models import (
+    Embedding,
+    Image,
+    Job,
+    Mask,
+    Prediction,
+    Run,
+    mean_prompt_similarity,
+)
 from eczema_batch.catalogue.upsert import upsert
 from eczema_batch.errors import (
     EczemaBatchError,
@@ -279,7 +287,8 @@ class _Chunk:
             "image_id": iid, "kind": "predicted",
             "variant": self.config.mask_variant(self.targets.segmenter_id),
             "model_id": self.targets.segmenter_id, "prompt_ids": prompt_ids,
-            "prompt_similarities": sims, "width": int(mask.shape[1]), "height": int(mask.shape[0]),
+            "prompt_similarities": sims, "prompt_similarity": mean_prompt_similarity(sims),
+            "width": int(mask.shape[1]), "height": int(mask.shape[0]),
             "area_fraction": float(mask.mean()), "png": encode_mask_png(mask),
             "source_path": None, "flag": flag, "created_at": utcnow(),
         })

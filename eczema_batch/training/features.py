@@ -24,7 +24,7 @@ import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from eczema_batch.catalogue.models import Embedding, Image, Mask
+from eczema_batch.catalogue.models import Embedding, Image, Mask, mean_prompt_similarity
 from eczema_batch.catalogue.upsert import upsert
 from eczema_batch.errors import EczemaBatchError, RejectedFileError
 from eczema_batch.imaging import decode_mask_png, encode_mask_png
@@ -345,7 +345,9 @@ class FeatureStore:
         return {
             "image_id": r.image_id, "kind": "predicted", "variant": r.variant,
             "model_id": self.targets.segmenter_id, "prompt_ids": list(r.prompt_ids),
-            "prompt_similarities": list(r.similarities), "width": int(mask.shape[1]),
+            "prompt_similarities": list(r.similarities),
+            "prompt_similarity": mean_prompt_similarity(r.similarities),
+            "width": int(mask.shape[1]),
             "height": int(mask.shape[0]), "area_fraction": float(mask.mean()),
             "png": encode_mask_png(mask), "source_path": None, "flag": flag,
             "created_at": utcnow(),
