@@ -330,6 +330,23 @@ def test_crop_scales_a_full_size_mask_to_reduced_pixels() -> None:
     assert (crop.pixels == 100).all()
 
 
+@pytest.mark.parametrize("scale", [1, 3])
+def test_crop_keeps_exactly_the_pixels_whose_centre_is_on_the_mask(scale: int) -> None:
+    rng = np.random.default_rng(scale)
+    image = rng.integers(1, 255, (40, 52, 3), dtype=np.uint8)
+    mask = rng.random((40 * scale, 52 * scale)) < 0.4  # irregular, like SegGPT's output
+    mask[:5] = False
+    crop = crop_to_mask(image, mask)
+    left, top, right, bottom = crop.box
+    expected = []
+    for y in range(top // scale, -(-bottom // scale)):
+        expected.append([image[y, x] if mask[int((y + 0.5) * scale), int((x + 0.5) * scale)]
+                         else np.zeros(3, np.uint8)
+                         for x in range(left // scale, -(-right // scale))])
+    np.testing.assert_array_equal(crop.pixels, np.array(expected, dtype=np.uint8))
+    assert crop.pixels.flags["C_CONTIGUOUS"] and crop.pixels.flags["WRITEABLE"]
+
+
 def test_an_empty_mask_falls_back_to_the_whole_image() -> None:
     image = photo(20, 30)
     crop = crop_to_mask(image, np.zeros((80, 120), dtype=bool))

@@ -247,14 +247,12 @@ class _Chunk:
         prompt_ids = sorted({p for s in prompts.values() if s is not None for p in s.ids})
         ref_rows = inputs.image_rows(self.session, prompt_ids, image_root=config.image_root)
         ref_masks = inputs.manual_masks(self.session, prompt_ids)
-        ref_futures = _decode_all(list(ref_rows.values()), max_pixels=config.max_pixels,
-                                  max_side=PROMPT_MAX_SIDE, pool=pool)
-        ref_pairs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for rid, future in ref_futures.items():
-            try:
-                ref_pairs[rid] = (future.result().pixels, decode_mask_png(ref_masks[rid][1]))
-            except RejectedFileError as exc:
-                log.warning("reference image %d cannot be read: %s", rid, exc)
+        ref_pairs = self.runtime.prompts.pairs(
+            (row for rid, row in ref_rows.items() if rid in ref_masks),
+            {rid: png for rid, (_mid, png) in ref_masks.items()},
+            input_size=self.runtime.segmenter.input_size, max_pixels=config.max_pixels,
+            pool=pool,
+        )
         queries, pairs, sizes, seg_ids = [], [], [], []
         for iid in todo:
             pset = prompts.get(iid)

@@ -17,6 +17,7 @@ from eczema_batch.catalogue.models import Head
 from eczema_batch.errors import NoHeadError, UsageError
 from eczema_batch.jobs.config import RunConfig
 from eczema_batch.jobs.plan import Targets
+from eczema_batch.jobs.prompts import PromptCache
 from eczema_batch.pipeline.classify import SeverityHead, head_from_bytes
 from eczema_batch.pipeline.embed import Embedder
 from eczema_batch.pipeline.loading import (
@@ -82,6 +83,8 @@ class Runtime:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         self._heads: dict[int, SeverityHead] = {}
+        #: references decoded for SegGPT, kept across this process's chunks
+        self.prompts = PromptCache()
 
     # Resolved once per Runtime: the loaders' own caches still find the weights folder each call.
     @cached_property
