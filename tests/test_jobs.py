@@ -353,3 +353,37 @@ def test_the_core_never_imports_celery() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120,
                           check=False)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
+def test_retry_failed_with_a_study_leaves_other_studies_failures_alone(
+    factory: sessionmaker[Session],
+) -> None:
+    from eczema_batch.catalogue.models import Model
+    from eczema_batch.jobs.plan import Targets, plan_run
+    from tests.report_factories import make_image, make_patient, make_study, make_visit
+
+    with factory() as s, s.begin():
+        embedder = Model(kind="embedder", name="tiny-dino", digest="e" * 64, config={})
+        s.add(embedder)
+        images = {}
+        for name in ("a", "b"):
+            visit = make_visit(s, make_patient(s, make_study(s, name), "P1"), dt.date(2024, 1, 1))
+            images[name] = make_image(s, visit, decode_status="the file is gone")
+        s.flush()
+        failed = {name: Job(stage="measure", image_ids=[image.id], state="failed")
+                  for name, image in images.items()}
+        s.add_all(failed.values())
+        s.flush()
+        ids = {name: (image.id, failed[name].id) for name, image in images.items()}
+        targets = Targets(embedder_id=embedder.id, segmenter_id=None, head_id=None)
+        config = RunConfig(segmenter_model="tiny-seggpt", embedder_model="tiny-dino",
+                           segmenter_mode="none")
+        plan = plan_run(s, config=config, targets=targets, executor="local", queue="local",
+                        chunk_size=8, study="a", retry_failed=True)
+    with factory() as s:
+        status = {name: s.get_one(Image, iid).decode_status for name, (iid, _) in ids.items()}
+        jobs = {name: s.get_one(Job, jid).state for name, (_, jid) in ids.items()}
+        measured = [i for jid in plan.jobs["measure"] for i in s.get_one(Job, jid).image_ids]
+    assert status == {"a": "ok", "b": "the file is gone"}
+    assert jobs == {"a": "cancelled", "b": "failed"}
+    assert measured == [ids["a"][0]]

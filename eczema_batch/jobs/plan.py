@@ -124,11 +124,15 @@ def plan_run(
     if study is not None and session.scalar(select(Study.id).where(Study.name == study)) is None:
         raise UsageError(f"no study named {study!r}: `eczema-batch status` lists the studies")
     settings = {**config.as_dict(), "targets": asdict(targets), "study": study}
+    # With --study, only that study's failures are retried: another study's stay as they are.
+    in_study = (None if study is None
+                else Image.study_id.in_(select(Study.id).where(Study.name == study)))
     if retry_failed:
-        reset = session.execute(
-            update(Image).where(Image.decode_status != "ok").values(decode_status="ok")
-            .execution_options(synchronize_session=False)
-        )
+        reset_stmt = update(Image).where(Image.decode_status != "ok")
+        if in_study is not None:
+            reset_stmt = reset_stmt.where(in_study)
+        reset = session.execute(reset_stmt.values(decode_status="ok")
+                                .execution_options(synchronize_session=False))
         settings["retried_images"] = getattr(reset, "rowcount", 0)
     run = Run(executor=executor, settings=settings, state="running")
     session.add(run)
@@ -151,8 +155,11 @@ def plan_run(
             job.updated_at = utcnow()
     if retry_failed:
         failed = session.scalars(select(Job).where(Job.state == "failed")).all()
+        scope = (None if in_study is None
+                 else set(session.scalars(select(Image.id).where(in_study))))
         for job in failed:
-            job.state, job.updated_at = "cancelled", utcnow()
+            if scope is None or scope.intersection(job.image_ids):
+                job.state, job.updated_at = "cancelled", utcnow()
 
     needs: dict[str, list[int]] = {"embed": [], "measure": []}
     if config.segmenter_mode != "none":
