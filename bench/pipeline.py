@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.numerics import make_real_size_models
 from eczema_batch.catalogue.db import dispose_engines, open_catalogue
 from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS
 from eczema_batch.imaging import decode_mask_png, decode_path
@@ -38,17 +38,6 @@ from eczema_batch.pipeline.tiny import make_tiny_models
 from eczema_batch.synth import write_synthetic_study
 
 K = 2
-
-
-def make_real_size_models(folder: Path) -> None:
-    """Random-weight models of the real architectures, saved under the real names (bench only)."""
-    from transformers import SegGptConfig, SegGptForImageSegmentation, ViTConfig, ViTModel
-
-    torch.manual_seed(0)
-    SegGptForImageSegmentation(SegGptConfig()).save_pretrained(folder / "seggpt-vit-large")
-    dino = ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                     intermediate_size=3072, image_size=224, patch_size=16)
-    ViTModel(dino, add_pooling_layer=False).save_pretrained(folder / "dino-vitb16")
 
 
 def study_images(factory_url: str) -> tuple[list[Path], list[Path], list[tuple[int, int]],
