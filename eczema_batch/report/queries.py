@@ -214,29 +214,27 @@ class _Join:
             select(Label.image_id.label("image_id"), func.max(Label.id).label("label_id"))
             .where(Label.source == "review").group_by(Label.image_id).subquery("latest_review")
         )
-        self.review = aliased(Label, name="review")
-        #: an image -> its prediction by the head -> the crop -> its mask, and its newest review
-        self.images = (
-            select().select_from(Image)
-            .outerjoin(Prediction, and_(Prediction.image_id == Image.id,
-                                        Prediction.head_id == head_id))
-            .outerjoin(Embedding, Embedding.id == Prediction.embedding_id)
-            .outerjoin(Mask, Mask.id == Embedding.mask_id)
-            .outerjoin(latest, latest.c.image_id == Image.id)
-            .outerjoin(self.review, self.review.id == latest.c.label_id)
-        )
-        #: the same, for every image of every patient (patients without visits or images too)
-        self.from_ = (
+        review = self.review = aliased(Label, name="review")
+
+        def results(stmt: Select[Any]) -> Select[Any]:
+            # An image -> its prediction by the head -> the crop -> its mask; its newest review.
+            return (
+                stmt.outerjoin(Prediction, and_(Prediction.image_id == Image.id,
+                                                Prediction.head_id == head_id))
+                .outerjoin(Embedding, Embedding.id == Prediction.embedding_id)
+                .outerjoin(Mask, Mask.id == Embedding.mask_id)
+                .outerjoin(latest, latest.c.image_id == Image.id)
+                .outerjoin(review, review.id == latest.c.label_id)
+            )
+
+        #: per image
+        self.images = results(select().select_from(Image))
+        #: the same for every image of every patient (patients without visits or images too)
+        self.from_ = results(
             select().select_from(Patient)
             .join(Study, Patient.study_id == Study.id)
             .outerjoin(Visit, Visit.patient_id == Patient.id)
             .outerjoin(Image, Image.visit_id == Visit.id)
-            .outerjoin(Prediction, and_(Prediction.image_id == Image.id,
-                                        Prediction.head_id == head_id))
-            .outerjoin(Embedding, Embedding.id == Prediction.embedding_id)
-            .outerjoin(Mask, Mask.id == Embedding.mask_id)
-            .outerjoin(latest, latest.c.image_id == Image.id)
-            .outerjoin(self.review, self.review.id == latest.c.label_id)
         )
         self.p = [Prediction.probabilities[k].as_float() for k in range(self.n_classes)]
         self.similarity = Mask.prompt_similarity
