@@ -22,22 +22,19 @@ down_revision: str | None = '0001'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-#: Masks backfilled per UPDATE round trip.
-_BATCH = 5000
-
 
 def upgrade() -> None:
     with op.batch_alter_table('masks', schema=None) as batch_op:
         batch_op.add_column(sa.Column('prompt_similarity', sa.Float(), nullable=True))
     _backfill_prompt_similarity()
-    if op.get_bind().dialect.name == 'postgresql':
+    if op.get_context().dialect.name == 'postgresql':
         op.alter_column('predictions', 'probabilities', type_=postgresql.JSONB(),
                         existing_type=sa.JSON(), existing_nullable=False,
                         postgresql_using='probabilities::jsonb')
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == 'postgresql':
+    if op.get_context().dialect.name == 'postgresql':
         op.alter_column('predictions', 'probabilities', type_=sa.JSON(),
                         existing_type=postgresql.JSONB(), existing_nullable=False,
                         postgresql_using='probabilities::json')
@@ -46,16 +43,11 @@ def downgrade() -> None:
 
 
 def _backfill_prompt_similarity() -> None:
-    # In Python, the same mean the writers store (eczema_batch.catalogue.models), on both
-    # databases; only masks with prompts (SegGPT's) have one.
-    conn = op.get_bind()
-    masks = sa.table('masks', sa.column('id', sa.Integer()),
-                     sa.column('prompt_similarities', sa.JSON()),
-                     sa.column('prompt_similarity', sa.Float()))
-    rows = conn.execute(sa.select(masks.c.id, masks.c.prompt_similarities)).all()
-    updates = [{'mask_id': mid, 'mean': sum(map(float, sims)) / len(sims)}
-               for mid, sims in rows if sims]
-    stmt = (sa.update(masks).where(masks.c.id == sa.bindparam('mask_id'))
-            .values(prompt_similarity=sa.bindparam('mean')))
-    for start in range(0, len(updates), _BATCH):
-        conn.execute(stmt, updates[start:start + _BATCH])
+    # The writers' mean (eczema_batch.catalogue.models.mean_prompt_similarity), in SQL so that
+    # `alembic upgrade --sql` can print it too; only masks with prompts (SegGPT's) get one.
+    if op.get_context().dialect.name == 'postgresql':
+        mean = ('(SELECT avg(value::float) '
+                'FROM json_array_elements_text(prompt_similarities::json) AS value)')
+    else:
+        mean = '(SELECT avg(value) FROM json_each(prompt_similarities))'
+    op.execute(f'UPDATE masks SET prompt_similarity = {mean}')
