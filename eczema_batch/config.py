@@ -61,6 +61,11 @@ class Settings(BaseSettings):
         default_factory=lambda: min(8, os.cpu_count() or 1), ge=1,
         description="threads decoding images while the models compute",
     )
+    prompt_cache_mb: int = Field(
+        default=512, ge=0,
+        description="MB of decoded reference images each worker process keeps for SegGPT's "
+                    "prompts (0: decode them for every chunk)",
+    )
     max_image_pixels: int = Field(default=DEFAULT_MAX_IMAGE_PIXELS, ge=1)
     image_root: Path | None = Field(
         default=None,

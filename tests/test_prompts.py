@@ -95,3 +95,19 @@ def test_least_recently_used_pairs_leave_first_when_over_budget(tmp_path: Path) 
     assert cache.hits == hits + 2
     _pairs(cache, [refs[1]])
     assert cache.misses == 4
+
+
+def test_the_budget_is_each_workers_own_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from eczema_batch.config import Settings
+    from eczema_batch.jobs.config import RunConfig
+    from eczema_batch.jobs.runtime import Runtime
+    from workers.tasks import worker_overrides
+
+    monkeypatch.setenv("ECZEMA_BATCH_PROMPT_CACHE_MB", "3")
+    settings = Settings()
+    assert worker_overrides(settings)["prompt_cache_mb"] == 3
+    config = RunConfig.from_settings(settings)
+    assert Runtime(config).prompts.budget == 3 * 2**20
+    # A run planned elsewhere with another budget still uses this worker's.
+    planned = RunConfig.from_dict({**config.as_dict(), "prompt_cache_mb": 4096})
+    assert RunConfig(**{**planned.as_dict(), **worker_overrides(settings)}).prompt_cache_mb == 3

@@ -38,8 +38,9 @@ def _catalogue(url: str) -> sessionmaker[Session]:
 
 def worker_overrides(settings: Settings) -> dict[str, Any]:
     """Run settings that belong to the worker's machine: its device, model folder, image root,
-    and how many threads decode images beside the model."""
-    overrides: dict[str, Any] = {"decode_threads": settings.decode_threads}
+    how many threads decode images beside the model and how much memory keeps prompts."""
+    overrides: dict[str, Any] = {"decode_threads": settings.decode_threads,
+                                 "prompt_cache_mb": settings.prompt_cache_mb}
     if settings.worker_device:
         overrides["device"] = settings.worker_device
     if settings.model_dir:

@@ -36,6 +36,8 @@ class RunConfig:
     #: threads decoding images while the models compute (Pillow and pydicom release the GIL);
     #: a 12 MP JPEG takes ~11 ms even at reduced scale, so a fast GPU needs several
     decode_threads: int = 2
+    #: decoded reference images kept per process for SegGPT's prompts (jobs.prompts)
+    prompt_cache_mb: int = 512
 
     def __post_init__(self) -> None:
         if self.segmenter_mode not in SEGMENTER_MODES:
@@ -56,6 +58,7 @@ class RunConfig:
             "image_root": str(settings.image_root) if settings.image_root else None,
             "max_pixels": settings.max_image_pixels,
             "decode_threads": settings.decode_threads,
+            "prompt_cache_mb": settings.prompt_cache_mb,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -26,7 +26,8 @@ from eczema_batch.pipeline.preprocess import nearest_exact
 
 log = logging.getLogger(__name__)
 
-#: Bytes of decoded pairs a process keeps (about 650 references at 448 px; LRU beyond).
+#: Bytes of decoded pairs a process keeps (about 650 references at 448 px; LRU beyond), unless
+#: ECZEMA_BATCH_PROMPT_CACHE_MB says otherwise: each worker process has its own.
 DEFAULT_BUDGET = 512 * 2**20
 
 PromptPair = tuple[np.ndarray, np.ndarray]

@@ -84,7 +84,7 @@ class Runtime:
         self.config = config
         self._heads: dict[int, SeverityHead] = {}
         #: references decoded for SegGPT, kept across this process's chunks
-        self.prompts = PromptCache()
+        self.prompts = PromptCache(budget_bytes=config.prompt_cache_mb * 2**20)
 
     # Resolved once per Runtime: the loaders' own caches still find the weights folder each call.
     @cached_property
