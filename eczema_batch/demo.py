@@ -198,5 +198,6 @@ def run_demo(
                                          thresholds=review_thresholds(settings),
                                          study=STUDY_NAME)
             result.html = write_html_report(session, result.report, folder / "report",
-                                            max_pixels=settings.max_image_pixels)
+                                            max_pixels=settings.max_image_pixels,
+                                            threads=settings.decode_threads)
     return result

@@ -194,7 +194,8 @@ def report(
                 written = write_html_report(session, cohort, html,
                                             max_pixels=settings.max_image_pixels,
                                             image_root=str(settings.image_root)
-                                            if settings.image_root else None)
+                                            if settings.image_root else None,
+                                            threads=settings.decode_threads)
     if as_json:
         payload = _report_json(cohort, visits=patient is not None)
         payload["html"] = str(written.index) if written else None
