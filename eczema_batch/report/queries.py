@@ -227,8 +227,7 @@ class _Join:
                 .outerjoin(review, review.id == latest.c.label_id)
             )
 
-        #: per image
-        self.images = results(select().select_from(Image))
+        self.results = results
         #: the same for every image of every patient (patients without visits or images too)
         self.from_ = results(
             select().select_from(Patient)
@@ -332,7 +331,17 @@ def visit_scores_select(
     scored = or_(Prediction.id.is_not(None), j.review.id.is_not(None))
     # Aggregate the images per visit first, then join the (fewer) visits to their patients:
     # grouping by one integer hashes where grouping the whole join sorted 300,000 wide rows.
-    per_visit = j.images.add_columns(
+    images = select().select_from(Image)
+    if study is not None or patient is not None or patient_ids is not None:
+        # An inner join, not a WHERE ... IN: PostgreSQL then starts from the scope's images
+        # (one patient: 6 ms) instead of joining all of them and filtering last (300 ms).
+        in_scope = j.scoped(select(Visit.id.label("visit_id"))
+                            .join(Patient, Visit.patient_id == Patient.id)
+                            .join(Study, Patient.study_id == Study.id),
+                            study=study, patient=patient, patient_ids=patient_ids
+                            ).subquery("in_scope")
+        images = images.join(in_scope, in_scope.c.visit_id == Image.visit_id)
+    per_visit = j.results(images).add_columns(
         Image.visit_id.label("visit_id"),
         func.count(Image.id).label("n_images"),
         func.count(case((scored, 1))).label("n_scored"),
@@ -343,11 +352,6 @@ def visit_scores_select(
         func.max(Mask.model_id).label("segmenter_id"),
         *[func.avg(j.effective(k)).label(f"p{k}") for k in range(j.n_classes)],
     ).group_by(Image.visit_id)
-    if study is not None or patient is not None or patient_ids is not None:
-        in_scope = j.scoped(select(Visit.id).join(Patient, Visit.patient_id == Patient.id)
-                            .join(Study, Patient.study_id == Study.id),
-                            study=study, patient=patient, patient_ids=patient_ids)
-        per_visit = per_visit.where(Image.visit_id.in_(in_scope))
     v = per_visit.subquery("per_visit")
     keys: list[Any] = [Study.name.label("study"), Patient.subject_code.label("code"),
                        Patient.id.label("patient_id")]
