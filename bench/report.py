@@ -4,7 +4,8 @@ Builds a catalogue of PATIENTS x VISITS x IMAGES (10,000 x 10 x 3 = 300,000 pred
 its predicted mask and crop embedding, 1% of images reviewed, 2% of masks flagged) by bulk insert,
 on SQLite and on PostgreSQL, then measures in the same run:
 
-- `report`: building the cohort report (every patient's trend and the cohort summary);
+- `report`: building the cohort report (every patient's trend and the cohort summary), and
+  one patient's report;
 - `export --level visit`: CSV rows/s, next to a plain SQL dump of the same visit aggregates by the
   database's own client (`sqlite3 -csv` / psql `COPY (...) TO STDOUT`), using the SQL the export
   runs, so the ratio is what eczema-batch adds on top of the database.
@@ -223,6 +224,14 @@ def measure(url: str, workdir: Path) -> dict[str, Any]:
 
     result["report_s"], cohort = timed(report, repeat=3)
     result["patients"] = cohort.summary.patients
+    # One patient's report (`report --patient P`): its images only, never the whole cohort's.
+    middle = cohort.patients[len(cohort.patients) // 2].key.patient
+
+    def one_patient() -> Any:
+        with factory() as session:
+            return build_report(session, rules=rules, thresholds=thresholds, patient=middle)
+
+    result["patient_report_s"], _ = timed(one_patient, repeat=3)
 
     def export() -> int:
         with factory() as session, (workdir / "export.csv").open("w", newline="") as out:
@@ -316,6 +325,8 @@ def main() -> int:
             out.write(f"{r['backend']} CPU seconds: report {r['report_cpu_s']:.2f}, export "
                       f"{r['export_cpu_s']:.2f}, dump {r['dump_cpu_s']:.2f}, export/dump "
                       f"{r['export_over_dump_cpu']:.2f}\n")
+    for r in results:
+        out.write(f"{r['backend']}: one patient's report {r['patient_report_s'] * 1000:.0f} ms\n")
     out.write(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
               "targets: report <= 2 s, export/dump <= 2.0 (best of 3 runs each)\n")
     print(out.getvalue(), end="")
