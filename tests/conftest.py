@@ -110,8 +110,8 @@ def factory(db_url: str) -> sessionmaker[Session]:
     return open_catalogue(db_url)
 
 
-@pytest.fixture
-def redis_url() -> str:
+def require_redis() -> str:
+    """The test Redis URL once it answers; otherwise skip (or fail in CI) with the reason."""
     if not REDIS_URL:
         service_missing("Redis not configured: set ECZEMA_BATCH_TEST_REDIS_URL")
     assert REDIS_URL is not None
@@ -122,3 +122,8 @@ def redis_url() -> str:
     except Exception as exc:
         service_missing(f"Redis at {REDIS_URL} is unreachable: {exc}")
     return REDIS_URL
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return require_redis()

@@ -36,7 +36,7 @@ from eczema_batch.config import get_settings
 from eczema_batch.ingest.service import ingest_study
 from eczema_batch.synth import write_synthetic_study
 from tests._model_fixtures import tiny_model_dir  # noqa: F401
-from tests.conftest import REDIS_URL, service_missing
+from tests.conftest import require_redis
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
@@ -185,21 +185,15 @@ def cluster(
     _postgres_schema: str, tiny_model_dir: Path,  # noqa: F811
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Cluster]:
-    if not REDIS_URL:
-        service_missing("Redis not configured: set ECZEMA_BATCH_TEST_REDIS_URL")
-    assert REDIS_URL is not None
+    redis_url = require_redis()
     import redis
 
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except Exception as exc:
-        service_missing(f"Redis at {REDIS_URL} is unreachable: {exc}")
     home = tmp_path_factory.mktemp("cluster")
     queue = f"eb-test-{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
         "ECZEMA_BATCH_DATABASE_URL": _postgres_schema,
-        "ECZEMA_BATCH_BROKER_URL": REDIS_URL,
+        "ECZEMA_BATCH_BROKER_URL": redis_url,
         "ECZEMA_BATCH_LEASE_SECONDS": LEASE_SECONDS,
         "ECZEMA_BATCH_VISIBILITY_TIMEOUT": VISIBILITY_TIMEOUT,
         "ECZEMA_BATCH_MODEL_DIR": str(tiny_model_dir),
@@ -211,14 +205,14 @@ def cluster(
         # Tiny models on a shared 2-core machine: one thread per process is several times faster.
         "OMP_NUM_THREADS": "1",
     }
-    c = Cluster(_postgres_schema, REDIS_URL, queue, env, home / "slow", home)
+    c = Cluster(_postgres_schema, redis_url, queue, env, home / "slow", home)
     c.workers = [c.start_worker(0), c.start_worker(1)]
     try:
         yield c
     finally:
         for worker in c.workers:
             worker.stop()
-        redis.Redis.from_url(REDIS_URL).delete(queue, f"_kombu.binding.{queue}",
+        redis.Redis.from_url(redis_url).delete(queue, f"_kombu.binding.{queue}",
                                               f"_kombu.binding_permanent.{queue}")
 
 

@@ -98,8 +98,6 @@ class _Chunk:
         self.variant_of: dict[int, str] = {}
         self.writes: dict[str, list[dict[str, Any]]] = {"full": [], "mask": [], "crop": [],
                                                         "prediction": []}
-        #: image id -> its predicted mask's PNG, being encoded in a decode thread
-        self.pending_png: dict[int, Future[bytes]] = {}
 
     def _pixels(self, futures: dict[int, Future[DecodedImage]], ids: list[int]
                 ) -> dict[int, DecodedImage]:
@@ -285,14 +283,14 @@ class _Chunk:
                   flag: str | None, pool: ThreadPoolExecutor) -> None:
         # The PNG is encoded in the decode threads (zlib releases the GIL): a full-size 12 MP
         # mask takes 15-25 ms, which in this thread would cap a GPU worker near 50 images/s.
-        self.pending_png[iid] = pool.submit(encode_mask_png, mask)
+        # `write` waits for it.
         self.writes["mask"].append({
             "image_id": iid, "kind": "predicted",
             "variant": self.config.mask_variant(self.targets.segmenter_id),
             "model_id": self.targets.segmenter_id, "prompt_ids": prompt_ids,
             "prompt_similarities": sims, "prompt_similarity": mean_prompt_similarity(sims),
             "width": int(mask.shape[1]), "height": int(mask.shape[0]),
-            "area_fraction": float(mask.mean()), "png": b"",
+            "area_fraction": float(mask.mean()), "png": pool.submit(encode_mask_png, mask),
             "source_path": None, "flag": flag, "created_at": utcnow(),
         })
 
@@ -314,7 +312,7 @@ class _Chunk:
     def write(self) -> dict[str, int]:
         s = self.session
         for row in self.writes["mask"]:
-            row["png"] = self.pending_png.pop(row["image_id"]).result()
+            row["png"] = row["png"].result()
         upsert(s, Embedding, self.writes["full"], keys=("image_id", "model_id", "region",
                                                          "variant"))
         upsert(s, Mask, self.writes["mask"], keys=("image_id", "kind", "variant"))

@@ -55,10 +55,14 @@ class Plan:
         return sum(len(ids) for ids in self.jobs.values())
 
 
+def _in_study(study: str) -> Any:
+    return Image.study_id.in_(select(Study.id).where(Study.name == study))
+
+
 def _scope(study: str | None) -> Any:
     clause = Image.decode_status == "ok"
     if study is not None:
-        clause = and_(clause, Image.study_id.in_(select(Study.id).where(Study.name == study)))
+        clause = and_(clause, _in_study(study))
     return clause
 
 
@@ -125,8 +129,7 @@ def plan_run(
         raise UsageError(f"no study named {study!r}: `eczema-batch status` lists the studies")
     settings = {**config.as_dict(), "targets": asdict(targets), "study": study}
     # With --study, only that study's failures are retried: another study's stay as they are.
-    in_study = (None if study is None
-                else Image.study_id.in_(select(Study.id).where(Study.name == study)))
+    in_study = None if study is None else _in_study(study)
     if retry_failed:
         reset_stmt = update(Image).where(Image.decode_status != "ok")
         if in_study is not None:
