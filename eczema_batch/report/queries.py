@@ -5,8 +5,9 @@ Every report reads one of two shapes of the same join: image -> its prediction b
 image's newest reviewed label. Per image (`iter_image_records`), or aggregated per visit in SQL
 (`iter_patient_visits`): the mean of the effective probability vectors, counts of images, scored,
 flagged and reviewed ones. A reviewed label replaces its image's prediction by a one-hot vector.
-Rows stream in patient order (no ORM object per row), so a 300,000-image cohort is read once, in
-constant memory per patient.
+Rows come in patient order (no ORM object per row), so a 300,000-image cohort is read once: image
+rows stream in constant memory per patient; the visit aggregates (one row per visit) are fetched
+whole on PostgreSQL so that it may plan them in parallel (see `_stream`).
 """
 
 from __future__ import annotations
