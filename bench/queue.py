@@ -126,6 +126,7 @@ def main() -> None:
 
     import torch
     import transformers
+    from eczema_batch_workers.celery_app import job_sender
     from sqlalchemy import create_engine, delete, func, select, text
     from sqlalchemy.orm import Session, sessionmaker
 
@@ -140,7 +141,6 @@ def main() -> None:
     from eczema_batch.pipeline.loading import clear_model_cache
     from eczema_batch.pipeline.tiny import make_tiny_models
     from eczema_batch.synth import write_synthetic_study
-    from workers.celery_app import job_sender
 
     torch.set_num_threads(args.threads)
     # What a worker's parent process imports before forking its pool (workers/celery_app.py).

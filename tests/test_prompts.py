@@ -98,10 +98,11 @@ def test_least_recently_used_pairs_leave_first_when_over_budget(tmp_path: Path) 
 
 
 def test_the_budget_is_each_workers_own_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from eczema_batch_workers.tasks import worker_overrides
+
     from eczema_batch.config import Settings
     from eczema_batch.jobs.config import RunConfig
     from eczema_batch.jobs.runtime import Runtime
-    from workers.tasks import worker_overrides
 
     monkeypatch.setenv("ECZEMA_BATCH_PROMPT_CACHE_MB", "3")
     settings = Settings()

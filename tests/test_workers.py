@@ -353,7 +353,7 @@ def test_a_flushed_broker_loses_nothing_run_sends_it_again(
 def test_two_workers_share_a_queue_and_match_the_in_process_run(
     live: Cluster, study_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from workers.celery_app import job_sender
+    from eczema_batch_workers.celery_app import job_sender
 
     monkeypatch.setenv("ECZEMA_BATCH_CHUNK_SIZE", "4")
     get_settings.cache_clear()

@@ -63,7 +63,7 @@ def transport_options(settings: Settings) -> dict[str, Any]:
 def make_app(settings: Settings | None = None) -> Celery:
     """The Celery app for `settings` (default: the process's settings)."""
     settings = settings or get_settings()
-    app = Celery("eczema_batch", broker=settings.broker_url, include=["workers.tasks"])
+    app = Celery("eczema_batch", broker=settings.broker_url, include=["eczema_batch_workers.tasks"])
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -196,5 +196,6 @@ def _after_fork(**_: Any) -> None:
     dispose_engines()
 
 
-#: The app `celery -A workers.celery_app worker` finds (settings from ECZEMA_BATCH_* variables).
+#: The app `celery -A eczema_batch_workers.celery_app worker` finds (settings from ECZEMA_BATCH_*
+#: variables).
 app = make_app()

@@ -19,7 +19,8 @@ from eczema_batch.catalogue.db import open_catalogue
 from eczema_batch.config import Settings, get_settings
 from eczema_batch.errors import CatalogueError, TransientError
 from eczema_batch.jobs.dispatch import MAX_TRANSIENT_RETRIES, Step, backoff, work_on
-from workers.celery_app import TASK_RUN_JOB, job_queue
+
+from .celery_app import TASK_RUN_JOB, job_queue
 
 log = logging.getLogger(__name__)
 

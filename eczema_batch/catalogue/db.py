@@ -22,7 +22,13 @@ from eczema_batch.errors import CatalogueError, TransientError
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+#: Where Alembic's scripts are: inside the installed package (a wheel ships the repository's
+#: top-level `migrations/` as `eczema_batch/migrations`), else the source tree's own folder
+#: (an editable install, or a checkout on PYTHONPATH).
+_MIGRATIONS_CANDIDATES = (
+    Path(__file__).resolve().parents[1] / "migrations",
+    Path(__file__).resolve().parents[2] / "migrations",
+)
 #: Advisory-lock key for migrations on PostgreSQL ("eczema" in ASCII, any constant would do).
 _PG_MIGRATION_LOCK = 0x65637A656D61
 
@@ -50,16 +56,23 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def migrations_dir() -> Path:
+    """The folder holding Alembic's env.py and the catalogue's revisions."""
+    for folder in _MIGRATIONS_CANDIDATES:
+        if (folder / "env.py").is_file():
+            return folder
+    raise CatalogueError(
+        "the catalogue's migrations are missing (looked in "
+        f"{', '.join(str(c) for c in _MIGRATIONS_CANDIDATES)}): this installation of "
+        "eczema-batch is incomplete; reinstall it (`pip install --force-reinstall eczema-batch`)"
+    )
+
+
 def alembic_config(url: str) -> Any:
     from alembic.config import Config
 
-    if not (MIGRATIONS_DIR / "env.py").exists():
-        raise CatalogueError(
-            f"the migrations folder is missing ({MIGRATIONS_DIR}): install eczema-batch from its "
-            "source tree with `pip install -e .`"
-        )
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

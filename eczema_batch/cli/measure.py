@@ -34,9 +34,10 @@ def _run_on_queue(
     wait: bool, study: str | None, retry_failed: bool, as_json: bool,
 ) -> RunSummary | None:
     """Plan, send the jobs to `queue`, and follow them in the catalogue; None with no wait."""
+    from eczema_batch_workers.celery_app import job_sender
+
     from eczema_batch.jobs import dispatch
     from eczema_batch.jobs.local import start_run
-    from workers.celery_app import job_sender
 
     assert settings.broker_url is not None
     with job_sender(settings.broker_url) as send:  # reach the broker before planning anything
@@ -190,7 +191,7 @@ def worker(
     settings = _settings()
     if not settings.broker_url:
         raise UsageError("worker needs a broker: set ECZEMA_BATCH_BROKER_URL=redis://host:6379/0")
-    from workers.celery_app import start_worker
+    from eczema_batch_workers.celery_app import start_worker
 
     queues = [q.strip() for q in queue.split(",") if q.strip()]
     if not queues:
