@@ -28,7 +28,7 @@ def version() -> None:
 
     Example: eczema-batch version
     """
-    typer.echo(__version__)
+    typer.echo(f"eczema-batch {__version__}")
 
 
 @command(app)

@@ -16,15 +16,20 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.config import Settings, get_settings
 from eczema_batch.errors import EczemaBatchError
 
+#: `-h` as well as `--help`, on every command
+HELP = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    context_settings=HELP,
     help="Catalogue eczema photographs and measure severity over time.",
 )
 db_app = typer.Typer(no_args_is_help=True, help="The catalogue's schema (Alembic).")
@@ -36,7 +41,10 @@ app.add_typer(heads_app, name="heads")
 review_app = typer.Typer(no_args_is_help=True, help="Images a rater should look at; decisions.")
 app.add_typer(review_app, name="review")
 
-err = Console(stderr=True)
+#: Messages are never hard-wrapped: written to a pipe or a log, rich would otherwise break them at
+#: 80 columns (COLUMNS or the terminal's width otherwise), mid-path and mid-reason. A terminal wraps
+#: long lines itself; tables are still laid out to the width.
+err = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger("eczema_batch")
 
 def command(
@@ -50,7 +58,8 @@ def command(
             try:
                 return fn(*args, **kwargs)
             except EczemaBatchError as exc:
-                err.print(f"[bold red]error:[/] {exc}", highlight=False)
+                # The message may quote a path or a value: never read it as markup.
+                err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
                 raise typer.Exit(exc.exit_code) from None
             except KeyboardInterrupt:
                 err.print("interrupted: run the same command again to carry on")
@@ -98,7 +107,9 @@ def _progress(description: str, *, enabled: bool = True) -> Iterator[Callable[[i
         MofNCompleteColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err, transient=True, disable=not enabled) as bar:
+    # Only on a terminal: in a log a bar is noise (rich would still write an empty line).
+    live = enabled and err.is_terminal
+    with Progress(*columns, console=err, transient=True, disable=not live) as bar:
         task = bar.add_task(description, total=None)
 
         def update(done: int, total: int) -> None:
@@ -107,9 +118,20 @@ def _progress(description: str, *, enabled: bool = True) -> Iterator[Callable[[i
         yield update
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from eczema_batch import __version__
+
+        typer.echo(f"eczema-batch {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+    _version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    )] = False,
 ) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -125,4 +147,9 @@ def _root(
 
 
 def main() -> None:
-    app(prog_name="eczema-batch")
+    cli = typer.main.get_command(app)
+    if not sys.stderr.isatty():
+        # Typer shows a usage error in a rich panel wrapped to the terminal's width; in a log or
+        # a pipe, click's plain one-line "Error: ..." is what a reader (or grep) wants.
+        cli.rich_markup_mode = None  # type: ignore[attr-defined]
+    cli(prog_name="eczema-batch")
