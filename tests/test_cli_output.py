@@ -20,7 +20,9 @@ from tests.factories import write_jpeg
 WIDTHS = [None, "40", "200"]
 
 
-def run_cli(*args: str, cwd: Path, columns: str | None, db_url: str) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path, columns: str | None, db_url: str
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     if columns is not None:
         env["COLUMNS"] = columns
