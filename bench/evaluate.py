@@ -43,7 +43,7 @@ def prepare(workdir: Path, images: int, database_url: str) -> None:
     study = workdir / "study"
     write_synthetic_study(study, patients=patients, visits=VISITS, seed=0,
                           images_per_visit=IMAGES_PER_VISIT)
-    factory = open_catalogue(database_url)
+    factory = open_catalogue(database_url, auto_migrate=True)  # a scratch catalogue
     report = ingest_study(study, factory=factory, max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
     print(f"study: {report.catalogued} images of {patients} patients", file=sys.stderr)
     dispose_engines()
@@ -55,7 +55,7 @@ def evaluate(workdir: Path, env: dict[str, str], name: str, extra: list[str]) ->
     command = [
         sys.executable, "-m", "eczema_batch", "evaluate", "--folds", "5", "--repeats", "3",
         "--segmenter-model", "tiny-seggpt", "--embedder-model", "tiny-dino",
-        "--model-dir", str(workdir / "models"), "--json", str(out), *extra,
+        "--model-dir", str(workdir / "models"), "--output", str(out), *extra,
     ]
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, stderr=subprocess.DEVNULL)

@@ -47,7 +47,7 @@ def baseline(root: Path) -> tuple[float, int]:
 
 
 def timed_ingest(root: Path, url: str) -> tuple[float, int]:
-    factory = open_catalogue(url)
+    factory = open_catalogue(url, auto_migrate=True)  # a scratch schema of its own
     start = time.perf_counter()
     report = ingest_study(root, factory=factory, max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
     elapsed = time.perf_counter() - start

@@ -1,8 +1,9 @@
 """Engine, sessions and schema migration.
 
 The caller owns the transaction: helpers flush, use cases commit. `open_catalogue()` migrates the
-embedded SQLite catalogue automatically; a PostgreSQL catalogue is migrated the same way (Alembic
-takes a transaction-scoped lock there, so two processes starting at once do not race).
+embedded SQLite catalogue automatically; a server (PostgreSQL) catalogue is migrated only by
+`eczema-batch db upgrade` (under a transaction-scoped lock, so two at once do not race): any other
+command refuses an out-of-date schema and says so. A schema newer than the code is always refused.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,13 +116,79 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
                 connection.commit()
 
 
+def describe(engine: Engine) -> str:
+    """The catalogue's URL for a message: a SQLite file's path, a server URL without password."""
+    path = sqlite_path(engine.url.render_as_string(hide_password=False))
+    return str(path) if path else engine.url.render_as_string(hide_password=True)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite catalogue (None for a server or an in-memory database)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).resolve()
+
+
+def _scripts(engine: Engine) -> Any:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(
+        alembic_config(engine.url.render_as_string(hide_password=False))
+    )
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    current: str | None
+    head: str
+    #: "current", "empty" (no catalogue yet), "behind" (an upgrade is due), "newer" (a revision
+    #: this version does not know: a newer eczema-batch wrote it)
+    state: str
+
+
+def schema_state(engine: Engine) -> SchemaState:
+    from alembic.util import CommandError
+
+    scripts = _scripts(engine)
+    head = str(scripts.get_current_head())
+    current = current_revision(engine)
+    if current == head:
+        return SchemaState(current, head, "current")
+    if current is None:
+        return SchemaState(current, head, "empty")
+    try:
+        scripts.get_revision(current)
+    except CommandError:
+        return SchemaState(current, head, "newer")
+    return SchemaState(current, head, "behind")
+
+
+def _refuse_newer(engine: Engine, schema: SchemaState) -> None:
+    """A revision this version does not know was written by a newer one: never touch it."""
+    if schema.state == "newer":
+        from eczema_batch import __version__
+
+        raise CatalogueError(
+            f"the catalogue at {describe(engine)} has schema revision {schema.current}, which "
+            f"eczema-batch {__version__} does not know (its newest is {schema.head}): a newer "
+            "version of eczema-batch made it. Use that version (or upgrade this installation); "
+            "nothing was changed"
+        )
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic import command
 
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    _refuse_newer(engine, schema_state(engine))
     with migration_connection(engine) as connection:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, revision)
+
+
+def head_revision(engine: Engine) -> str:
+    return str(_scripts(engine).get_current_head())
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -130,32 +198,45 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
-def head_revision(engine: Engine) -> str | None:
-    from alembic.script import ScriptDirectory
-
-    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    return ScriptDirectory.from_config(cfg).get_current_head()
-
-
 def ensure_schema(engine: Engine, *, auto_migrate: bool) -> None:
-    """Bring the schema to head, or say how when auto-migration is off."""
+    """Bring the schema to head when `auto_migrate`, else refuse an out-of-date one and say how.
+
+    A schema newer than this code is refused either way: its revision is named, nothing is
+    changed.
+    """
     try:
-        current = current_revision(engine)
-        head = head_revision(engine)
+        schema = schema_state(engine)
     except OperationalError as exc:
         raise TransientError(
-            f"cannot reach the catalogue database ({engine.url.render_as_string()}): "
+            f"cannot reach the catalogue database ({describe(engine)}): "
             f"{str(exc.orig).strip().splitlines()[0]}"
         ) from exc
-    if current == head:
+    if schema.state == "current":
         return
+    _refuse_newer(engine, schema)
     if not auto_migrate:
+        if schema.state == "empty":
+            raise CatalogueError(
+                f"the database at {describe(engine)} holds no eczema-batch catalogue: create "
+                "its schema with `eczema-batch db upgrade` (with docker compose, the `migrate` "
+                "service does it)"
+            )
         raise CatalogueError(
-            f"the catalogue schema is at {current or 'nothing'}, this version needs {head}: "
-            "run `eczema-batch db upgrade`"
+            f"the catalogue at {describe(engine)} has schema revision {schema.current}; this "
+            f"version needs {schema.head}: run `eczema-batch db upgrade` once (stop the workers "
+            "of the older version first)"
         )
-    log.info("migrating catalogue from %s to %s", current, head)
+    log.info("migrating catalogue from %s to %s", schema.current, schema.head)
     upgrade(engine)
+
+
+def migrates_itself(url: str) -> bool:
+    """The embedded SQLite catalogue keeps its schema current by itself.
+
+    A server database is shared by workers that may run different versions: its schema changes
+    only when someone asks (`eczema-batch db upgrade`, the compose `migrate` service).
+    """
+    return make_url(url).get_backend_name() == "sqlite"
 
 
 _ENGINES: dict[str, Engine] = {}
@@ -169,10 +250,15 @@ def get_engine(url: str) -> Engine:
     return engine
 
 
-def open_catalogue(url: str, *, auto_migrate: bool = True) -> sessionmaker[Session]:
-    """A session factory for the catalogue at `url`, its schema brought to the newest revision."""
+def open_catalogue(url: str, *, auto_migrate: bool | None = None) -> sessionmaker[Session]:
+    """A session factory for the catalogue at `url`, whose schema must be at the newest revision.
+
+    `auto_migrate` (default: `migrates_itself(url)`) brings an older schema up to date instead of
+    refusing it.
+    """
     engine = get_engine(url)
-    ensure_schema(engine, auto_migrate=auto_migrate)
+    ensure_schema(engine, auto_migrate=migrates_itself(url) if auto_migrate is None
+                  else auto_migrate)
     return sessionmaker(engine, expire_on_commit=False)
 
 

@@ -209,12 +209,16 @@ def db_upgrade(
 
     Example: ECZEMA_BATCH_DATABASE_URL=postgresql+psycopg://user@host/db eczema-batch db upgrade
     """
-    from eczema_batch.catalogue.db import current_revision, get_engine, upgrade
+    from eczema_batch.catalogue.db import current_revision, describe, get_engine, upgrade
 
     settings = _settings()
     engine = get_engine(settings.resolved_database_url)
+    before = current_revision(engine)
     upgrade(engine, revision)
-    err.print(f"catalogue at revision {current_revision(engine)}")
+    after = current_revision(engine)
+    change = "already at" if before == after else f"from {before or 'empty'} to"
+    err.print(f"{describe(engine)}: schema {change} revision {after}", highlight=False,
+              markup=False)
 
 
 @command(db_app, "current")
@@ -223,13 +227,17 @@ def db_current(as_json: JsonOption = False) -> None:
 
     Example: eczema-batch db current
     """
-    from eczema_batch.catalogue.db import current_revision, get_engine, head_revision
+    from eczema_batch.catalogue.db import describe, get_engine, schema_state
 
     settings = _settings()
     engine = get_engine(settings.resolved_database_url)
-    current, head = current_revision(engine), head_revision(engine)
-    url = engine.url.render_as_string(hide_password=True)
+    schema = schema_state(engine)
     if as_json:
-        _emit_json({"url": url, "current": current, "head": head})
-    else:
-        typer.echo(f"{url}: {current or 'empty'} (newest: {head})")
+        _emit_json({"url": engine.url.render_as_string(hide_password=True),
+                    "current": schema.current, "head": schema.head, "state": schema.state})
+        return
+    advice = {"current": "up to date", "empty": "no catalogue yet: eczema-batch db upgrade",
+              "behind": "run `eczema-batch db upgrade`",
+              "newer": "made by a newer eczema-batch: use that version"}[schema.state]
+    typer.echo(f"{describe(engine)}: {schema.current or 'empty'} (newest: {schema.head}; "
+               f"{advice})")

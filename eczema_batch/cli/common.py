@@ -93,9 +93,17 @@ def _settings() -> Settings:
 
 
 def _catalogue(settings: Settings) -> sessionmaker[Session]:
-    from eczema_batch.catalogue.db import open_catalogue
+    """The configured catalogue; a new embedded one is created, and the user told where."""
+    from eczema_batch.catalogue.db import open_catalogue, sqlite_path
 
-    return open_catalogue(settings.resolved_database_url)
+    url = settings.resolved_database_url
+    path = sqlite_path(url)
+    new = path is not None and not path.exists()
+    factory = open_catalogue(url)
+    if new:
+        err.print(f"created a new catalogue: {path} (ECZEMA_BATCH_HOME or "
+                  "ECZEMA_BATCH_DATABASE_URL choose another)", highlight=False, markup=False)
+    return factory
 
 
 @contextmanager
