@@ -7,6 +7,7 @@ changing the environment.
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -14,11 +15,27 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from eczema_batch.errors import ConfigError
+from eczema_batch.errors import ConfigError, UsageError
 
 #: The largest image ingest decodes. A 40,000 x 40,000 PNG header is a decompression bomb, not a
 #: photograph: the largest phone and dermatoscope cameras stay well under 200 MP.
 DEFAULT_MAX_IMAGE_PIXELS = 200_000_000
+
+
+_DEVICE_NAME = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+
+
+def parse_device(name: str) -> tuple[str, int | None]:
+    """`auto`, `cpu`, `cuda` or `cuda:N` as (kind, index); anything else is a usage error.
+
+    Checked without torch, so a typo is refused before a run creates any job.
+    """
+    match = _DEVICE_NAME.match(name.strip().lower())
+    if match is None or (match.group(1) != "cuda" and match.group(2) is not None):
+        hint = " (a GPU is `cuda`)" if name.strip().lower().startswith("gpu") else ""
+        raise UsageError(f"device {name!r} is not one of auto, cpu, cuda or cuda:N{hint}")
+    index = match.group(2)
+    return match.group(1), int(index) if index is not None else None
 
 
 class Settings(BaseSettings):
@@ -93,6 +110,13 @@ class Settings(BaseSettings):
         default=1, ge=1,
         description="a responder's last visit is at least this many classes better than baseline",
     )
+
+    @field_validator("device", "worker_device")
+    @classmethod
+    def _check_device(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_device(value)
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -124,3 +124,17 @@ def test_every_command_help_has_an_example(name: str) -> None:
     result = runner.invoke(app, [*name.split(), "--help"])
     assert result.exit_code == 0
     assert "Example:" in result.stdout, f"`eczema-batch {name} --help` shows no example"
+
+
+def test_json_means_one_thing_everywhere() -> None:
+    """`--json` is a flag that prints one JSON object on stdout; a file is `--output`/`-o`."""
+    with_json = []
+    for name, cmd in _commands(typer.main.get_group(app)):
+        for param in cmd.params:
+            if "--json" in getattr(param, "opts", ()):
+                assert param.is_flag, f"`{name} --json` takes a value: make it a flag"
+                assert param.help == "Print one JSON object on stdout.", name
+                with_json.append(name)
+            if "-o" in getattr(param, "opts", ()):
+                assert "--output" in param.opts, name
+    assert {"ingest", "status", "run", "report", "evaluate", "db current"} <= set(with_json)

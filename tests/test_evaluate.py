@@ -227,7 +227,7 @@ def test_evaluate_is_leak_free_cached_and_repeatable(
         "evaluate", "--folds", "3", "--repeats", "2", "--fractions", "0.5,1.0",
         "--bootstrap", "100", "--epochs", "20", "--model-dir", str(tiny_model_dir),
         "--segmenter-model", "tiny-seggpt", "--embedder-model", "tiny-dino",
-        "--json", str(json_file), "--predictions", str(csv_file),
+        "--output", str(json_file), "--predictions", str(csv_file),
     ])
     assert result.exit_code == 0, result.stderr
     assert "weighted F1" in result.stderr and "confusion matrix" in result.stderr

@@ -180,3 +180,32 @@ def test_a_killed_run_resumes_its_jobs_without_duplicates(
         assert count(session, Embedding, Embedding.region == "full") == n
         assert count(session, Mask, Mask.kind == "predicted") == n
         assert count(session, Job, Job.state.in_(("pending", "running"))) == 0
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cpu:0", "cuda"])
+def test_a_wrong_or_missing_device_is_refused_before_any_job(
+    study: Path, factory: sessionmaker[Session], tiny_model_dir: Path,  # noqa: F811
+    device: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from eczema_batch.catalogue.models import Job, Run
+
+    if device == "cuda":  # asked for a GPU this machine does not have
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.invoke(app, [
+        "run", "--model-dir", str(tiny_model_dir), "--segmenter-model", "tiny-seggpt",
+        "--embedder-model", "tiny-dino", "--device", device,
+    ])
+    assert result.exit_code == 2, result.stderr
+    assert f"device {device!r}" in result.stderr
+    if device == "gpu":
+        assert "a GPU is `cuda`" in result.stderr
+    with factory() as session:
+        assert count(session, Job) == 0 and count(session, Run) == 0
+    # The same rule for the setting.
+    monkeypatch.setenv("ECZEMA_BATCH_DEVICE", "gpu")
+    from eczema_batch.config import get_settings
+
+    get_settings.cache_clear()
+    result = runner.invoke(app, ["run"])
+    assert result.exit_code == 2 and "device 'gpu'" in result.stderr
+    get_settings.cache_clear()

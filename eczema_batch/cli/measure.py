@@ -116,6 +116,10 @@ def run(
         embedder_model=embedder_model, model_dir=str(model_dir) if model_dir else None,
         prompts=prompts, batch_size=batch_size, device=device,
     )
+    if queue is None:
+        from eczema_batch.pipeline.device import resolve_device
+
+        resolve_device(config.device)  # this process computes: no CUDA, no jobs
     factory = _catalogue(settings)
     if queue is not None:
         queued = _run_on_queue(factory, settings, config, queue=queue, wait=not no_wait,

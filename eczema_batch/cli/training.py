@@ -141,10 +141,10 @@ def evaluate(
     segmenter_model: SegmenterModelOption = None,
     embedder_model: EmbedderModelOption = None,
     model_dir: ModelDirOption = None,
-    json_file: Annotated[
-        Path | None, typer.Option("--json", help="Write the whole report as JSON to FILE "
-                                  "('-' for stdout).")
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the whole report as JSON to FILE.")
     ] = None,
+    as_json: JsonOption = False,
     predictions: Annotated[
         Path | None, typer.Option(help="Write the head's out-of-fold predictions as CSV.")
     ] = None,
@@ -157,7 +157,7 @@ def evaluate(
     data-scaling curve and SegGPT's Dice/IoU against manual masks. Masks and embeddings are
     cached in the catalogue: repeating the command reuses them and gives the same numbers.
 
-    Example: eczema-batch evaluate --folds 5 --repeats 3 --json report.json --predictions oof.csv
+    Example: eczema-batch evaluate --folds 5 --repeats 3 -o report.json --predictions oof.csv
     """
     from eczema_batch.jobs.config import RunConfig
     from eczema_batch.training.evaluate import EvaluationSettings, run_evaluation
@@ -194,12 +194,12 @@ def evaluate(
                                 study=study, progress=on_progress)
     if predictions is not None:
         write_predictions_csv(result.predictions, predictions)
-    if json_file is not None:
+    if output is not None or as_json:
         text = report_json(result.report)
-        if str(json_file) == "-":
+        if output is not None:
+            output.write_text(text, encoding="utf-8")
+        if as_json:
             sys.stdout.write(text)
-        else:
-            json_file.write_text(text, encoding="utf-8")
     for title, columns, rows in summary_tables(result.report):
         table = Table(title=title)
         for column in columns:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from eczema_batch.config import Settings
+from eczema_batch.config import Settings, parse_device
 from eczema_batch.errors import UsageError
 
 SegmenterMode = Literal["seggpt", "none", "manual"]
@@ -40,6 +40,7 @@ class RunConfig:
     prompt_cache_mb: int = 512
 
     def __post_init__(self) -> None:
+        parse_device(self.device)
         if self.segmenter_mode not in SEGMENTER_MODES:
             raise UsageError(
                 f"--segmenter {self.segmenter_mode!r}: use one of {', '.join(SEGMENTER_MODES)}"

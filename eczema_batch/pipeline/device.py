@@ -7,14 +7,13 @@ pipeline never initialises a GPU (Celery forks workers after import).
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 
 import torch
 
+from eczema_batch.config import parse_device
 from eczema_batch.errors import UsageError
 
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 _PRECISIONS = {"auto", "fp32", "bf16", "fp16"}
 
 
@@ -22,10 +21,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N` as a torch device."""
     if isinstance(device, torch.device):
         device = str(device)
-    match = _DEVICE_PATTERN.match(device.strip().lower())
-    if match is None or (match.group(1) != "cuda" and match.group(2) is not None):
-        raise UsageError(f"device {device!r} is not one of auto, cpu, cuda or cuda:N")
-    kind, index = match.group(1), match.group(2)
+    kind, index = parse_device(device)
     if kind == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if kind == "cpu":
@@ -35,12 +31,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             f"device {device!r} asked for, but torch sees no CUDA device "
             f"(torch {torch.__version__}): use --device cpu, or install a CUDA build of torch"
         )
-    if index is not None and int(index) >= torch.cuda.device_count():
+    if index is not None and index >= torch.cuda.device_count():
         raise UsageError(
             f"device {device!r} asked for, but only "
             f"{torch.cuda.device_count()} CUDA device(s) exist"
         )
-    return torch.device("cuda", int(index)) if index is not None else torch.device("cuda")
+    return torch.device("cuda", index) if index is not None else torch.device("cuda")
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
