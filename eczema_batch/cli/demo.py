@@ -21,7 +21,8 @@ from eczema_batch.cli.reports import _print_cohort, _report_json
 @command(app)
 def demo(
     folder: Annotated[Path | None, typer.Argument(
-        help="Workspace to use (default: ECZEMA_BATCH_HOME, ./.eczema-batch).")] = None,
+        help="Workspace to use (default: demo/ in ECZEMA_BATCH_HOME, ./.eczema-batch/demo), "
+        "with its own catalogue: your studies' catalogue is never touched.")] = None,
     tiny: Annotated[bool, typer.Option(
         "--tiny", help="Use tiny random models even when the real weights are found.")] = False,
     patients: Annotated[int, typer.Option(min=1, help="Synthetic patients.")] = 8,
@@ -38,7 +39,9 @@ def demo(
     from eczema_batch.demo import DemoSize, run_demo
 
     settings = _settings()
-    where = folder or settings.home
+    # Its own workspace and catalogue: a study the user ingests next never lands among the demo's
+    # synthetic patients.
+    where = folder or settings.home / "demo"
     result = run_demo(where, settings=settings, size=DemoSize(patients=patients, visits=visits),
                       tiny=tiny, say=lambda text: err.print(text, highlight=False))
     if result.models == "tiny":
@@ -67,11 +70,8 @@ def demo(
         return
     _print_cohort(result.report, limit=10)
     err.print(f"HTML report: {result.html.index.as_uri()}", soft_wrap=True, highlight=False)
-    if settings.database_url:
-        err.print("(the demo used its own SQLite catalogue, not ECZEMA_BATCH_DATABASE_URL: "
-                  "unset it to follow the steps below)", soft_wrap=True)
-    err.print(f"catalogue: {result.database_url}; next:\n"
-              f"  export ECZEMA_BATCH_HOME={result.folder}\n"
-              "  eczema-batch report --patient S001\n"
-              "  eczema-batch review list\n"
-              "  eczema-batch export --level visit -o visits.csv", highlight=False)
+    err.print(f"the demo's own catalogue: {result.database_url}; to look around in it:\n"
+              f"  ECZEMA_BATCH_DATABASE_URL={result.database_url} eczema-batch report "
+              "--patient S001\n"
+              "your own studies go to another catalogue (README.md, after the quickstart)",
+              highlight=False, markup=False)

@@ -111,14 +111,17 @@ def _not_found_message(spec: ModelSpec, looked: list[str]) -> str:
     if spec.tiny:
         how = (
             "tiny test models are built, not downloaded: "
-            "eczema_batch.pipeline.tiny.make_tiny_models(DIR), then set ECZEMA_BATCH_MODEL_DIR=DIR"
+            "`eczema-batch models make-tiny DIR`, then set ECZEMA_BATCH_MODEL_DIR=DIR"
         )
     else:
         how = (
             "on a machine that reaches the hub run\n"
             f"  hf download {spec.hub_id} --local-dir DIR/{spec.name}\n"
             f"(older huggingface_hub: huggingface-cli download {spec.hub_id} "
-            f"--local-dir DIR/{spec.name}),\ncopy DIR here and set ECZEMA_BATCH_MODEL_DIR=DIR"
+            f"--local-dir DIR/{spec.name}),\ncopy DIR here and set ECZEMA_BATCH_MODEL_DIR=DIR;\n"
+            "or, for a dry run whose numbers mean nothing: `eczema-batch models make-tiny DIR` "
+            "and ECZEMA_BATCH_MODEL_DIR=DIR ECZEMA_BATCH_SEGMENTER_MODEL=tiny-seggpt "
+            "ECZEMA_BATCH_EMBEDDER_MODEL=tiny-dino"
         )
     return f"weights for model {spec.name!r} not found; looked in:\n{places}\n{how}"
 
