@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
@@ -142,9 +142,9 @@ def _scripts(engine: Engine) -> Any:
 class SchemaState:
     current: str | None
     head: str
-    #: "current", "empty" (no catalogue yet), "behind" (an upgrade is due), "newer" (a revision
-    #: this version does not know: a newer eczema-batch wrote it)
-    state: str
+    #: "empty": no catalogue yet; "behind": an upgrade is due; "newer": a revision this version
+    #: does not know (a newer eczema-batch wrote it)
+    state: Literal["current", "empty", "behind", "newer"]
 
 
 def schema_state(engine: Engine) -> SchemaState:
