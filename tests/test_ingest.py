@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import signal
@@ -17,6 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Image, Label, Mask, Patient, Rejection, Visit
 from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS
+from eczema_batch.errors import UsageError
+from eczema_batch.ingest.manifest import read_manifest
 from eczema_batch.ingest.service import IngestReport, ingest_study
 from tests.factories import (
     png_header_only,
@@ -257,3 +260,60 @@ def test_kill_then_rerun_completes_a_consistent_catalogue(
             select(func.count()).select_from(Visit).where(~Visit.images.any())
         )
         assert orphans == 0
+
+
+# -- manifests as spreadsheets save them --------------------------------------------------------
+
+
+def one_photo_study(root: Path, size: tuple[int, int] = (64, 48)) -> str:
+    rel = "P001/2024-01-15/arm.jpg"
+    write_jpeg(root / rel, size, seed=1)
+    return rel
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t"], ids=["semicolon", "tab"])
+def test_manifest_from_a_european_spreadsheet_is_read(
+    tmp_path: Path, factory: sessionmaker[Session], delimiter: str
+) -> None:
+    root = tmp_path / "study"
+    rel = one_photo_study(root)
+    # What Excel saves where the comma is the decimal separator: `;` (or tabs), a BOM, CRLF.
+    write_manifest(root, [{"path": rel, "patient": "S-042", "visit_date": "2023-05-06",
+                           "body_site": "left arm", "severity": "moderate"}],
+                   delimiter=delimiter, bom=True, line_end="\r\n")
+    report = run_ingest(root, factory)
+    assert (report.catalogued, report.rejected, report.warnings) == (1, [], [])
+    with factory() as session:
+        image = session.scalars(select(Image)).one()
+        assert image.body_site == "left arm"
+        assert image.visit.patient.subject_code == "S-042"
+        assert image.visit.visit_date == dt.date(2023, 5, 6)
+        assert session.scalars(select(Label.severity)).all() == [2]
+
+
+def test_manifest_with_quoted_header_and_trailing_semicolons(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.csv"
+    path.write_bytes(
+        b'\xef\xbb\xbf"path";"patient";"severity";\r\n'
+        b'"P001/v1/a.jpg";"S-1";"2";\r\n'
+        b'"P001/v1/b.jpg";"S-1";"mild";\r\n'
+        b';;;\r\n'
+    )
+    manifest = read_manifest(path)
+    assert manifest.warnings == []
+    assert manifest.problems == {}
+    assert {rel: (row.patient, row.severity, row.line) for rel, row in manifest.rows.items()} == {
+        "P001/v1/a.jpg": ("S-1", 2, 2), "P001/v1/b.jpg": ("S-1", 1, 3)}
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("filename\nP001/v1/a.jpg\n", "tried comma, semicolon and tab"),
+    ("file;who\nx.jpg;P1\n", "no 'path' column"),
+    ("", "is empty"),
+    ("path,severity,severity\nx.jpg,1,2\n", "'severity' twice"),
+])
+def test_manifest_that_cannot_be_read_says_why(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "manifest.csv"
+    path.write_text(content)
+    with pytest.raises(UsageError, match=message):
+        read_manifest(path)

@@ -45,6 +45,8 @@ class IngestReport:
     updated: int = 0
     duplicates: list[dict[str, str]] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)
+    #: what stopped nothing but the user should know (a manifest column ignored)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -62,6 +64,7 @@ class IngestReport:
             "updated": self.updated,
             "duplicates": sorted(self.duplicates, key=lambda d: d["path"]),
             "rejected": sorted(self.rejected, key=lambda d: d["path"]),
+            "warnings": list(self.warnings),
         }
 
 
@@ -162,10 +165,11 @@ def ingest_study(
             sha: (w, h)
             for sha, w, h in session.execute(select(Image.sha256, Image.width, Image.height))
         }
-    report = IngestReport(study=name, study_id=study_id)
+    report = IngestReport(study=name, study_id=study_id, warnings=list(manifest.warnings))
     tasks = _plan(scan, manifest, report)
     report.files = len(tasks) + len(report.rejected)
-    log.info("study %s: %d files to read", study_id, len(tasks))
+    log.info("study %s: %d files to read, %d manifest warnings", study_id, len(tasks),
+             len(report.warnings))
 
     if processes <= 0:
         processes = os.cpu_count() or 1
