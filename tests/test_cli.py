@@ -12,9 +12,9 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from eczema_batch.catalogue.db import open_catalogue
-from eczema_batch.catalogue.models import Image, Label
+from eczema_batch.catalogue.models import Image, Label, Mask
 from eczema_batch.cli import app
-from tests.factories import write_jpeg, write_manifest
+from tests.factories import write_jpeg, write_manifest, write_mask
 
 runner = CliRunner()
 
@@ -83,7 +83,8 @@ def test_ingest_of_nothing_usable_exits_1(tmp_path: Path, db_url: str) -> None:
     (root / "P001" / "v1" / "x.jpg").write_bytes(b"")
     code, out, _ = invoke("ingest", str(root), "--json")
     assert code == 1
-    assert json.loads(out)["rejected"] == [{"path": "P001/v1/x.jpg", "reason": "empty file"}]
+    assert json.loads(out)["rejected"] == [
+        {"path": "P001/v1/x.jpg", "kind": "rejected", "reason": "empty file"}]
 
 
 def test_unknown_manifest_column_is_ignored_with_a_warning(tmp_path: Path, db_url: str) -> None:
@@ -115,6 +116,54 @@ def test_manifest_whose_delimiter_cannot_be_told(tmp_path: Path, db_url: str) ->
     code, out, err = invoke("ingest", str(root), "--json")
     assert (code, out) == (2, "")
     assert "tried comma, semicolon and tab" in one_line(err)
+
+
+def test_misspelt_severity_and_misfit_mask_are_rejected_photographs_kept(
+    tmp_path: Path, db_url: str
+) -> None:
+    root = tmp_path / "study"
+    visit = root / "P001" / "2024-01-15"
+    write_jpeg(visit / "a.jpg", (320, 240), seed=1)
+    write_mask(visit / "a.mask.png", (50, 50))
+    write_jpeg(visit / "b.jpg", seed=2)
+    write_manifest(root, [
+        {"path": "P001/2024-01-15/a.jpg", "patient": "S-042", "body_site": "left arm"},
+        {"path": "P001/2024-01-15/b.jpg", "patient": "S-042", "severity": "sever"},
+    ], delimiter=";", bom=True, line_end="\r\n")
+
+    code, out, _ = invoke("ingest", str(root), "--json")
+
+    assert code == 3
+    payload = json.loads(out)
+    assert (payload["catalogued"], payload["warnings"]) == (2, [])
+    rejected = {r["path"]: r for r in payload["rejected"]}
+    assert {p: r["kind"] for p, r in rejected.items()} == {
+        "P001/2024-01-15/a.mask.png": "mask", "P001/2024-01-15/b.jpg": "label"}
+    assert "mask is 50x50 but its image is 320x240" in rejected["P001/2024-01-15/a.mask.png"][
+        "reason"]
+    assert "severity 'sever' is not one of 0-3 or clear, mild, moderate, severe" in rejected[
+        "P001/2024-01-15/b.jpg"]["reason"]
+    code, out, err = invoke("status", "--json", "--rejected")
+    status = json.loads(out)
+    assert (status["studies"][0]["images"], status["studies"][0]["rejected"]) == (2, 2)
+    assert {(r["path"], r["kind"]) for r in status["rejected"]} == {
+        ("P001/2024-01-15/a.mask.png", "mask"), ("P001/2024-01-15/b.jpg", "label")}
+    with open_catalogue(db_url)() as session:
+        assert session.scalar(select(func.count()).select_from(Image)) == 2
+        assert session.scalar(select(func.count()).select_from(Mask)) == 0
+        assert session.scalar(select(func.count()).select_from(Label)) == 0
+
+    # Fixed in the folder, both are added to the photographs catalogued before.
+    (visit / "a.mask.png").unlink()
+    write_mask(visit / "a.mask.png", (320, 240))
+    write_manifest(root, [
+        {"path": "P001/2024-01-15/a.jpg", "patient": "S-042", "body_site": "left arm"},
+        {"path": "P001/2024-01-15/b.jpg", "patient": "S-042", "severity": "severe"},
+    ], delimiter=";")
+    code, out, _ = invoke("ingest", str(root), "--json")
+    assert code == 0
+    payload = json.loads(out)
+    assert (payload["already_catalogued"], payload["updated"], payload["rejected"]) == (2, 2, [])
 
 
 def test_synth_then_ingest(tmp_path: Path, db_url: str) -> None:

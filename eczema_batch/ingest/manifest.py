@@ -9,8 +9,9 @@ separator, often with a byte-order mark and CRLF line ends: the delimiter is tol
 line. A column the tool does not know is ignored with a warning (spreadsheets collect notes
 columns), not a stop.
 
-A bad row does not stop the ingest: the file it names is rejected with the row's problem, so
-nothing is catalogued under a wrong date or patient; fix the row and ingest again.
+A bad row does not stop the ingest. A wrong patient, date or path rejects the file it names, so
+nothing is catalogued under a wrong visit; a wrong severity or mask rejects only that label or mask
+(`ManifestRow.parts`) and the photograph is catalogued without it. Fix the row and ingest again.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from eczema_batch.errors import UsageError
+from eczema_batch.ingest.rejections import LABEL, MASK, PartProblem
 
 DEFAULT_CLASSES = ("clear", "mild", "moderate", "severe")
 COLUMNS = ("path", "patient", "visit_date", "body_site", "severity", "mask")
@@ -42,12 +44,14 @@ class ManifestRow:
     body_site: str | None = None
     severity: int | None = None
     mask: str | None = None
+    #: the row's label or mask that cannot be used; the photograph is catalogued without it
+    parts: tuple[PartProblem, ...] = ()
 
 
 @dataclass
 class Manifest:
     rows: dict[str, ManifestRow] = field(default_factory=dict)
-    #: relative path (or `manifest.csv:LINE`) -> reason
+    #: relative path (or `manifest.csv:LINE`) -> reason, for rows that reject their file
     problems: dict[str, str] = field(default_factory=dict)
     #: things the user should know that stop nothing (columns ignored)
     warnings: list[str] = field(default_factory=list)
@@ -149,7 +153,7 @@ def read_manifest(path: Path, classes: tuple[str, ...] = DEFAULT_CLASSES) -> Man
             )
             continue
         try:
-            row = _parse_row(number, rel, fields, classes)
+            row = _parse_row(number, rel, fields, classes, where)
         except ValueError as exc:
             manifest.problems[rel] = f"{where}: {exc}"
             continue
@@ -164,8 +168,9 @@ def read_manifest(path: Path, classes: tuple[str, ...] = DEFAULT_CLASSES) -> Man
 
 
 def _parse_row(
-    line: int, rel: str, fields: dict[str, str], classes: tuple[str, ...]
+    line: int, rel: str, fields: dict[str, str], classes: tuple[str, ...], where: str
 ) -> ManifestRow:
+    """The row; ValueError for what rejects its file, `parts` for what rejects a label or mask."""
     patient = fields.get("patient") or None
     if patient is not None and (reason := check_subject_code(patient)):
         raise ValueError(reason)
@@ -175,12 +180,20 @@ def _parse_row(
             visit_date = dt.date.fromisoformat(raw_date)
         except ValueError:
             raise ValueError(f"visit_date {raw_date!r} is not a date (use YYYY-MM-DD)") from None
-    severity = parse_severity(fields["severity"], classes) if fields.get("severity") else None
+    parts: list[PartProblem] = []
+    severity = None
+    if raw_severity := fields.get("severity"):
+        try:
+            severity = parse_severity(raw_severity, classes)
+        except ValueError as exc:
+            parts.append(PartProblem(LABEL, rel, f"{where}: {exc}"))
     mask = None
     if raw_mask := fields.get("mask"):
         mask = _normalise_path(raw_mask)
         if mask is None:
-            raise ValueError(f"mask {raw_mask!r} must be relative to the study folder")
+            parts.append(PartProblem(
+                MASK, raw_mask, f"{where}: mask {raw_mask!r} must be relative to the study folder"
+            ))
     return ManifestRow(
         line=line,
         path=rel,
@@ -189,4 +202,5 @@ def _parse_row(
         body_site=fields.get("body_site") or None,
         severity=severity,
         mask=mask,
+        parts=tuple(parts),
     )
