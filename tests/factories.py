@@ -58,11 +58,24 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def write_manifest(root: Path, rows: list[dict[str, str]]) -> Path:
-    columns = ["path", "patient", "visit_date", "body_site", "severity", "mask"]
-    lines = [",".join(columns)]
+MANIFEST_COLUMNS = ("path", "patient", "visit_date", "body_site", "severity", "mask")
+
+
+def write_manifest(
+    root: Path,
+    rows: list[dict[str, str]],
+    *,
+    columns: tuple[str, ...] = MANIFEST_COLUMNS,
+    delimiter: str = ",",
+    bom: bool = False,
+    line_end: str = "\n",
+) -> Path:
+    """manifest.csv as a spreadsheet saves it (a European one: `;`, a BOM and CRLF)."""
+    lines = [delimiter.join(columns)]
     for row in rows:
-        lines.append(",".join(row.get(c, "") for c in columns))
+        lines.append(delimiter.join(row.get(c, "") for c in columns))
     path = root / "manifest.csv"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = ("\ufeff" if bom else "") + line_end.join(lines) + line_end
+    path.write_bytes(text.encode("utf-8"))
     return path

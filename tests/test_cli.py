@@ -12,9 +12,9 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from eczema_batch.catalogue.db import open_catalogue
-from eczema_batch.catalogue.models import Image
+from eczema_batch.catalogue.models import Image, Label, Mask
 from eczema_batch.cli import app
-from tests.factories import write_jpeg, write_manifest
+from tests.factories import write_jpeg, write_manifest, write_mask
 
 runner = CliRunner()
 
@@ -24,6 +24,11 @@ def invoke(*args: str) -> tuple[int, str, str]:
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.stdout, result.stderr
+
+
+def one_line(text: str) -> str:
+    """The terminal's text with rich's line wrapping undone."""
+    return " ".join(text.split())
 
 
 def test_ingest_json_status_and_exit_codes(tmp_path: Path, db_url: str) -> None:
@@ -56,7 +61,7 @@ def test_ingest_json_status_and_exit_codes(tmp_path: Path, db_url: str) -> None:
 def test_ingest_usage_errors(tmp_path: Path, db_url: str) -> None:
     code, _, err = invoke("ingest", str(tmp_path / "missing"))
     assert code == 2
-    assert "does not exist" in err
+    assert "does not exist" in one_line(err)
     root = tmp_path / "study"
     root.mkdir()
     (root / "manifest.csv").write_text("file,who\nx.jpg,P1\n")
@@ -78,7 +83,87 @@ def test_ingest_of_nothing_usable_exits_1(tmp_path: Path, db_url: str) -> None:
     (root / "P001" / "v1" / "x.jpg").write_bytes(b"")
     code, out, _ = invoke("ingest", str(root), "--json")
     assert code == 1
-    assert json.loads(out)["rejected"] == [{"path": "P001/v1/x.jpg", "reason": "empty file"}]
+    assert json.loads(out)["rejected"] == [
+        {"path": "P001/v1/x.jpg", "kind": "rejected", "reason": "empty file"}]
+
+
+def test_unknown_manifest_column_is_ignored_with_a_warning(tmp_path: Path, db_url: str) -> None:
+    root = tmp_path / "study"
+    write_jpeg(root / "P001" / "2024-01-15" / "a.jpg")
+    write_manifest(root, [{"path": "P001/2024-01-15/a.jpg", "severity": "1", "notes": "itchy",
+                           "rater": "AB"}],
+                   columns=("path", "notes", "severity", "rater"), delimiter=";")
+    code, out, err = invoke("ingest", str(root), "--json")
+    assert code == 0
+    payload = json.loads(out)  # stdout holds the JSON object and nothing else
+    assert (payload["catalogued"], payload["rejected"]) == (1, [])
+    [warning] = payload["warnings"]
+    assert "'notes', 'rater'" in warning
+    assert "path, patient, visit_date, body_site, severity, mask" in warning
+    assert f"warning: {warning}" in one_line(err)
+    with open_catalogue(db_url)() as session:
+        assert session.scalars(select(Label.severity)).all() == [1]
+    # Without --json the warning is on the terminal too, and stdout stays empty.
+    code, out, err = invoke("ingest", str(root))
+    assert (code, out) == (0, "")
+    assert f"warning: {warning}" in one_line(err)
+
+
+def test_manifest_whose_delimiter_cannot_be_told(tmp_path: Path, db_url: str) -> None:
+    root = tmp_path / "study"
+    write_jpeg(root / "P001" / "v1" / "a.jpg")
+    (root / "manifest.csv").write_text("file name\nP001/v1/a.jpg\n")
+    code, out, err = invoke("ingest", str(root), "--json")
+    assert (code, out) == (2, "")
+    assert "tried comma, semicolon and tab" in one_line(err)
+
+
+def test_misspelt_severity_and_misfit_mask_are_rejected_photographs_kept(
+    tmp_path: Path, db_url: str
+) -> None:
+    root = tmp_path / "study"
+    visit = root / "P001" / "2024-01-15"
+    write_jpeg(visit / "a.jpg", (320, 240), seed=1)
+    write_mask(visit / "a.mask.png", (50, 50))
+    write_jpeg(visit / "b.jpg", seed=2)
+    write_manifest(root, [
+        {"path": "P001/2024-01-15/a.jpg", "patient": "S-042", "body_site": "left arm"},
+        {"path": "P001/2024-01-15/b.jpg", "patient": "S-042", "severity": "sever"},
+    ], delimiter=";", bom=True, line_end="\r\n")
+
+    code, out, _ = invoke("ingest", str(root), "--json")
+
+    assert code == 3
+    payload = json.loads(out)
+    assert (payload["catalogued"], payload["warnings"]) == (2, [])
+    rejected = {r["path"]: r for r in payload["rejected"]}
+    assert {p: r["kind"] for p, r in rejected.items()} == {
+        "P001/2024-01-15/a.mask.png": "mask", "P001/2024-01-15/b.jpg": "label"}
+    assert "mask is 50x50 but its image is 320x240" in rejected["P001/2024-01-15/a.mask.png"][
+        "reason"]
+    assert "severity 'sever' is not one of 0-3 or clear, mild, moderate, severe" in rejected[
+        "P001/2024-01-15/b.jpg"]["reason"]
+    code, out, err = invoke("status", "--json", "--rejected")
+    status = json.loads(out)
+    assert (status["studies"][0]["images"], status["studies"][0]["rejected"]) == (2, 2)
+    assert {(r["path"], r["kind"]) for r in status["rejected"]} == {
+        ("P001/2024-01-15/a.mask.png", "mask"), ("P001/2024-01-15/b.jpg", "label")}
+    with open_catalogue(db_url)() as session:
+        assert session.scalar(select(func.count()).select_from(Image)) == 2
+        assert session.scalar(select(func.count()).select_from(Mask)) == 0
+        assert session.scalar(select(func.count()).select_from(Label)) == 0
+
+    # Fixed in the folder, both are added to the photographs catalogued before.
+    (visit / "a.mask.png").unlink()
+    write_mask(visit / "a.mask.png", (320, 240))
+    write_manifest(root, [
+        {"path": "P001/2024-01-15/a.jpg", "patient": "S-042", "body_site": "left arm"},
+        {"path": "P001/2024-01-15/b.jpg", "patient": "S-042", "severity": "severe"},
+    ], delimiter=";")
+    code, out, _ = invoke("ingest", str(root), "--json")
+    assert code == 0
+    payload = json.loads(out)
+    assert (payload["already_catalogued"], payload["updated"], payload["rejected"]) == (2, 2, [])
 
 
 def test_synth_then_ingest(tmp_path: Path, db_url: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import signal
@@ -17,6 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Image, Label, Mask, Patient, Rejection, Visit
 from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS
+from eczema_batch.errors import UsageError
+from eczema_batch.ingest.manifest import read_manifest
 from eczema_batch.ingest.service import IngestReport, ingest_study
 from tests.factories import (
     png_header_only,
@@ -164,18 +167,20 @@ def test_bad_files_are_rejected_with_reasons_and_the_rest_is_catalogued(
         "image of 1.6 gigapixels (40000x40000) exceeds the limit"
     )
     assert reasons["P003/2024-03-01/link.jpg"] == "outside the study folder (symbolic link)"
-    assert "mask is 50x50 but its image is 320x240" in reasons["P003/2024-03-01/wrongmask.jpg"]
+    # The mask that does not fit is rejected; its photograph is catalogued without it.
+    assert "mask is 50x50 but its image is 320x240" in reasons[
+        "P003/2024-03-01/wrongmask.mask.png"]
     assert "mask without an image" in reasons["P003/2024-03-01/stray.mask.png"]
     assert "'2024-13-45' is not a date" in reasons["P004/v1/baddate.jpg"]
     assert "not a subject code" in reasons["P004/v1/badpatient.jpg"]
     assert "not in the study folder" in reasons["P009/v1/ghost.jpg"]
     assert len(reasons) == 11
-    assert report.catalogued == 4  # the three good ones and orphan-image.jpg
+    assert report.catalogued == 5  # the three good ones, orphan-image.jpg and wrongmask.jpg
     assert report.exit_code == 3
     with factory() as session:
         stored = dict(session.execute(select(Rejection.path, Rejection.reason)).all())
         assert stored == reasons
-        assert count(session, Image) == 4
+        assert count(session, Image) == 5
     # Fixing a file and ingesting again catalogues it and clears its rejection.
     (small_study / "P003" / "2024-03-01" / "empty.jpg").unlink()
     write_jpeg(small_study / "P003" / "2024-03-01" / "empty.jpg", seed=11)
@@ -194,7 +199,7 @@ def test_nothing_outside_the_folder_is_read(tmp_path: Path, factory: sessionmake
     report = run_ingest(root, factory)
     assert report.catalogued == 1
     assert report.rejected == [
-        {"path": "P002", "reason": "outside the study folder (symbolic link)"}
+        {"path": "P002", "kind": "rejected", "reason": "outside the study folder (symbolic link)"}
     ]
 
 
@@ -257,3 +262,205 @@ def test_kill_then_rerun_completes_a_consistent_catalogue(
             select(func.count()).select_from(Visit).where(~Visit.images.any())
         )
         assert orphans == 0
+
+
+# -- manifests as spreadsheets save them --------------------------------------------------------
+
+
+def one_photo_study(root: Path, size: tuple[int, int] = (64, 48)) -> str:
+    rel = "P001/2024-01-15/arm.jpg"
+    write_jpeg(root / rel, size, seed=1)
+    return rel
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t"], ids=["semicolon", "tab"])
+def test_manifest_from_a_european_spreadsheet_is_read(
+    tmp_path: Path, factory: sessionmaker[Session], delimiter: str
+) -> None:
+    root = tmp_path / "study"
+    rel = one_photo_study(root)
+    # What Excel saves where the comma is the decimal separator: `;` (or tabs), a BOM, CRLF.
+    write_manifest(root, [{"path": rel, "patient": "S-042", "visit_date": "2023-05-06",
+                           "body_site": "left arm", "severity": "moderate"}],
+                   delimiter=delimiter, bom=True, line_end="\r\n")
+    report = run_ingest(root, factory)
+    assert (report.catalogued, report.rejected, report.warnings) == (1, [], [])
+    with factory() as session:
+        image = session.scalars(select(Image)).one()
+        assert image.body_site == "left arm"
+        assert image.visit.patient.subject_code == "S-042"
+        assert image.visit.visit_date == dt.date(2023, 5, 6)
+        assert session.scalars(select(Label.severity)).all() == [2]
+
+
+def test_manifest_with_quoted_header_and_trailing_semicolons(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.csv"
+    path.write_bytes(
+        b'\xef\xbb\xbf"path";"patient";"severity";\r\n'
+        b'"P001/v1/a.jpg";"S-1";"2";\r\n'
+        b'"P001/v1/b.jpg";"S-1";"mild";\r\n'
+        b';;;\r\n'
+    )
+    manifest = read_manifest(path)
+    assert manifest.warnings == []
+    assert manifest.problems == {}
+    assert {rel: (row.patient, row.severity, row.line) for rel, row in manifest.rows.items()} == {
+        "P001/v1/a.jpg": ("S-1", 2, 2), "P001/v1/b.jpg": ("S-1", 1, 3)}
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("filename\nP001/v1/a.jpg\n", "tried comma, semicolon and tab"),
+    ("file;who\nx.jpg;P1\n", "no 'path' column"),
+    ("", "is empty"),
+    ("path,severity,severity\nx.jpg,1,2\n", "'severity' twice"),
+])
+def test_manifest_that_cannot_be_read_says_why(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "manifest.csv"
+    path.write_text(content)
+    with pytest.raises(UsageError, match=message):
+        read_manifest(path)
+
+
+# -- a bad label or mask costs that part, not the photograph ---------------------------------------
+
+
+def test_misspelt_severity_rejects_the_label_not_the_photograph(
+    tmp_path: Path, factory: sessionmaker[Session]
+) -> None:
+    root = tmp_path / "study"
+    good = one_photo_study(root)
+    visit = root / "P001" / "2024-01-15"
+    (visit / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    write_jpeg(visit / "undated.jpg", seed=5)
+    shutil.copyfile(root / good, visit / "copy.jpg")
+    write_manifest(root, [
+        {"path": good, "patient": "S-042", "body_site": "left arm", "severity": "moderat"},
+        # A file that is rejected as a whole is rejected for that, once, not for its label.
+        {"path": "P001/2024-01-15/broken.jpg", "severity": "sever"},
+        # A wrong date still rejects the file: it would be catalogued under the wrong visit.
+        {"path": "P001/2024-01-15/undated.jpg", "visit_date": "15.01.2024", "severity": "sever"},
+        # A copy of a catalogued picture is a duplicate; it has no label of its own to reject.
+        {"path": "P001/2024-01-15/copy.jpg", "severity": "sever"},
+    ])
+
+    report = run_ingest(root, factory)
+
+    assert report.catalogued == 1
+    assert [d["path"] for d in report.duplicates] == ["P001/2024-01-15/copy.jpg"]
+    rejected = {r["path"]: r for r in report.rejected}
+    assert set(rejected) == {good, "P001/2024-01-15/broken.jpg", "P001/2024-01-15/undated.jpg"}
+    label = rejected[good]
+    assert label["kind"] == "label"
+    assert label["reason"] == (
+        "manifest.csv line 2: severity 'moderat' is not one of 0-3 or clear, mild, moderate, "
+        "severe; the photograph is catalogued without a severity label: correct the row and "
+        "ingest again to add it"
+    )
+    assert rejected["P001/2024-01-15/broken.jpg"]["kind"] == "rejected"
+    assert "not a date" in rejected["P001/2024-01-15/undated.jpg"]["reason"]
+    assert report.exit_code == 3
+    with factory() as session:
+        image = session.scalars(select(Image)).one()
+        assert (image.path, image.body_site) == (good, "left arm")
+        assert image.visit.patient.subject_code == "S-042"
+        assert count(session, Label) == 0
+        stored = dict(session.execute(select(Rejection.path, Rejection.kind)).all())
+        assert stored == {good: "label", "P001/2024-01-15/broken.jpg": "rejected",
+                          "P001/2024-01-15/undated.jpg": "rejected",
+                          "P001/2024-01-15/copy.jpg": "duplicate"}
+    # Correcting the severity adds the label to the catalogued image and clears its rejection.
+    write_manifest(root, [
+        {"path": good, "patient": "S-042", "body_site": "left arm", "severity": "moderate"},
+        {"path": "P001/2024-01-15/broken.jpg", "severity": "sever"},
+        {"path": "P001/2024-01-15/undated.jpg", "visit_date": "15.01.2024", "severity": "sever"},
+    ])
+    again = run_ingest(root, factory)
+    assert (again.catalogued, again.already_catalogued, again.updated) == (0, 1, 1)
+    assert {r["path"] for r in again.rejected} == {"P001/2024-01-15/broken.jpg",
+                                                   "P001/2024-01-15/undated.jpg"}
+    with factory() as session:
+        assert session.scalars(select(Label.severity)).all() == [2]
+
+
+def _mask_wrong_size(path: Path) -> None:
+    write_mask(path, (50, 50))
+
+
+def _mask_not_png(path: Path) -> None:
+    write_jpeg(path, (320, 240))  # a JPEG saved under a .png name
+
+
+def _mask_truncated(path: Path) -> None:
+    write_mask(path, (320, 240))
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+def _mask_empty(path: Path) -> None:
+    write_mask(path, (320, 240), box=(0, 0, 0, 0))
+
+
+@pytest.mark.parametrize(("write_bad_mask", "problem"), [
+    (_mask_wrong_size, "mask is 50x50 but its image is 320x240"),
+    (_mask_not_png, "mask is not a PNG image"),
+    (_mask_truncated, "mask PNG"),
+    (_mask_empty, "mask has no lesion pixels"),
+], ids=["wrong-size", "not-png", "truncated", "no-lesion"])
+def test_bad_mask_rejects_the_mask_not_the_photograph(
+    tmp_path: Path, factory: sessionmaker[Session], write_bad_mask: object, problem: str
+) -> None:
+    root = tmp_path / "study"
+    rel = one_photo_study(root, (320, 240))
+    mask_rel = "P001/2024-01-15/arm.mask.png"
+    write_bad_mask(root / mask_rel)  # type: ignore[operator]
+    write_manifest(root, [{"path": rel, "severity": "2", "body_site": "arm"}])
+
+    report = run_ingest(root, factory)
+
+    assert report.catalogued == 1
+    [rejection] = report.rejected
+    assert (rejection["path"], rejection["kind"]) == (mask_rel, "mask")
+    assert problem in rejection["reason"]
+    assert f"{rel} is catalogued without this mask" in rejection["reason"]
+    assert report.exit_code == 3
+    with factory() as session:
+        image = session.scalars(select(Image)).one()
+        assert (image.path, image.width, image.height, image.body_site) == (rel, 320, 240, "arm")
+        assert session.scalars(select(Label.severity)).all() == [2]
+        assert count(session, Mask) == 0
+        assert session.execute(select(Rejection.path, Rejection.kind, Rejection.reason)).all() == [
+            (mask_rel, "mask", rejection["reason"])]
+    # The image is catalogued now; the mask, still bad, is rejected again on its own.
+    still = run_ingest(root, factory)
+    assert (still.already_catalogued, [r["path"] for r in still.rejected]) == (1, [mask_rel])
+    # Fixing the mask and ingesting again adds it to the image catalogued before.
+    (root / mask_rel).unlink()
+    write_mask(root / mask_rel, (320, 240))
+    fixed = run_ingest(root, factory)
+    assert (fixed.catalogued, fixed.already_catalogued, fixed.updated) == (0, 1, 1)
+    assert (fixed.rejected, fixed.exit_code) == ([], 0)
+    with factory() as session:
+        mask = session.scalars(select(Mask)).one()
+        assert (mask.image_id, mask.kind, mask.source_path) == (image.id, "manual", mask_rel)
+        assert count(session, Rejection) == 0
+
+
+def test_manifest_mask_that_is_missing_rejects_the_mask_not_the_photograph(
+    tmp_path: Path, factory: sessionmaker[Session]
+) -> None:
+    root = tmp_path / "study"
+    rel = one_photo_study(root)
+    write_jpeg(root / "P001" / "2024-01-15" / "leg.jpg", seed=2)
+    write_manifest(root, [
+        {"path": rel, "mask": "masks/arm.png"},
+        {"path": "P001/2024-01-15/leg.jpg", "mask": "../leg.png"},
+    ])
+    report = run_ingest(root, factory)
+    assert report.catalogued == 2
+    rejected = {r["path"]: r for r in report.rejected}
+    assert {p: r["kind"] for p, r in rejected.items()} == {"masks/arm.png": "mask",
+                                                           "../leg.png": "mask"}
+    assert rejected["masks/arm.png"]["reason"].startswith(
+        "manifest.csv line 2: mask masks/arm.png is not in the study folder")
+    assert "must be relative to the study folder" in rejected["../leg.png"]["reason"]
+    with factory() as session:
+        assert count(session, Image) == 2

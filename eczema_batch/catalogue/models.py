@@ -131,7 +131,11 @@ class Image(Timestamped, Base):
 
 
 class Rejection(Timestamped, Base):
-    """A file that was not catalogued, and why (or a second copy of a catalogued picture)."""
+    """A file that was not catalogued, and why (or a second copy of a catalogued picture).
+
+    Also a manifest label or a manual mask refused while its photograph was catalogued
+    (`eczema_batch/ingest/rejections.py`).
+    """
 
     __tablename__ = "rejections"
     __table_args__ = (UniqueConstraint("study_id", "path"),)
@@ -139,7 +143,7 @@ class Rejection(Timestamped, Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     path: Mapped[str] = mapped_column(Text)
-    #: rejected | duplicate
+    #: rejected (the file) | duplicate | label (filed under the image) | mask (under the mask)
     kind: Mapped[str] = mapped_column(String(16), default="rejected")
     reason: Mapped[str] = mapped_column(Text)
     same_as_image_id: Mapped[int | None] = mapped_column(

@@ -59,7 +59,7 @@ def study_counts(session: Session) -> list[StudyCounts]:
     rejected = _count_by_study(
         session,
         select(Rejection.study_id, func.count())
-        .where(Rejection.kind == "rejected")
+        .where(Rejection.kind != "duplicate")  # files, and labels or masks of catalogued images
         .group_by(Rejection.study_id),
     )
     duplicates = _count_by_study(
@@ -85,7 +85,7 @@ def study_counts(session: Session) -> list[StudyCounts]:
 
 
 def rejections(session: Session, study: str | None = None) -> list[tuple[str, str, str, str]]:
-    """(study, path, kind, reason) of every file not catalogued."""
+    """(study, path, kind, reason) of every file, label or mask not catalogued."""
     stmt = (
         select(Study.name, Rejection.path, Rejection.kind, Rejection.reason)
         .join(Study)

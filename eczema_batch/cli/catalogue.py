@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from eczema_batch import __version__
@@ -63,6 +64,8 @@ def ingest(
             batch_files=settings.ingest_batch_files,
             progress=update,
         )
+    for warning in report.warnings:  # stderr in both modes: stdout holds only the JSON object
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if as_json:
         _emit_json(report.as_dict())
     else:

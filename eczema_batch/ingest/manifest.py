@@ -2,23 +2,35 @@
 
 Columns: `path` (required, relative to the study folder), and any of `patient`, `visit_date`
 (YYYY-MM-DD), `body_site`, `severity` (0-3 or a class name), `mask` (relative path of a manual
-mask). The manifest wins over DICOM tags and folder names. A bad row does not stop the ingest: the
-file it names is rejected with the row's problem, so nothing is catalogued under a wrong date or
-patient; fix the row and ingest again.
+mask). The manifest wins over DICOM tags and folder names.
+
+Spreadsheets save "CSV" with commas, or with semicolons or tabs where the comma is the decimal
+separator, often with a byte-order mark and CRLF line ends: the delimiter is told from the header
+line. A column the tool does not know is ignored with a warning (spreadsheets collect notes
+columns), not a stop.
+
+A bad row does not stop the ingest. A wrong patient, date or path rejects the file it names, so
+nothing is catalogued under a wrong visit; a wrong severity or mask rejects only that label or mask
+(`ManifestRow.parts`) and the photograph is catalogued without it. Fix the row and ingest again.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from eczema_batch.errors import UsageError
+from eczema_batch.ingest.rejections import LABEL, MASK, PartProblem
 
 DEFAULT_CLASSES = ("clear", "mild", "moderate", "severe")
-KNOWN_COLUMNS = frozenset({"path", "patient", "visit_date", "body_site", "severity", "mask"})
+COLUMNS = ("path", "patient", "visit_date", "body_site", "severity", "mask")
+KNOWN_COLUMNS = frozenset(COLUMNS)
+#: Delimiter -> its name in messages, in the order ties are broken.
+DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}
 #: Subject codes are short identifiers; spaces or commas suggest a name was typed instead.
 SUBJECT_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,63}$")
 
@@ -32,13 +44,17 @@ class ManifestRow:
     body_site: str | None = None
     severity: int | None = None
     mask: str | None = None
+    #: the row's label or mask that cannot be used; the photograph is catalogued without it
+    parts: tuple[PartProblem, ...] = ()
 
 
 @dataclass
 class Manifest:
     rows: dict[str, ManifestRow] = field(default_factory=dict)
-    #: relative path (or `manifest.csv:LINE`) -> reason
+    #: relative path (or `manifest.csv:LINE`) -> reason, for rows that reject their file
     problems: dict[str, str] = field(default_factory=dict)
+    #: things the user should know that stop nothing (columns ignored)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _normalise_path(raw: str) -> str | None:
@@ -72,28 +88,63 @@ def parse_severity(raw: str, classes: tuple[str, ...] = DEFAULT_CLASSES) -> int:
     )
 
 
+def sniff_delimiter(header: str, name: str) -> str:
+    """The delimiter that splits the header line into columns, one of them `path`.
+
+    csv.Sniffer guesses from character frequencies and can pick a letter on one short line; the
+    header's own column names are a surer test.
+    """
+    splits = {d: [c.strip() for c in next(csv.reader([header], delimiter=d))] for d in DELIMITERS}
+    with_path = [d for d, columns in splits.items() if "path" in columns]
+    if with_path:
+        return max(with_path, key=lambda d: len(splits[d]))  # max keeps the first of a tie
+    if all(len(columns) <= 1 for columns in splits.values()):
+        *names, last = DELIMITERS.values()
+        raise UsageError(
+            f"cannot tell how the columns of {name} are separated: tried {', '.join(names)} and "
+            f"{last}, and its first line {header[:80]!r} is one column, not 'path'. The header "
+            f"must be {','.join(COLUMNS)} (commas, semicolons or tabs between)"
+        )
+    raise UsageError(
+        f"{name} has no 'path' column: the header must be {','.join(COLUMNS)}"
+    )
+
+
 def read_manifest(path: Path, classes: tuple[str, ...] = DEFAULT_CLASSES) -> Manifest:
     """Parse the manifest; a malformed file as a whole is a UsageError, a bad row a problem."""
     manifest = Manifest()
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: drops Excel's byte-order mark
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path.name} is not UTF-8 text: save it as CSV (UTF-8)") from exc
-    reader = csv.DictReader(text.splitlines())
-    header = [name.strip() for name in (reader.fieldnames or [])]
-    if "path" not in header:
+    lines = text.split("\n")
+    # Blank lines above the header (a spreadsheet's empty first row) are skipped, and counted so
+    # that problems still name the line the user sees.
+    skipped = next((i for i, line in enumerate(lines) if line.strip()), len(lines))
+    if skipped == len(lines):
+        raise UsageError(f"{path.name} is empty: its first line must be {','.join(COLUMNS)}")
+    delimiter = sniff_delimiter(lines[skipped], path.name)
+    reader = csv.DictReader(io.StringIO("\n".join(lines[skipped:])), delimiter=delimiter)
+    header = [name.strip() for name in (reader.fieldnames or []) if name.strip()]
+    if twice := sorted({name for name in header if header.count(name) > 1} & KNOWN_COLUMNS):
         raise UsageError(
-            f"{path.name} has no 'path' column: the header must be "
-            "path,patient,visit_date,body_site,severity,mask"
+            f"{path.name} has the column {', '.join(repr(n) for n in twice)} twice: "
+            "keep one, so that it is clear which value counts"
         )
-    unknown = sorted(set(header) - KNOWN_COLUMNS)
-    if unknown:
-        raise UsageError(
-            f"{path.name} has unknown columns {', '.join(unknown)}: allowed are "
-            "path,patient,visit_date,body_site,severity,mask"
+    if unknown := list(dict.fromkeys(n for n in header if n not in KNOWN_COLUMNS)):
+        manifest.warnings.append(
+            f"{path.name}: ignored the unknown column{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(n) for n in unknown)} (known columns: {', '.join(COLUMNS)})"
         )
-    for number, record in enumerate(reader, start=2):
-        fields = {(k or "").strip(): (v or "").strip() for k, v in record.items() if k}
+    for record in reader:
+        number = skipped + reader.line_num  # physical lines: blank and quoted newlines count
+        fields = {
+            k.strip(): (v or "").strip()
+            for k, v in record.items()
+            if k and k.strip() in KNOWN_COLUMNS
+        }
+        if not any(fields.values()):
+            continue  # a spreadsheet's empty row, saved as ";;;;;"
         where = f"{path.name} line {number}"
         rel = _normalise_path(fields.get("path", ""))
         if rel is None:
@@ -102,7 +153,7 @@ def read_manifest(path: Path, classes: tuple[str, ...] = DEFAULT_CLASSES) -> Man
             )
             continue
         try:
-            row = _parse_row(number, rel, fields, classes)
+            row = _parse_row(number, rel, fields, classes, where)
         except ValueError as exc:
             manifest.problems[rel] = f"{where}: {exc}"
             continue
@@ -117,8 +168,9 @@ def read_manifest(path: Path, classes: tuple[str, ...] = DEFAULT_CLASSES) -> Man
 
 
 def _parse_row(
-    line: int, rel: str, fields: dict[str, str], classes: tuple[str, ...]
+    line: int, rel: str, fields: dict[str, str], classes: tuple[str, ...], where: str
 ) -> ManifestRow:
+    """The row; ValueError for what rejects its file, `parts` for what rejects a label or mask."""
     patient = fields.get("patient") or None
     if patient is not None and (reason := check_subject_code(patient)):
         raise ValueError(reason)
@@ -128,12 +180,20 @@ def _parse_row(
             visit_date = dt.date.fromisoformat(raw_date)
         except ValueError:
             raise ValueError(f"visit_date {raw_date!r} is not a date (use YYYY-MM-DD)") from None
-    severity = parse_severity(fields["severity"], classes) if fields.get("severity") else None
+    parts: list[PartProblem] = []
+    severity = None
+    if raw_severity := fields.get("severity"):
+        try:
+            severity = parse_severity(raw_severity, classes)
+        except ValueError as exc:
+            parts.append(PartProblem(LABEL, rel, f"{where}: {exc}"))
     mask = None
     if raw_mask := fields.get("mask"):
         mask = _normalise_path(raw_mask)
         if mask is None:
-            raise ValueError(f"mask {raw_mask!r} must be relative to the study folder")
+            parts.append(PartProblem(
+                MASK, raw_mask, f"{where}: mask {raw_mask!r} must be relative to the study folder"
+            ))
     return ManifestRow(
         line=line,
         path=rel,
@@ -142,4 +202,5 @@ def _parse_row(
         body_site=fields.get("body_site") or None,
         severity=severity,
         mask=mask,
+        parts=tuple(parts),
     )

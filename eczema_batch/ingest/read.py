@@ -32,6 +32,7 @@ class MaskRead:
     rel: str | None
     png: bytes | None
     area_fraction: float
+    #: why the mask cannot be used (its image still can), or None
     error: str | None
 
 
@@ -73,14 +74,14 @@ def _read_bytes(path: Path) -> bytes:
 def _read_mask(task: ReadTask, size: tuple[int, int]) -> MaskRead | None:
     if task.mask_path is None:
         return None
+    # A mask's error rejects the mask, filed under its own path, not the image.
     try:
         mask = read_mask(_read_bytes(task.mask_path), image_size=size)
     except RejectedFileError as exc:
-        return MaskRead(task.mask_rel, png=None, area_fraction=0.0, error=f"{task.mask_rel}: {exc}")
+        return MaskRead(task.mask_rel, png=None, area_fraction=0.0, error=str(exc))
     except OSError as exc:
-        return MaskRead(
-            task.mask_rel, png=None, area_fraction=0.0, error=f"{task.mask_rel}: {exc.strerror}"
-        )
+        return MaskRead(task.mask_rel, png=None, area_fraction=0.0,
+                        error=f"cannot read the mask: {exc.strerror}")
     return MaskRead(
         task.mask_rel, png=encode_mask_png(mask), area_fraction=float(mask.mean()), error=None
     )

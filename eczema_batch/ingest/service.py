@@ -1,17 +1,20 @@
 """`eczema-batch ingest`: catalogue a study folder.
 
 Every file ends catalogued, recognised (already catalogued, or a duplicate of a catalogued picture)
-or rejected with a reason stored in the catalogue. Files are decoded in parallel processes and
-written in batches, one transaction each: a kill at any moment leaves whole batches, and running
-the command again completes the rest (content SHA-256 says what is already there).
+or rejected with a reason stored in the catalogue. A photograph whose manifest severity or manual
+mask cannot be used is catalogued without it, and that label or mask is rejected on its own
+(`rejections.py`). Files are decoded in parallel processes and written in batches, one transaction
+each: a kill at any moment leaves whole batches, and running the command again completes the rest
+(content SHA-256 says what is already there).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from eczema_batch.catalogue.models import Event, Image, Study
 from eczema_batch.errors import StudyFolderError
 from eczema_batch.ingest.manifest import Manifest, read_manifest
 from eczema_batch.ingest.read import FileRead, FileReader, ReadTask
+from eczema_batch.ingest.rejections import MASK, PartProblem, rejection
 from eczema_batch.ingest.resolve import Identity, resolve_identities
 from eczema_batch.ingest.scan import MANIFEST_NAME, StudyScan, scan_study
 from eczema_batch.ingest.write import CatalogueWriter, NewImage
@@ -44,11 +48,14 @@ class IngestReport:
     #: labels or manual masks added to images catalogued before
     updated: int = 0
     duplicates: list[dict[str, str]] = field(default_factory=list)
+    #: files, labels and masks not catalogued: {path, kind, reason} (kinds: `rejections.py`)
     rejected: list[dict[str, str]] = field(default_factory=list)
+    #: what stopped nothing but the user should know (a manifest column ignored)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        """0: all catalogued; 3: some files rejected; 1: nothing could be done."""
+        """0: all catalogued; 3: some files, labels or masks rejected; 1: nothing could be done."""
         if self.catalogued + self.already_catalogued + len(self.duplicates) == 0:
             return 1
         return 3 if self.rejected else 0
@@ -62,6 +69,7 @@ class IngestReport:
             "updated": self.updated,
             "duplicates": sorted(self.duplicates, key=lambda d: d["path"]),
             "rejected": sorted(self.rejected, key=lambda d: d["path"]),
+            "warnings": list(self.warnings),
         }
 
 
@@ -80,40 +88,49 @@ def _study(session: Session, root: Path, name: str) -> Study:
     return study
 
 
-def _plan(scan: StudyScan, manifest: Manifest, report: IngestReport) -> list[ReadTask]:
+@dataclass
+class _Plan:
+    tasks: list[ReadTask]
+    #: image -> problems with its label or mask, rejected once the image itself is catalogued
+    parts: defaultdict[str, list[PartProblem]]
+
+
+def _plan(scan: StudyScan, manifest: Manifest, report: IngestReport) -> _Plan:
     """Pair images with masks; reject what the manifest or layout already rules out."""
     images = dict(scan.images)
     masks = dict(scan.masks)
+    parts: defaultdict[str, list[PartProblem]] = defaultdict(list)
     for rel, row in manifest.rows.items():
+        parts[rel].extend(row.parts)
         if row.mask is not None:
             # The manifest may name a mask file that does not follow the NAME.mask.png rule.
             if row.mask in images:
                 scan.mask_files[row.mask] = images.pop(row.mask)
             if row.mask not in scan.mask_files:
-                manifest.problems.setdefault(
-                    rel, f"{MANIFEST_NAME} line {row.line}: mask {row.mask} is not in the study"
-                )
+                parts[rel].append(PartProblem(
+                    MASK, row.mask,
+                    f"{MANIFEST_NAME} line {row.line}: mask {row.mask} is not in the study folder",
+                ))
             else:
                 masks[rel] = row.mask
         if rel not in images and rel not in manifest.problems:
-            report.rejected.append({
-                "path": rel,
-                "reason": f"{MANIFEST_NAME} line {row.line} names {rel}, which is not in the "
-                "study folder",
-            })
+            report.rejected.append(rejection(
+                rel,
+                f"{MANIFEST_NAME} line {row.line} names {rel}, which is not in the study folder",
+            ))
     claimed = set(masks.values())
     for mask_rel in sorted(set(scan.mask_files) - claimed):
-        report.rejected.append({
-            "path": mask_rel,
-            "reason": "mask without an image: put NAME.mask.png beside NAME.jpg (or .png, .dcm) "
+        report.rejected.append(rejection(
+            mask_rel,
+            "mask without an image: put NAME.mask.png beside NAME.jpg (or .png, .dcm) "
             "or name it in the mask column of manifest.csv",
-        })
+        ))
     for rel, reason in scan.rejected.items():
-        report.rejected.append({"path": rel, "reason": reason})
+        report.rejected.append(rejection(rel, reason))
     tasks = []
     for rel in sorted(images):
         if rel in manifest.problems:
-            report.rejected.append({"path": rel, "reason": manifest.problems[rel]})
+            report.rejected.append(rejection(rel, manifest.problems[rel]))
             continue
         mask_of = masks.get(rel)
         tasks.append(
@@ -122,8 +139,8 @@ def _plan(scan: StudyScan, manifest: Manifest, report: IngestReport) -> list[Rea
         )
     for key, reason in manifest.problems.items():
         if key not in images and key not in scan.images:
-            report.rejected.append({"path": key, "reason": reason})
-    return tasks
+            report.rejected.append(rejection(key, reason))
+    return _Plan(tasks, parts)
 
 
 def _batches(items: Iterable[FileRead], size: int) -> Iterable[list[FileRead]]:
@@ -162,10 +179,12 @@ def ingest_study(
             sha: (w, h)
             for sha, w, h in session.execute(select(Image.sha256, Image.width, Image.height))
         }
-    report = IngestReport(study=name, study_id=study_id)
-    tasks = _plan(scan, manifest, report)
+    report = IngestReport(study=name, study_id=study_id, warnings=list(manifest.warnings))
+    plan = _plan(scan, manifest, report)
+    tasks = plan.tasks
     report.files = len(tasks) + len(report.rejected)
-    log.info("study %s: %d files to read", study_id, len(tasks))
+    log.info("study %s: %d files to read, %d manifest warnings", study_id, len(tasks),
+             len(report.warnings))
 
     if processes <= 0:
         processes = os.cpu_count() or 1
@@ -175,7 +194,7 @@ def ingest_study(
     done = 0
     with FileReader(known=known, max_pixels=max_pixels, processes=processes) as reader:
         for batch in _batches(reader.read(tasks), batch_files):
-            _write_batch(batch, manifest, writer, report)
+            _write_batch(batch, manifest, plan.parts, writer, report)
             done += len(batch)
             if progress is not None:
                 progress(done, len(tasks))
@@ -188,22 +207,28 @@ def ingest_study(
 
 
 def _write_batch(
-    batch: list[FileRead], manifest: Manifest, writer: CatalogueWriter, report: IngestReport
+    batch: list[FileRead],
+    manifest: Manifest,
+    parts: defaultdict[str, list[PartProblem]],
+    writer: CatalogueWriter,
+    report: IngestReport,
 ) -> None:
     new: list[FileRead] = []
     for read in batch:
         if read.error is not None:
-            report.rejected.append({"path": read.rel, "reason": read.error})
-        elif read.mask is not None and read.mask.error is not None:
-            report.rejected.append({"path": read.rel, "reason": read.mask.error})
-        else:
-            new.append(read)
+            report.rejected.append(rejection(read.rel, read.error))
+            continue
+        if read.mask is not None and read.mask.error is not None:
+            # The mask is refused, not the photograph: catalogue the image without it.
+            parts[read.rel].append(PartProblem(MASK, read.mask.rel or read.rel, read.mask.error))
+            read = replace(read, mask=None)
+        new.append(read)
     identities = resolve_identities(new, manifest.rows)
     images: list[NewImage] = []
     for read in new:
         identity = identities[read.rel]
         if not isinstance(identity, Identity):
-            report.rejected.append({"path": read.rel, "reason": identity})
+            report.rejected.append(rejection(read.rel, identity))
             continue
         row = manifest.rows.get(read.rel)
         images.append(NewImage(read=read, identity=identity,
@@ -214,3 +239,8 @@ def _write_batch(
     report.updated += outcome.updated
     report.duplicates.extend(outcome.duplicates)
     report.rejected.extend(outcome.rejected)
+    # A label or mask is rejected only for a photograph in the catalogue: a file rejected as a
+    # whole is reported once, for that, and a duplicate's own label or mask is never used.
+    for item in images:
+        if item.read.rel in writer.catalogued_paths:
+            report.rejected.extend(p.rejection(item.read.rel) for p in parts.pop(item.read.rel, []))

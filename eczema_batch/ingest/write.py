@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Image, Label, Mask, Patient, Rejection, Study, Visit
 from eczema_batch.ingest.read import FileRead
+from eczema_batch.ingest.rejections import DUPLICATE, FILE, rejection
 from eczema_batch.ingest.resolve import Identity
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class CatalogueWriter:
         self._study_id = study_id
         #: image paths present in the folder now (a catalogued path missing from it has moved)
         self._present = present or set()
+        #: paths in the catalogue after this ingest's writes (new or catalogued before)
         self.catalogued_paths: set[str] = set()
         #: duplicate path -> id of the catalogued image it repeats
         self.duplicate_of: dict[str, int] = {}
@@ -128,26 +130,28 @@ class CatalogueWriter:
                     same_as = f"{self._study_names.get(existing.study_id, '?')}:{existing.path}"
                 outcome.duplicates.append({"path": item.read.rel, "same_as": same_as})
                 self.duplicate_of[item.read.rel] = existing.id
+        inserted = fresh
         if per_file:
+            inserted = []
             for item in fresh:
                 try:
                     with session.begin_nested():
                         self._insert(session, [item])
-                    outcome.catalogued += 1
+                    inserted.append(item)
                 except IntegrityError as exc:
-                    outcome.rejected.append({
-                        "path": item.read.rel,
-                        "reason": f"catalogue refused the record: {str(exc.orig).splitlines()[0]}",
-                    })
+                    outcome.rejected.append(rejection(
+                        item.read.rel,
+                        f"catalogue refused the record: {str(exc.orig).splitlines()[0]}",
+                    ))
         else:
             self._insert(session, fresh)
-            outcome.catalogued += len(fresh)
+        outcome.catalogued += len(inserted)
         for rel, sha in pending.items():
             if sha in self._by_sha:
                 self.duplicate_of[rel] = self._by_sha[sha].id
         outcome.already += len(known)
         outcome.updated += self._sync_known(session, known)
-        self.catalogued_paths.update(item.read.rel for item in fresh)
+        self.catalogued_paths.update(item.read.rel for item in inserted)
         self.catalogued_paths.update(item.read.rel for item, _ in known)
         return outcome
 
@@ -259,18 +263,23 @@ class CatalogueWriter:
     def record_rejections(
         self, rejected: list[dict[str, str]], duplicates: list[dict[str, str]]
     ) -> None:
-        """Replace the study's list of rejected files with this ingest's, in one transaction."""
+        """Replace the study's list of rejections with this ingest's, in one transaction."""
         now = dt.datetime.now(dt.UTC)
+        duplicated = {dup["path"] for dup in duplicates}
+        # One row per path (the table's key): a whole file's rejection says more than one about
+        # its label, and a duplicate is recorded as such.
+        kept = _unique(sorted(rejected, key=lambda r: r.get("kind", FILE) != FILE))
         with self._factory() as session, session.begin():
             session.execute(delete(Rejection).where(Rejection.study_id == self._study_id))
             rows: list[dict[str, Any]] = [
-                {"study_id": self._study_id, "path": r["path"], "kind": "rejected",
+                {"study_id": self._study_id, "path": r["path"], "kind": r.get("kind", FILE),
                  "reason": r["reason"], "same_as_image_id": None, "created_at": now}
-                for r in _unique(rejected)
+                for r in kept
+                if r["path"] not in duplicated
             ]
             for dup in _unique(duplicates):
                 same = self.duplicate_of.get(dup["path"])
-                rows.append({"study_id": self._study_id, "path": dup["path"], "kind": "duplicate",
+                rows.append({"study_id": self._study_id, "path": dup["path"], "kind": DUPLICATE,
                              "reason": f"same picture as {dup['same_as']}",
                              "same_as_image_id": same, "created_at": now})
             if rows:
