@@ -117,13 +117,12 @@ def dockerfile() -> list[Instruction]:
     instructions, stage = [], -1
     logical = ""
     for line in DOCKERFILE.read_text().splitlines():
-        if not logical and (not line.strip() or line.lstrip().startswith("#")):
+        if line.lstrip().startswith("#") or not (line.strip() or logical):
             continue
-        if line.lstrip().startswith("#"):
-            continue
-        logical += line.rstrip("\\").rstrip() + " " if line.endswith("\\") else line
         if line.endswith("\\"):
+            logical += line[:-1].rstrip() + " "
             continue
+        logical += line
         keyword, _, arguments = logical.strip().partition(" ")
         if keyword.upper() == "FROM":
             stage += 1
@@ -593,11 +592,11 @@ def here(tmp_path: Path) -> Iterator[Here]:
     cli.write_text(f'#!/bin/sh\nexec {shutil.which("redis-cli")} -p {h.redis_port} "$@"\n')
     for script in (entrypoint, cli):
         script.chmod(0o755)
-    redis = subprocess.Popen(
-        ["sh", "-c", h.path(services()["redis"]["command"][-1])], env=h.shell(),
-        stdout=(tmp_path / "redis.log").open("wb"), stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with (tmp_path / "redis.log").open("wb") as log:
+        redis = subprocess.Popen(
+            ["sh", "-c", h.path(services()["redis"]["command"][-1])], env=h.shell(),
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
         yield h
     finally:
