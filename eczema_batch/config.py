@@ -11,8 +11,9 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from eczema_batch.errors import ConfigError, UsageError
@@ -51,6 +52,14 @@ class Settings(BaseSettings):
         default=None, description="SQLAlchemy URL; default: SQLite in the workspace folder"
     )
     broker_url: str | None = Field(default=None, description="Celery broker, e.g. redis://host:6379/0")
+    # Passwords kept out of the environment (Docker secrets, /run/secrets/NAME): the file's
+    # content goes into the URL's password, which the URL itself then must not carry.
+    database_password_file: Path | None = Field(
+        default=None, description="file holding the password of ECZEMA_BATCH_DATABASE_URL"
+    )
+    broker_password_file: Path | None = Field(
+        default=None, description="file holding the password of ECZEMA_BATCH_BROKER_URL"
+    )
     lease_seconds: float = Field(
         default=300, gt=0,
         description="a job not heard from for this long is taken over (its worker died); "
@@ -128,11 +137,46 @@ class Settings(BaseSettings):
             )
         return value
 
+    @model_validator(mode="after")
+    def _passwords_from_files(self) -> Settings:
+        if self.database_password_file is not None:
+            self.database_url = url_with_password_file(
+                self.database_url, self.database_password_file, "DATABASE"
+            )
+        if self.broker_password_file is not None:
+            self.broker_url = url_with_password_file(
+                self.broker_url, self.broker_password_file, "BROKER"
+            )
+        return self
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.home / 'catalogue.sqlite3').resolve()}"
+
+
+def url_with_password_file(url: str | None, path: Path, what: str) -> str:
+    """`url` with the password read from `path` (one line; percent-encoded into the URL)."""
+    setting = f"ECZEMA_BATCH_{what}_PASSWORD_FILE"
+    if not url:
+        raise ConfigError(f"{setting} is set but ECZEMA_BATCH_{what}_URL is not: set the URL "
+                          "without its password")
+    try:
+        password = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{setting}={path}: cannot read the password ({exc.strerror})") from None
+    if not password or "\n" in password:
+        raise ConfigError(f"{setting}={path}: the file must hold the password alone, on one line")
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise ConfigError(f"{setting}: ECZEMA_BATCH_{what}_URL names no server to log in to")
+    if parts.password is not None:
+        raise ConfigError(f"ECZEMA_BATCH_{what}_URL already has a password: with {setting}, "
+                          "leave it out of the URL")
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    netloc = f"{userinfo}:{quote(password, safe='')}@{hostport}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @lru_cache(maxsize=1)

@@ -453,5 +453,6 @@ def test_compose_file_describes_the_cluster() -> None:
         env = worker["environment"]
         assert env["ECZEMA_BATCH_BROKER_URL"].startswith("redis://redis:")
         assert env["ECZEMA_BATCH_DATABASE_URL"].startswith("postgresql+psycopg://")
-        assert any(v.endswith(f":{env['ECZEMA_BATCH_IMAGE_ROOT']}:ro") for v in worker["volumes"])
+        assert any(v["target"] == env["ECZEMA_BATCH_IMAGE_ROOT"] and v["read_only"]
+                   for v in worker["volumes"])
         assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"

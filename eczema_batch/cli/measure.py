@@ -1,7 +1,8 @@
-"""Measuring: run (here or on a Celery queue), worker, models list/make-tiny."""
+"""Measuring: run (here or on a Celery queue), worker, worker-ping, models list/make-tiny."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -22,7 +23,7 @@ from eczema_batch.cli.common import (
     models_app,
 )
 from eczema_batch.config import Settings
-from eczema_batch.errors import UsageError
+from eczema_batch.errors import EczemaBatchError, UsageError
 
 if TYPE_CHECKING:  # the commands import these lazily: `--help` stays fast, torch-free
     from eczema_batch.jobs.config import RunConfig
@@ -202,6 +203,38 @@ def worker(
         raise UsageError("--queue: name at least one queue, e.g. --queue gpu")
     start_worker(queues=queues, concurrency=concurrency, device=device, loglevel=loglevel,
                  hostname=hostname)
+
+
+@command(app, "worker-ping")
+def worker_ping(
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds to wait for an answer.")
+    ] = 5.0,
+) -> None:
+    """Ask the workers running on this host, through the broker, whether they answer.
+
+    Exits 0 when one answers within --timeout seconds and 1 otherwise (no worker, no broker, a
+    setting missing): the container image's HEALTHCHECK. A worker busy with a chunk still
+    answers; a worker whose main process hangs does not.
+
+    Example: eczema-batch worker-ping --timeout 5
+    """
+    # Exit 1 for every failure: Docker reads a health check's 1 as unhealthy and reserves 2.
+    try:
+        settings = _settings()
+        if not settings.broker_url:
+            raise UsageError("worker-ping needs a broker: set ECZEMA_BATCH_BROKER_URL")
+        from eczema_batch_workers.health import ping_workers
+
+        names = ping_workers(settings.broker_url, timeout=timeout)
+    except EczemaBatchError as exc:
+        err.print(f"[bold red]unhealthy:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    if not names:
+        err.print(f"[bold red]unhealthy:[/] no worker on {socket.gethostname()} answered within "
+                  f"{timeout:g} s (is `eczema-batch worker` running here?)", highlight=False)
+        raise typer.Exit(1)
+    err.print(f"{', '.join(names)} answered", highlight=False)
 
 
 @command(models_app, "list")
