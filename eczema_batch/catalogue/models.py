@@ -68,6 +68,9 @@ class Study(Timestamped, Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     #: absolute folder the study was ingested from; image paths are relative to it
     root: Mapped[str] = mapped_column(Text)
+    #: for a study that keys on DICOM PatientID: HMAC of a fixed text with the pseudonym key, so
+    #: that another key is refused (`eczema_batch.identifiers.key_check`); else None
+    pseudonym_key_check: Mapped[str | None] = mapped_column(String(64))
 
     patients: Mapped[list[Patient]] = relationship(back_populates="study")
 
@@ -80,7 +83,8 @@ class Patient(Timestamped, Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     #: the study's subject code (never a name)
     subject_code: Mapped[str] = mapped_column(String(64))
-    #: where the code came from: manifest, ClinicalTrialSubjectID, PatientID or folder
+    #: where the code came from: manifest, ClinicalTrialSubjectID, PatientID-HMAC (a keyed
+    #: pseudonym of the hospital's PatientID) or folder
     code_source: Mapped[str] = mapped_column(String(32))
 
     study: Mapped[Study] = relationship(back_populates="patients")
