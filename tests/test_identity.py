@@ -269,6 +269,39 @@ def test_look_alike_visit_folders_are_one_visit_and_long_names_are_never_cut(
 # --- which study ----------------------------------------------------------------------------------
 
 
+def test_two_folders_with_one_name_are_two_studies_unless_moved(
+    tmp_path: Path, factory: sessionmaker[Session]
+) -> None:
+    site_a, site_b = tmp_path / "siteA" / "trial", tmp_path / "siteB" / "trial"
+    write_jpeg(site_a / "P001" / "2024-01-15" / "a.jpg", seed=1)
+    write_jpeg(site_b / "P001" / "2024-01-15" / "b.jpg", seed=2)
+    assert invoke("ingest", str(site_a))[0] == 0
+    code, _, err = invoke("ingest", str(site_b))
+    assert code == 2
+    assert f"study 'trial' was catalogued from {site_a.resolve()}, not {site_b.resolve()}" in err
+    assert "--moved" in err and "--study NAME" in err
+    with factory() as session:
+        assert session.execute(select(Study.name, Study.root)).all() == [
+            ("trial", str(site_a.resolve()))]
+        assert len(session.scalars(select(Image)).all()) == 1  # nothing of siteB's went in
+    assert invoke("ingest", str(site_b), "--study", "trial-siteB")[0] == 0
+    with factory() as session:
+        patients = session.execute(
+            select(Study.name, Patient.subject_code).join(Patient).order_by(Study.name)).all()
+    assert patients == [("trial", "P001"), ("trial-siteB", "P001")]  # two patients, not one
+
+    moved = tmp_path / "archive" / "trial"
+    site_a.rename(tmp_path / "siteA" / "gone")
+    moved.parent.mkdir()
+    (tmp_path / "siteA" / "gone").rename(moved)
+    code, out, err = invoke("ingest", str(moved), "--moved", "--json")
+    assert code == 0, err
+    assert json.loads(out)["already_catalogued"] == 1
+    with factory() as session:
+        assert session.scalar(select(Study.root).where(Study.name == "trial")) == str(
+            moved.resolve())
+
+
 @pytest.mark.parametrize("name", ["tri\x00al", "  ", "x" * 201])
 def test_a_study_name_that_cannot_be_one_is_refused(tmp_path: Path, db_url: str, name: str
                                                      ) -> None:

@@ -66,7 +66,8 @@ class Study(Timestamped, Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    #: absolute folder the study was ingested from; image paths are relative to it
+    #: absolute folder the study was ingested from; image paths are relative to it. Another
+    #: folder for the same name is refused unless the user says the study moved.
     root: Mapped[str] = mapped_column(Text)
     #: for a study that keys on DICOM PatientID: HMAC of a fixed text with the pseudonym key, so
     #: that another key is refused (`eczema_batch.identifiers.key_check`); else None

@@ -41,6 +41,9 @@ def ingest(
     processes: Annotated[
         int, typer.Option(help="Decode processes (default: one per core).", min=0)
     ] = 0,
+    moved: Annotated[bool, typer.Option(
+        "--moved", help="The study was catalogued from another folder and now lives here.")
+    ] = False,
     patient_id_pseudonyms: Annotated[bool, typer.Option(
         "--patient-id-pseudonyms",
         help="The study keys on DICOM PatientID: use it as the subject code where there is no "
@@ -73,6 +76,7 @@ def ingest(
             processes=processes or settings.ingest_workers,
             batch_files=settings.ingest_batch_files,
             progress=update,
+            moved=moved,
             pseudonym_key=key,
         )
     warnings = report.warnings + report.note_lines()

@@ -80,6 +80,10 @@ class IngestReport:
                 for (folder, note), files in sorted(self.notes.items())]
 
 
+class StudyRootError(UsageError):
+    """the study was catalogued from another folder"""
+
+
 class PseudonymKeyError(UsageError):
     """the study keys on PatientID with another pseudonym key"""
 
@@ -92,8 +96,15 @@ def study_name_of(root: Path, given: str | None) -> str:
         raise UsageError(f"the study name {exc}: give one with --study NAME") from None
 
 
-def _study(session: Session, root: Path, name: str, *, pseudonym_key: bytes | None) -> Study:
-    """The study of that name, created or checked: one pseudonym key per study."""
+def _study(
+    session: Session, root: Path, name: str, *, moved: bool, pseudonym_key: bytes | None
+) -> Study:
+    """The study of that name, created or checked: one name, one folder, one pseudonym key.
+
+    Two folders with the same name (siteA/trial, siteB/trial) are two studies: merging them would
+    make both sites' P001 one patient and read one site's files for the other's records. So a
+    second folder for a name is refused unless the user says the study moved.
+    """
     check = key_check(pseudonym_key) if pseudonym_key is not None else None
     study = session.scalar(select(Study).where(Study.name == name))
     if study is None:
@@ -102,6 +113,12 @@ def _study(session: Session, root: Path, name: str, *, pseudonym_key: bytes | No
         session.flush()
         return study
     if study.root != str(root):
+        if not moved:
+            raise StudyRootError(
+                f"study {name!r} was catalogued from {study.root}, not {root}. If it is the same "
+                "study in a new place, run again with --moved; if it is another study, give it "
+                "a name of its own with --study NAME"
+            )
         session.add(
             Event(kind="study.moved", subject_type="study", subject_id=study.id,
                   detail={"from": study.root, "to": str(root)})
@@ -200,12 +217,13 @@ def ingest_study(
     processes: int = 0,
     batch_files: int = 500,
     progress: Progress | None = None,
+    moved: bool = False,
     pseudonym_key: bytes | None = None,
 ) -> IngestReport:
     """Catalogue the folder `root` as study `study_name` (default: the folder's name).
 
-    `pseudonym_key`: the study keys on DICOM PatientID, stored as a keyed pseudonym
-    (`identifiers.pseudonym`).
+    `moved`: the study was catalogued from another folder and now lives here. `pseudonym_key`:
+    the study keys on DICOM PatientID, stored as a keyed pseudonym (`identifiers.pseudonym`).
     """
     if not root.exists():
         raise StudyFolderError(f"{root} does not exist: give the folder that holds the study")
@@ -217,7 +235,7 @@ def ingest_study(
     manifest = read_manifest(scan.manifest) if scan.manifest is not None else Manifest()
 
     with factory() as session, session.begin():
-        study_id = _study(session, root, name, pseudonym_key=pseudonym_key).id
+        study_id = _study(session, root, name, moved=moved, pseudonym_key=pseudonym_key).id
         known = {
             sha: (w, h)
             for sha, w, h in session.execute(select(Image.sha256, Image.width, Image.height))
