@@ -131,6 +131,9 @@ class Image(Timestamped, Base):
     sop_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     #: ok, or why the image no longer decodes when the pipeline found it broken
     decode_status: Mapped[str] = mapped_column(String(200), default="ok")
+    #: the DICOM tag that says the pixels identify the patient (BurnedInAnnotation,
+    #: RecognizableVisualFeatures); such images stay out of shared outputs. None: not flagged
+    identifying_pixels: Mapped[str | None] = mapped_column(String(32))
 
     visit: Mapped[Visit] = relationship(back_populates="images")
 

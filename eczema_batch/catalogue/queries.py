@@ -33,6 +33,8 @@ class StudyCounts:
     labelled_images: int
     rejected: int
     duplicates: int
+    #: images whose DICOM header says the pixels identify the patient
+    identifying_pixels: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +81,12 @@ def study_counts(session: Session) -> list[StudyCounts]:
         .where(Rejection.kind == "duplicate")
         .group_by(Rejection.study_id),
     )
+    identifying = _count_by_study(
+        session,
+        select(Image.study_id, func.count())
+        .where(Image.identifying_pixels.is_not(None))
+        .group_by(Image.study_id),
+    )
     return [
         StudyCounts(
             study=study.name,
@@ -90,6 +98,7 @@ def study_counts(session: Session) -> list[StudyCounts]:
             labelled_images=labelled.get(study.id, 0),
             rejected=rejected.get(study.id, 0),
             duplicates=duplicates.get(study.id, 0),
+            identifying_pixels=identifying.get(study.id, 0),
         )
         for study in session.scalars(select(Study).order_by(Study.name))
     ]

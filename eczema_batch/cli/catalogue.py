@@ -159,6 +159,12 @@ def status(
                       str(c.reference_masks), str(c.labelled_images), str(c.rejected),
                       str(c.duplicates))
     err.print(table)
+    for c in counts:
+        if c.identifying_pixels:
+            err.print(f"  {c.study}: {c.identifying_pixels} image(s) whose DICOM header says the "
+                      "pixels identify the patient (BurnedInAnnotation or "
+                      "RecognizableVisualFeatures): kept out of the HTML report's thumbnails",
+                      highlight=False, markup=False)
     for study, path, kind, reason in rejections:
         err.print(f"  {study}  {kind:9}  {path}: {reason}", highlight=False)
     for origin in origins:

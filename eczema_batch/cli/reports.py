@@ -169,6 +169,11 @@ def report(
         "--html", help="Also write the HTML report (a page per patient) to this folder.")] = None,
     head: HeadOption = None,
     limit: Annotated[int, typer.Option(min=0, help="Patients listed (0: all).")] = 30,
+    include_identifying_pixels: Annotated[bool, typer.Option(
+        "--include-identifying-pixels",
+        help="Also make thumbnails of images whose DICOM header says the pixels identify the "
+        "patient (BurnedInAnnotation, RecognizableVisualFeatures): only for a report that stays "
+        "inside the care team.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Severity per visit and trend per patient: the cohort summary, or one patient's visits.
@@ -195,7 +200,8 @@ def report(
                                             max_pixels=settings.max_image_pixels,
                                             image_root=str(settings.image_root)
                                             if settings.image_root else None,
-                                            threads=settings.decode_threads)
+                                            threads=settings.decode_threads,
+                                            include_identifying_pixels=include_identifying_pixels)
     if as_json:
         payload = _report_json(cohort, visits=patient is not None)
         payload["html"] = str(written.index) if written else None
@@ -210,6 +216,12 @@ def report(
                   highlight=False)
         for iid, reason in list(written.unreadable.items())[:10]:
             err.print(f"  no thumbnail for image {iid}: {reason}", highlight=False)
+        if written.withheld:
+            err.print(f"  {len(written.withheld)} image(s) without a thumbnail because their "
+                      "DICOM header says the pixels identify the patient (images "
+                      f"{', '.join(str(i) for i in list(written.withheld)[:10])}"
+                      f"{' ...' if len(written.withheld) > 10 else ''}); "
+                      "--include-identifying-pixels shows them", highlight=False, markup=False)
 
 
 @command(app)

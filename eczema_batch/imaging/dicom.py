@@ -7,6 +7,8 @@ Why it looks the way it does:
   element is ever accessed, so its value is never even decoded. A hospital PatientID is read only
   when the caller passes a pseudonym key, and leaves this module as its keyed pseudonym. A tag
   value is never quoted in a message: `subject_problem` says what is wrong, not what the value is.
+- `BurnedInAnnotation` or `RecognizableVisualFeatures` = YES says the pixels themselves identify
+  the patient (text burnt into the picture, a face): `identifying_pixels` names the tag.
 - A multi-frame object is catalogued as its first frame; `DicomTags.frames` records how many it
   has. Only frame 0 is decoded (pydicom decodes a single frame when given `index=0`).
 - Reading happens in two steps, `open_dicom` (header and tags) then `OpenedDicom.decode` (pixels),
@@ -129,6 +131,9 @@ class DicomTags:
     frames: int
     #: why a subject tag that is present was not used (it never quotes the value), or None
     subject_problem: str | None = None
+    #: the tag that says the pixels identify the patient (BurnedInAnnotation,
+    #: RecognizableVisualFeatures), or None
+    identifying_pixels: str | None = None
 
 
 def first_line(exc: BaseException, limit: int = _MAX_DETAIL) -> str:
@@ -256,9 +261,15 @@ def _read_tags(ds: Dataset, pseudonym_key: bytes | None) -> DicomTags:
         modality=_text(ds, "Modality"),
         frames=max(frames, 1),
         subject_problem=subject_problem,
+        identifying_pixels=next(
+            (k for k in _IDENTIFYING_PIXELS if (_text(ds, k) or "").upper() == "YES"), None
+        ),
     )
 
 
+#: Tags whose YES says the pixels identify the patient: text burnt into the picture (names,
+#: numbers, dates) or recognisable features such as a face.
+_IDENTIFYING_PIXELS = ("BurnedInAnnotation", "RecognizableVisualFeatures")
 #: PatientID: the hospital's number (an MRN), sometimes a name; only ever stored as a pseudonym.
 PATIENT_ID_SOURCE = "PatientID-HMAC"
 
