@@ -710,3 +710,13 @@ def test_encoded_masks_are_compact() -> None:
     assert np.array_equal(decode_mask_png(data), mask)
     with pytest.raises(ValueError):
         encode_mask_png(np.zeros((2, 2, 2), bool))
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")
+@pytest.mark.parametrize("uid", ["1.2.3/../../x", "1.2.abc", "1." + "2" * 70, "1..2", ".1.2"])
+def test_a_uid_that_is_not_one_is_not_kept(uid: str) -> None:
+    data = make_dicom(np.zeros((4, 4), np.uint8), SOPInstanceUID=uid, StudyInstanceUID=uid,
+                      SeriesInstanceUID="1.2.840.10008.99")
+    tags = decode_bytes(data, max_pixels=LIMIT).dicom
+    assert tags is not None
+    assert (tags.sop_uid, tags.study_uid, tags.series_uid) == (None, None, "1.2.840.10008.99")

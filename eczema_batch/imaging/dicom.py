@@ -255,9 +255,9 @@ def _read_tags(ds: Dataset, pseudonym_key: bytes | None) -> DicomTags:
         date_source=date_source,
         timepoint=_text(ds, "ClinicalTrialTimePointID"),
         body_site=body_site,
-        study_uid=_text(ds, "StudyInstanceUID"),
-        series_uid=_text(ds, "SeriesInstanceUID"),
-        sop_uid=_text(ds, "SOPInstanceUID"),
+        study_uid=_uid(ds, "StudyInstanceUID"),
+        series_uid=_uid(ds, "SeriesInstanceUID"),
+        sop_uid=_uid(ds, "SOPInstanceUID"),
         modality=_text(ds, "Modality"),
         frames=max(frames, 1),
         subject_problem=subject_problem,
@@ -340,6 +340,22 @@ def _text(ds: Dataset, keyword: str) -> str | None:
         value = value.decode("ascii", errors="replace")
     text = str(value).strip(" \x00\t\r\n")
     return text or None
+
+
+#: A UID (PS3.5 9.1): numeric components separated by dots, at most 64 characters. Leading zeros,
+#: which the standard forbids, are common in real files and harmless, so they are let through.
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*", re.ASCII)
+_MAX_UID = 64
+
+
+def is_uid(text: str | None) -> bool:
+    return text is not None and len(text) <= _MAX_UID and _UID.fullmatch(text) is not None
+
+
+def _uid(ds: Dataset, keyword: str) -> str | None:
+    """A UID tag's value; None when it is not a UID (it would not fit the catalogue or a name)."""
+    text = _text(ds, keyword)
+    return text if is_uid(text) else None
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
