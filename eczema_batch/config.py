@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from eczema_batch.errors import ConfigError, UsageError
@@ -120,6 +120,14 @@ class Settings(BaseSettings):
         description="a responder's last visit is at least this many classes better than baseline",
     )
 
+    # Pseudonyms of DICOM PatientID, for a study that keys on it (`ingest --patient-id-pseudonyms`).
+    pseudonym_key: SecretStr | None = Field(
+        default=None, description="secret key of PatientID pseudonyms (HMAC-SHA-256)"
+    )
+    pseudonym_key_file: Path | None = Field(
+        default=None, description="file holding that key (its first line), instead of the variable"
+    )
+
     @field_validator("device", "worker_device")
     @classmethod
     def _check_device(cls, value: str | None) -> str | None:
@@ -177,6 +185,30 @@ def url_with_password_file(url: str | None, path: Path, what: str) -> str:
     userinfo, _, hostport = parts.netloc.rpartition("@")
     netloc = f"{userinfo}:{quote(password, safe='')}@{hostport}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def pseudonym_key(settings: Settings) -> bytes:
+    """The key of PatientID pseudonyms; ConfigError when none is set or it is too short."""
+    from eczema_batch.identifiers import MIN_KEY_BYTES
+
+    how = ("set ECZEMA_BATCH_PSEUDONYM_KEY, or ECZEMA_BATCH_PSEUDONYM_KEY_FILE to a file holding "
+           "it, to a secret of at least 16 characters that you keep (e.g. the output of "
+           "`python -c 'import secrets; print(secrets.token_hex(32))'`)")
+    if settings.pseudonym_key is not None:
+        key = settings.pseudonym_key.get_secret_value().strip().encode("utf-8")
+    elif settings.pseudonym_key_file is not None:
+        try:
+            lines = settings.pseudonym_key_file.read_bytes().splitlines()
+        except OSError as exc:
+            raise ConfigError(
+                f"ECZEMA_BATCH_PSEUDONYM_KEY_FILE cannot be read ({exc.strerror}): {how}"
+            ) from None
+        key = lines[0].strip() if lines else b""
+    else:
+        raise ConfigError(f"PatientID pseudonyms need a key: {how}")
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(f"the pseudonym key is shorter than {MIN_KEY_BYTES} characters: {how}")
+    return key
 
 
 @lru_cache(maxsize=1)

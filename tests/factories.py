@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -78,4 +79,39 @@ def write_manifest(
     path.parent.mkdir(parents=True, exist_ok=True)
     text = ("\ufeff" if bom else "") + line_end.join(lines) + line_end
     path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+def write_dicom(
+    path: Path, size: tuple[int, int] = (64, 48), *, seed: int = 0, **tags: object
+) -> Path:
+    """A VL Photographic Image (native RGB) of a random photo, with extra tags by keyword.
+
+    Values are written as given, invalid ones included (a hostile or broken source).
+    """
+    from pydicom import uid as dicom_uid
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    with warnings.catch_warnings():  # pydicom warns about the invalid values asked for
+        warnings.simplefilter("ignore")
+        ds = Dataset()
+        ds.SOPClassUID = dicom_uid.VLPhotographicImageStorage
+        ds.SOPInstanceUID = dicom_uid.generate_uid(entropy_srcs=[str(path), str(seed)])
+        ds.StudyInstanceUID = dicom_uid.generate_uid(entropy_srcs=[str(path.parent), "study"])
+        ds.SeriesInstanceUID = dicom_uid.generate_uid(entropy_srcs=[str(path.parent), "series"])
+        ds.Modality = "XC"
+        ds.PatientName = ds.PatientID = ds.PatientBirthDate = ds.PatientSex = ""
+        ds.StudyDate = ds.StudyTime = ds.AccessionNumber = ds.ReferringPhysicianName = ""
+        ds.StudyID = ""
+        ds.InstanceNumber = 1
+        for keyword, value in tags.items():
+            setattr(ds, keyword, value)
+        pixels = np.asarray(photo(size, seed=seed))
+        ds.set_pixel_data(np.ascontiguousarray(pixels), "RGB", 8, generate_instance_uid=False)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = dicom_uid.ExplicitVRLittleEndian
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
     return path

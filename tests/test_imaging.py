@@ -602,7 +602,8 @@ def test_dicom_tags_keep_codes_never_names() -> None:
     assert "Doe" not in repr(tags) and "1980" not in repr(tags)
     assert {field.name for field in fields(DicomTags)} == {
         "subject_code", "subject_source", "visit_date", "date_source", "timepoint", "body_site",
-        "study_uid", "series_uid", "sop_uid", "modality", "frames",
+        "study_uid", "series_uid", "sop_uid", "modality", "frames", "subject_problem",
+        "identifying_pixels",
     }  # fmt: skip
 
 
@@ -621,7 +622,8 @@ def test_dicom_tag_fallbacks() -> None:
     )
     tags = decode_bytes(data, max_pixels=LIMIT).dicom
     assert tags is not None
-    assert (tags.subject_code, tags.subject_source) == ("P001", "PatientID")
+    # A hospital PatientID is never a subject code unless a study asks for its pseudonym.
+    assert (tags.subject_code, tags.subject_source, tags.subject_problem) == (None, None, None)
     assert (tags.visit_date, tags.date_source) == (datetime.date(2023, 11, 2), "ContentDate")
     assert tags.body_site == "Forearm" and tags.timepoint is None and tags.frames == 1
     bare = decode_bytes(make_dicom(np.zeros((4, 4), np.uint8)), max_pixels=LIMIT).dicom
@@ -708,3 +710,13 @@ def test_encoded_masks_are_compact() -> None:
     assert np.array_equal(decode_mask_png(data), mask)
     with pytest.raises(ValueError):
         encode_mask_png(np.zeros((2, 2, 2), bool))
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")
+@pytest.mark.parametrize("uid", ["1.2.3/../../x", "1.2.abc", "1." + "2" * 70, "1..2", ".1.2"])
+def test_a_uid_that_is_not_one_is_not_kept(uid: str) -> None:
+    data = make_dicom(np.zeros((4, 4), np.uint8), SOPInstanceUID=uid, StudyInstanceUID=uid,
+                      SeriesInstanceUID="1.2.840.10008.99")
+    tags = decode_bytes(data, max_pixels=LIMIT).dicom
+    assert tags is not None
+    assert (tags.sop_uid, tags.study_uid, tags.series_uid) == (None, None, "1.2.840.10008.99")

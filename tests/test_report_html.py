@@ -16,12 +16,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
+from eczema_batch.catalogue.models import Image
 from eczema_batch.cli import app
+from eczema_batch.ingest.service import ingest_study
 from tests.conftest import service_missing
-from tests.factories import write_jpeg
+from tests.factories import write_dicom, write_jpeg
 from tests.report_factories import (
     make_head,
     make_image,
@@ -122,3 +125,50 @@ def test_html_report_in_a_browser(study: dict[str, int], tmp_path: Path) -> None
     assert 'data-images-loaded="1"' in index and 'data-images-broken="0"' in index
     assert f'href="patients/p{study["patient"]}.html"' in index
     assert "1 of 1 evaluable patients (100%)" in _text(index)
+
+
+def test_images_whose_pixels_identify_the_patient_get_no_thumbnail(
+    factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    root = tmp_path / "study"
+    visit = root / "P1" / "2024-01-15"
+    write_dicom(visit / "clean.dcm", seed=1, BurnedInAnnotation="NO")
+    write_dicom(visit / "burned.dcm", seed=2, BurnedInAnnotation="YES")
+    write_dicom(visit / "face.dcm", seed=3, RecognizableVisualFeatures="YES")
+    write_dicom(visit / "older.dcm", seed=4, BurnedInAnnotation="yes")
+    ingest_study(root, factory=factory, max_pixels=10**8, processes=1)
+    with factory() as s, s.begin():
+        head = make_head(s)
+        images = {Path(i.path).stem: i for i in s.scalars(select(Image))}
+        for image in images.values():
+            make_prediction(s, image, head, [0.1, 0.6, 0.2, 0.1])
+        assert {k: i.identifying_pixels for k, i in images.items()} == {
+            "clean": None, "burned": "BurnedInAnnotation", "face": "RecognizableVisualFeatures",
+            "older": "BurnedInAnnotation"}
+        # As if catalogued before the catalogue kept the flag: the file's header still counts.
+        images["older"].identifying_pixels = None
+        ids = {k: i.id for k, i in images.items()}
+
+    code, out, err = _invoke("status", "--json")
+    assert code == 0 and json.loads(out)["studies"][0]["identifying_pixels"] == 2
+    assert "2 image(s) whose DICOM header says the pixels identify the patient" in _invoke(
+        "status")[2]
+
+    out_dir = tmp_path / "report"
+    code, _, err = _invoke("report", "--html", str(out_dir))
+    assert code == 0, err
+    assert sorted(p.name for p in (out_dir / "thumbs").iterdir()) == [f"{ids['clean']}.jpg"]
+    assert "3 image(s) without a thumbnail" in err and "--include-identifying-pixels" in err
+    page = (out_dir / "patients" / next(
+        p.name for p in (out_dir / "patients").iterdir() if p.suffix == ".html")).read_text()
+    for name, tag in (("burned", "BurnedInAnnotation"), ("face", "RecognizableVisualFeatures"),
+                      ("older", "BurnedInAnnotation")):
+        figure = page[page.index(f'data-image-id="{ids[name]}"'):]
+        figure = figure[:figure.index("</figure>")]
+        assert "<img" not in figure
+        assert f"the pixels identify the patient ({tag} = YES)" in figure
+
+    shared = tmp_path / "care-team"
+    code, _, err = _invoke("report", "--html", str(shared), "--include-identifying-pixels")
+    assert code == 0, err
+    assert len(list((shared / "thumbs").iterdir())) == 4

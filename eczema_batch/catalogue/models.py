@@ -66,8 +66,12 @@ class Study(Timestamped, Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    #: absolute folder the study was ingested from; image paths are relative to it
+    #: absolute folder the study was ingested from; image paths are relative to it. Another
+    #: folder for the same name is refused unless the user says the study moved.
     root: Mapped[str] = mapped_column(Text)
+    #: for a study that keys on DICOM PatientID: HMAC of a fixed text with the pseudonym key, so
+    #: that another key is refused (`eczema_batch.identifiers.key_check`); else None
+    pseudonym_key_check: Mapped[str | None] = mapped_column(String(64))
 
     patients: Mapped[list[Patient]] = relationship(back_populates="study")
 
@@ -80,7 +84,8 @@ class Patient(Timestamped, Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     #: the study's subject code (never a name)
     subject_code: Mapped[str] = mapped_column(String(64))
-    #: where the code came from: manifest, ClinicalTrialSubjectID, PatientID or folder
+    #: where the code came from: manifest, ClinicalTrialSubjectID, PatientID-HMAC (a keyed
+    #: pseudonym of the hospital's PatientID) or folder
     code_source: Mapped[str] = mapped_column(String(32))
 
     study: Mapped[Study] = relationship(back_populates="patients")
@@ -126,6 +131,9 @@ class Image(Timestamped, Base):
     sop_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     #: ok, or why the image no longer decodes when the pipeline found it broken
     decode_status: Mapped[str] = mapped_column(String(200), default="ok")
+    #: the DICOM tag that says the pixels identify the patient (BurnedInAnnotation,
+    #: RecognizableVisualFeatures); such images stay out of shared outputs. None: not flagged
+    identifying_pixels: Mapped[str | None] = mapped_column(String(32))
 
     visit: Mapped[Visit] = relationship(back_populates="images")
 

@@ -41,18 +41,31 @@ def ingest(
     processes: Annotated[
         int, typer.Option(help="Decode processes (default: one per core).", min=0)
     ] = 0,
+    moved: Annotated[bool, typer.Option(
+        "--moved", help="The study was catalogued from another folder and now lives here.")
+    ] = False,
+    patient_id_pseudonyms: Annotated[bool, typer.Option(
+        "--patient-id-pseudonyms",
+        help="The study keys on DICOM PatientID: use it as the subject code where there is no "
+        "ClinicalTrialSubjectID, stored only as a keyed pseudonym (HMAC-SHA-256 with "
+        "ECZEMA_BATCH_PSEUDONYM_KEY, a secret you keep); the number itself is never stored.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Catalogue a study folder of JPEG, PNG and DICOM images.
 
     Every file is catalogued, recognised as already catalogued or a duplicate, or rejected with
-    a reason. Running it again adds only what is new.
+    a reason. Running it again adds only what is new. A patient is the manifest's code, else the
+    DICOM ClinicalTrialSubjectID, else the patient folder's name; never a hospital PatientID
+    unless --patient-id-pseudonyms is given.
 
     Example: eczema-batch ingest ./study --json
     """
+    from eczema_batch.config import pseudonym_key
     from eczema_batch.ingest.service import ingest_study
 
     settings = _settings()
+    key = pseudonym_key(settings) if patient_id_pseudonyms else None
     factory = _catalogue(settings)
     with _progress("ingesting") as update:
         report = ingest_study(
@@ -63,9 +76,16 @@ def ingest(
             processes=processes or settings.ingest_workers,
             batch_files=settings.ingest_batch_files,
             progress=update,
+            moved=moved,
+            pseudonym_key=key,
         )
-    for warning in report.warnings:  # stderr in both modes: stdout holds only the JSON object
+    warnings = report.warnings + report.note_lines()
+    for warning in warnings[:50]:  # stderr in both modes: stdout holds only the JSON object
         err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    if len(warnings) > 50:
+        err.print(f"... and {len(warnings) - 50} more warnings: ingest --json lists them, "
+                  "eczema-batch status --sources shows where codes and dates came from",
+                  highlight=False)
     if as_json:
         _emit_json(report.as_dict())
     else:
@@ -95,6 +115,9 @@ def ingest(
 @command(app)
 def status(
     rejected: Annotated[bool, typer.Option("--rejected", help="List rejected files.")] = False,
+    sources: Annotated[bool, typer.Option(
+        "--sources", help="Where each patient's code and each visit's date came from, and what "
+        "DICOM and the folders disagreed on.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """What the catalogue holds, per study, and where the work stands (jobs, failures).
@@ -102,7 +125,7 @@ def status(
     Jobs are counted by stage, queue and state from the catalogue (not the broker); running jobs
     are listed by the worker holding them; failed jobs and images come with their reasons.
 
-    Example: eczema-batch status --json
+    Example: eczema-batch status --sources --json
     """
     from eczema_batch.catalogue import queries
     from eczema_batch.jobs.status import job_status
@@ -111,6 +134,7 @@ def status(
     with factory() as session:
         counts = queries.study_counts(session)
         rejections = queries.rejections(session) if rejected else []
+        origins = queries.subject_sources(session) if sources else []
         jobs = job_status(session)
     if as_json:
         payload: dict[str, Any] = {"studies": [c.as_dict() for c in counts],
@@ -119,6 +143,8 @@ def status(
             payload["rejected"] = [
                 {"study": s, "path": p, "kind": k, "reason": r} for s, p, k, r in rejections
             ]
+        if sources:
+            payload["sources"] = [o.as_dict() for o in origins]
         _emit_json(payload)
         return
     if not counts:
@@ -133,10 +159,44 @@ def status(
                       str(c.reference_masks), str(c.labelled_images), str(c.rejected),
                       str(c.duplicates))
     err.print(table)
+    for c in counts:
+        if c.identifying_pixels:
+            err.print(f"  {c.study}: {c.identifying_pixels} image(s) whose DICOM header says the "
+                      "pixels identify the patient (BurnedInAnnotation or "
+                      "RecognizableVisualFeatures): kept out of the HTML report's thumbnails",
+                      highlight=False, markup=False)
     for study, path, kind, reason in rejections:
         err.print(f"  {study}  {kind:9}  {path}: {reason}", highlight=False)
+    for origin in origins:
+        _print_sources(origin)
     if jobs.counts:
         _print_jobs(jobs)
+
+
+def _print_sources(origin: Any) -> None:
+    """One study's patients and visits with where each code and date came from."""
+    def tally(counts: dict[str, int]) -> str:
+        return ", ".join(f"{source} {n}" for source, n in counts.items()) or "none"
+
+    from eczema_batch.cli.reports import _print_wide
+
+    table = Table(title=f"study {escape(origin.study)}: where codes and dates came from")
+    for column in ("patient", "code from", "visit", "date", "date from", "images"):
+        table.add_column(column, justify="right" if column == "images" else "left", no_wrap=True)
+    for p in origin.patients:
+        first = True
+        for v in p.visits or [None]:
+            row = [p.patient if first else "", p.code_source if first else ""]
+            row += ([v.visit, v.date.isoformat() if v.date else "–", v.date_source, str(v.images)]
+                    if v is not None else ["–", "–", "–", "0"])
+            table.add_row(*(escape(cell) for cell in row))
+            first = False
+    _print_wide(table)
+    err.print(f"  codes from: {tally(origin.code_counts())}; visit dates from: "
+              f"{tally(origin.date_counts())}", highlight=False, markup=False)
+    for note in origin.notes:
+        err.print(f"  at ingest {note['at'][:16]}: {note['folder']}: {note['note']} "
+                  f"({note['files']} file(s))", highlight=False, markup=False)
 
 
 def _print_jobs(jobs: Any) -> None:

@@ -169,6 +169,11 @@ def report(
         "--html", help="Also write the HTML report (a page per patient) to this folder.")] = None,
     head: HeadOption = None,
     limit: Annotated[int, typer.Option(min=0, help="Patients listed (0: all).")] = 30,
+    include_identifying_pixels: Annotated[bool, typer.Option(
+        "--include-identifying-pixels",
+        help="Also make thumbnails of images whose DICOM header says the pixels identify the "
+        "patient (BurnedInAnnotation, RecognizableVisualFeatures): only for a report that stays "
+        "inside the care team.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Severity per visit and trend per patient: the cohort summary, or one patient's visits.
@@ -195,7 +200,8 @@ def report(
                                             max_pixels=settings.max_image_pixels,
                                             image_root=str(settings.image_root)
                                             if settings.image_root else None,
-                                            threads=settings.decode_threads)
+                                            threads=settings.decode_threads,
+                                            include_identifying_pixels=include_identifying_pixels)
     if as_json:
         payload = _report_json(cohort, visits=patient is not None)
         payload["html"] = str(written.index) if written else None
@@ -210,6 +216,12 @@ def report(
                   highlight=False)
         for iid, reason in list(written.unreadable.items())[:10]:
             err.print(f"  no thumbnail for image {iid}: {reason}", highlight=False)
+        if written.withheld:
+            err.print(f"  {len(written.withheld)} image(s) without a thumbnail because their "
+                      "DICOM header says the pixels identify the patient (images "
+                      f"{', '.join(str(i) for i in list(written.withheld)[:10])}"
+                      f"{' ...' if len(written.withheld) > 10 else ''}); "
+                      "--include-identifying-pixels shows them", highlight=False, markup=False)
 
 
 @command(app)
@@ -222,10 +234,16 @@ def export(
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="File to write (default: stdout); a folder for dicom-seg.")] = None,
     head: HeadOption = None,
+    keep_patient_tags: Annotated[bool, typer.Option(
+        "--keep-patient-tags",
+        help="dicom-seg only: copy the source's patient and study attributes (name, birth date, "
+        "PatientID, accession number...) into each SEG, for a round trip to the PACS they came "
+        "from. By default a SEG carries only the UIDs that reference its source.")] = False,
 ) -> None:
     """Tidy rows for statisticians (columns in the README), or DICOM SEG objects of the masks.
 
-    No identifying data: subject codes, dates and body sites, never names, paths or notes.
+    No identifying data: subject codes, dates and body sites, never names, paths or notes. A DICOM
+    SEG references its source by UIDs only, unless --keep-patient-tags asks for a PACS round trip.
 
     Example: eczema-batch export --level visit --format csv -o visits.csv
     """
@@ -236,6 +254,8 @@ def export(
         raise UsageError(f"--level {level!r}: use one of {', '.join(LEVELS)}")
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if keep_patient_tags and fmt != "dicom-seg":
+        raise UsageError("--keep-patient-tags is for --format dicom-seg: rows never carry them")
     settings = _settings()
     factory = _catalogue(settings)
     if fmt == "dicom-seg":
@@ -246,7 +266,8 @@ def export(
         with factory() as session:
             seg = export_dicom_seg(session, output, study=study, patient=patient, head_id=head,
                                    image_root=str(settings.image_root)
-                                   if settings.image_root else None)
+                                   if settings.image_root else None,
+                                   keep_patient_tags=keep_patient_tags)
         err.print(f"wrote {len(seg.written)} DICOM SEG objects to {output}; "
                   f"{len(seg.skipped)} DICOM images skipped")
         for iid, reason in list(seg.skipped.items())[:20]:

@@ -2,9 +2,13 @@
 
 Why it looks the way it does:
 
-- Privacy. `DicomTags` keeps a subject *code* (ClinicalTrialSubjectID, else PatientID), never a
-  name, birth date or any other identifying tag; the pydicom dataset lives only inside one call and
-  no identifying element is ever accessed, so its value is never even decoded.
+- Privacy. `DicomTags` keeps a subject *code* (ClinicalTrialSubjectID), never a name, birth date
+  or any other identifying tag; the pydicom dataset lives only inside one call and no identifying
+  element is ever accessed, so its value is never even decoded. A hospital PatientID is read only
+  when the caller passes a pseudonym key, and leaves this module as its keyed pseudonym. A tag
+  value is never quoted in a message: `subject_problem` says what is wrong, not what the value is.
+- `BurnedInAnnotation` or `RecognizableVisualFeatures` = YES says the pixels themselves identify
+  the patient (text burnt into the picture, a face): `identifying_pixels` names the tag.
 - A multi-frame object is catalogued as its first frame; `DicomTags.frames` records how many it
   has. Only frame 0 is decoded (pydicom decodes a single frame when given `index=0`).
 - Reading happens in two steps, `open_dicom` (header and tags) then `OpenedDicom.decode` (pixels),
@@ -47,6 +51,7 @@ from pydicom.pixels import (
 )
 
 from eczema_batch.errors import RejectedFileError
+from eczema_batch.identifiers import IdentifierError, normalise_code, pseudonym
 
 #: A DICOM Part 10 file has a 128-byte preamble, then these four bytes.
 DICM_OFFSET = 128
@@ -105,9 +110,10 @@ _SHORT_PIXEL_DATA = re.compile(r"less than expected \((\d+) vs (\d+) bytes\)")
 class DicomTags:
     """What the catalogue keeps from a DICOM header; nothing here identifies a person."""
 
-    #: ClinicalTrialSubjectID when present and non-empty, else PatientID; stripped
+    #: ClinicalTrialSubjectID, normalised (`eczema_batch.identifiers`); else, when a pseudonym key
+    #: was given, the keyed pseudonym of PatientID; else None
     subject_code: str | None
-    #: "ClinicalTrialSubjectID" | "PatientID" | None
+    #: "ClinicalTrialSubjectID" | "PatientID-HMAC" | None
     subject_source: str | None
     #: the first valid date of StudyDate, AcquisitionDateTime, AcquisitionDate, ContentDate
     visit_date: datetime.date | None
@@ -123,6 +129,11 @@ class DicomTags:
     modality: str | None
     #: NumberOfFrames, or 1; only the first frame is catalogued
     frames: int
+    #: why a subject tag that is present was not used (it never quotes the value), or None
+    subject_problem: str | None = None
+    #: the tag that says the pixels identify the patient (BurnedInAnnotation,
+    #: RecognizableVisualFeatures), or None
+    identifying_pixels: str | None = None
 
 
 def first_line(exc: BaseException, limit: int = _MAX_DETAIL) -> str:
@@ -156,10 +167,10 @@ def looks_like_dataset(head: bytes) -> bool:
 class OpenedDicom:
     """A parsed DICOM header: its tags and size, and the means to decode the first frame."""
 
-    def __init__(self, ds: Dataset) -> None:
+    def __init__(self, ds: Dataset, *, pseudonym_key: bytes | None = None) -> None:
         self._ds = ds
         self._syntax: dicom_uid.UID | None = None
-        self.tags = _read_tags(ds)
+        self.tags = _read_tags(ds, pseudonym_key)
         self.width = _int(ds, "Columns") or 0
         self.height = _int(ds, "Rows") or 0
 
@@ -204,8 +215,12 @@ class OpenedDicom:
         return _to_rgb8(frame, str(meta.get("photometric_interpretation", "")), ds)
 
 
-def open_dicom(data: bytes) -> OpenedDicom:
-    """Parse a DICOM file's header (pixel data stays encoded). Raises RejectedFileError."""
+def open_dicom(data: bytes, *, pseudonym_key: bytes | None = None) -> OpenedDicom:
+    """Parse a DICOM file's header (pixel data stays encoded). Raises RejectedFileError.
+
+    With `pseudonym_key`, a PatientID (when there is no ClinicalTrialSubjectID) becomes the subject
+    code as its keyed pseudonym.
+    """
     has_preamble = data[DICM_OFFSET : DICM_OFFSET + 4] == DICM_MAGIC
     if not has_preamble and not looks_like_dataset(data[:8]):
         raise RejectedFileError("not an image: content is neither JPEG, PNG nor DICOM")
@@ -217,7 +232,7 @@ def open_dicom(data: bytes) -> OpenedDicom:
         raise RejectedFileError(f"DICOM header cannot be read: {first_line(exc)}") from exc
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         raise RejectedFileError("DICOM has no pixel data")
-    return OpenedDicom(ds)
+    return OpenedDicom(ds, pseudonym_key=pseudonym_key)
 
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -226,14 +241,8 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # --- tags -----------------------------------------------------------------------------------------
 
 
-def _read_tags(ds: Dataset) -> DicomTags:
-    subject_source = None
-    subject_code = None
-    for keyword in ("ClinicalTrialSubjectID", "PatientID"):
-        subject_code = _text(ds, keyword)
-        if subject_code:
-            subject_source = keyword
-            break
+def _read_tags(ds: Dataset, pseudonym_key: bytes | None) -> DicomTags:
+    subject_code, subject_source, subject_problem = _subject(ds, pseudonym_key)
     visit_date, date_source = _visit_date(ds)
     body_site = _text(ds, "BodyPartExamined")
     if body_site is None:
@@ -246,12 +255,48 @@ def _read_tags(ds: Dataset) -> DicomTags:
         date_source=date_source,
         timepoint=_text(ds, "ClinicalTrialTimePointID"),
         body_site=body_site,
-        study_uid=_text(ds, "StudyInstanceUID"),
-        series_uid=_text(ds, "SeriesInstanceUID"),
-        sop_uid=_text(ds, "SOPInstanceUID"),
+        study_uid=_uid(ds, "StudyInstanceUID"),
+        series_uid=_uid(ds, "SeriesInstanceUID"),
+        sop_uid=_uid(ds, "SOPInstanceUID"),
         modality=_text(ds, "Modality"),
         frames=max(frames, 1),
+        subject_problem=subject_problem,
+        identifying_pixels=next(
+            (k for k in _IDENTIFYING_PIXELS if (_text(ds, k) or "").upper() == "YES"), None
+        ),
     )
+
+
+#: Tags whose YES says the pixels identify the patient: text burnt into the picture (names,
+#: numbers, dates) or recognisable features such as a face.
+_IDENTIFYING_PIXELS = ("BurnedInAnnotation", "RecognizableVisualFeatures")
+#: PatientID: the hospital's number (an MRN), sometimes a name; only ever stored as a pseudonym.
+PATIENT_ID_SOURCE = "PatientID-HMAC"
+
+
+def _subject(
+    ds: Dataset, pseudonym_key: bytes | None
+) -> tuple[str | None, str | None, str | None]:
+    """(subject code, its source, why a subject tag present was not used); never quotes a value."""
+    problem = None
+    keywords = ("ClinicalTrialSubjectID", "PatientID") if pseudonym_key else (
+        "ClinicalTrialSubjectID",)
+    for keyword in keywords:
+        value = _value(ds, keyword)
+        if isinstance(value, MultiValue) and len(value) > 1:
+            problem = problem or f"{keyword} has {len(value)} values, a subject has one"
+            continue
+        text = _text(ds, keyword)
+        if not text:
+            continue
+        try:
+            if keyword == "PatientID":
+                assert pseudonym_key is not None
+                return pseudonym(pseudonym_key, text), PATIENT_ID_SOURCE, problem
+            return normalise_code(text), keyword, problem
+        except IdentifierError as exc:
+            problem = problem or f"{keyword} {exc}"
+    return None, None, problem
 
 
 #: Where the visit date comes from, in order of preference.
@@ -295,6 +340,22 @@ def _text(ds: Dataset, keyword: str) -> str | None:
         value = value.decode("ascii", errors="replace")
     text = str(value).strip(" \x00\t\r\n")
     return text or None
+
+
+#: A UID (PS3.5 9.1): numeric components separated by dots, at most 64 characters. Leading zeros,
+#: which the standard forbids, are common in real files and harmless, so they are let through.
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*", re.ASCII)
+_MAX_UID = 64
+
+
+def is_uid(text: str | None) -> bool:
+    return text is not None and len(text) <= _MAX_UID and _UID.fullmatch(text) is not None
+
+
+def _uid(ds: Dataset, keyword: str) -> str | None:
+    """A UID tag's value; None when it is not a UID (it would not fit the catalogue or a name)."""
+    text = _text(ds, keyword)
+    return text if is_uid(text) else None
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:

@@ -109,8 +109,14 @@ def sniff_format(head: bytes) -> Format | None:
     return None
 
 
-def decode_bytes(data: bytes, *, max_pixels: int, max_side: int | None = None) -> DecodedImage:
+def decode_bytes(
+    data: bytes, *, max_pixels: int, max_side: int | None = None,
+    pseudonym_key: bytes | None = None,
+) -> DecodedImage:
     """Decode a whole file's content. Raises RejectedFileError (and only that) for bad content.
+
+    `pseudonym_key`: a DICOM PatientID may become the subject code, as its keyed pseudonym
+    (`eczema_batch.identifiers.pseudonym`); without it PatientID is never read.
 
     Warnings from pydicom and Pillow (a malformed UID, corrupt EXIF) are silenced: a file is either
     decoded or rejected with a reason, and the core never writes to the terminal. (The filter is
@@ -126,7 +132,8 @@ def decode_bytes(data: bytes, *, max_pixels: int, max_side: int | None = None) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "dicom":
-            return _decode_dicom(data, max_pixels=max_pixels, max_side=max_side)
+            return _decode_dicom(data, max_pixels=max_pixels, max_side=max_side,
+                                 pseudonym_key=pseudonym_key)
         return _decode_photo(data, kind, max_pixels=max_pixels, max_side=max_side)
 
 
@@ -247,8 +254,10 @@ def _fit(image: Image.Image, max_side: int | None) -> Image.Image:
 # --- DICOM ---------------------------------------------------------------------------------------
 
 
-def _decode_dicom(data: bytes, *, max_pixels: int, max_side: int | None) -> DecodedImage:
-    dicom = open_dicom(data)
+def _decode_dicom(
+    data: bytes, *, max_pixels: int, max_side: int | None, pseudonym_key: bytes | None
+) -> DecodedImage:
+    dicom = open_dicom(data, pseudonym_key=pseudonym_key)
     if dicom.width > 0 and dicom.height > 0:  # a missing size is reported by decode()
         check_pixel_limit(dicom.width, dicom.height, max_pixels)
     pixels = dicom.decode()

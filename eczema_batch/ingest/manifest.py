@@ -19,11 +19,11 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from eczema_batch.errors import UsageError
+from eczema_batch.identifiers import check_subject_code, normalise_code
 from eczema_batch.ingest.rejections import LABEL, MASK, PartProblem
 
 DEFAULT_CLASSES = ("clear", "mild", "moderate", "severe")
@@ -31,8 +31,6 @@ COLUMNS = ("path", "patient", "visit_date", "body_site", "severity", "mask")
 KNOWN_COLUMNS = frozenset(COLUMNS)
 #: Delimiter -> its name in messages, in the order ties are broken.
 DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}
-#: Subject codes are short identifiers; spaces or commas suggest a name was typed instead.
-SUBJECT_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -65,16 +63,6 @@ def _normalise_path(raw: str) -> str | None:
     if path.is_absolute() or ".." in path.parts:
         return None
     return path.as_posix()
-
-
-def check_subject_code(code: str) -> str | None:
-    """The reason `code` is not usable as a subject code, or None."""
-    if not SUBJECT_CODE.match(code):
-        return (
-            f"patient {code!r} is not a subject code (letters, digits, '-', '_', '.' only; "
-            "never a name)"
-        )
-    return None
 
 
 def parse_severity(raw: str, classes: tuple[str, ...] = DEFAULT_CLASSES) -> int:
@@ -174,6 +162,7 @@ def _parse_row(
     patient = fields.get("patient") or None
     if patient is not None and (reason := check_subject_code(patient)):
         raise ValueError(reason)
+    patient = normalise_code(patient) if patient is not None else None  # as folder codes are
     visit_date = None
     if raw_date := fields.get("visit_date"):
         try:

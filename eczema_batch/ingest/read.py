@@ -55,12 +55,17 @@ class FileRead:
 #: sha256 -> (width, height) of everything already catalogued; set once per worker process.
 _KNOWN: dict[str, tuple[int, int]] = {}
 _MAX_PIXELS = 0
+#: the key of PatientID pseudonyms when the study keys on PatientID, else None
+_PSEUDONYM_KEY: bytes | None = None
 
 
-def _init_worker(known: dict[str, tuple[int, int]], max_pixels: int) -> None:
-    global _KNOWN, _MAX_PIXELS
+def _init_worker(
+    known: dict[str, tuple[int, int]], max_pixels: int, pseudonym_key: bytes | None = None
+) -> None:
+    global _KNOWN, _MAX_PIXELS, _PSEUDONYM_KEY
     _KNOWN = known
     _MAX_PIXELS = max_pixels
+    _PSEUDONYM_KEY = pseudonym_key
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -102,7 +107,7 @@ def read_file(task: ReadTask) -> FileRead:
     if not data:
         return FileRead(rel=task.rel, sha256=sha, error="empty file")
     try:
-        decoded = decode_bytes(data, max_pixels=_MAX_PIXELS)
+        decoded = decode_bytes(data, max_pixels=_MAX_PIXELS, pseudonym_key=_PSEUDONYM_KEY)
     except RejectedFileError as exc:
         return FileRead(rel=task.rel, sha256=sha, size_bytes=len(data), error=str(exc))
     return FileRead(
@@ -125,15 +130,17 @@ class FileReader:
     """Reads files in this process or in a pool of decode processes, in order."""
 
     def __init__(
-        self, *, known: dict[str, tuple[int, int]], max_pixels: int, processes: int
+        self, *, known: dict[str, tuple[int, int]], max_pixels: int, processes: int,
+        pseudonym_key: bytes | None = None,
     ) -> None:
         self._known = known
         self._max_pixels = max_pixels
         self._processes = processes
+        self._pseudonym_key = pseudonym_key
         self._pool: Executor | None = None
 
     def __enter__(self) -> FileReader:
-        _init_worker(self._known, self._max_pixels)
+        _init_worker(self._known, self._max_pixels, self._pseudonym_key)
         if self._processes > 1:
             # fork: the decoders import nothing heavy, and children start in milliseconds.
             context = multiprocessing.get_context("fork")
@@ -141,7 +148,7 @@ class FileReader:
                 max_workers=self._processes,
                 mp_context=context,
                 initializer=_init_worker,
-                initargs=(self._known, self._max_pixels),
+                initargs=(self._known, self._max_pixels, self._pseudonym_key),
             )
         return self
 

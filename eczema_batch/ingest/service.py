@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,11 +22,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Event, Image, Study
-from eczema_batch.errors import StudyFolderError
+from eczema_batch.errors import StudyFolderError, UsageError
+from eczema_batch.identifiers import MAX_STUDY_NAME, IdentifierError, key_check, normalise_label
 from eczema_batch.ingest.manifest import Manifest, read_manifest
 from eczema_batch.ingest.read import FileRead, FileReader, ReadTask
 from eczema_batch.ingest.rejections import MASK, PartProblem, rejection
-from eczema_batch.ingest.resolve import Identity, resolve_identities
+from eczema_batch.ingest.resolve import Identity, look_alike_folders, resolve_identities
 from eczema_batch.ingest.scan import MANIFEST_NAME, StudyScan, scan_study
 from eczema_batch.ingest.write import CatalogueWriter, NewImage
 
@@ -52,6 +53,8 @@ class IngestReport:
     rejected: list[dict[str, str]] = field(default_factory=list)
     #: what stopped nothing but the user should know (a manifest column ignored)
     warnings: list[str] = field(default_factory=list)
+    #: (PATIENT/VISIT folder, what DICOM and the folders disagree on) -> files
+    notes: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     @property
     def exit_code(self) -> int:
@@ -69,22 +72,73 @@ class IngestReport:
             "updated": self.updated,
             "duplicates": sorted(self.duplicates, key=lambda d: d["path"]),
             "rejected": sorted(self.rejected, key=lambda d: d["path"]),
-            "warnings": list(self.warnings),
+            "warnings": list(self.warnings) + self.note_lines(),
         }
 
+    def note_lines(self) -> list[str]:
+        return [f"{folder}: {note} ({files} file{'s' if files > 1 else ''})"
+                for (folder, note), files in sorted(self.notes.items())]
 
-def _study(session: Session, root: Path, name: str) -> Study:
+
+class StudyRootError(UsageError):
+    """the study was catalogued from another folder"""
+
+
+class PseudonymKeyError(UsageError):
+    """the study keys on PatientID with another pseudonym key"""
+
+
+def study_name_of(root: Path, given: str | None) -> str:
+    """The study's name (normalised, as every identifier); UsageError when it cannot be one."""
+    try:
+        return normalise_label(given if given is not None else root.name, limit=MAX_STUDY_NAME)
+    except IdentifierError as exc:
+        raise UsageError(f"the study name {exc}: give one with --study NAME") from None
+
+
+def _study(
+    session: Session, root: Path, name: str, *, moved: bool, pseudonym_key: bytes | None
+) -> Study:
+    """The study of that name, created or checked: one name, one folder, one pseudonym key.
+
+    Two folders with the same name (siteA/trial, siteB/trial) are two studies: merging them would
+    make both sites' P001 one patient and read one site's files for the other's records. So a
+    second folder for a name is refused unless the user says the study moved.
+    """
+    check = key_check(pseudonym_key) if pseudonym_key is not None else None
     study = session.scalar(select(Study).where(Study.name == name))
     if study is None:
-        study = Study(name=name, root=str(root))
+        study = Study(name=name, root=str(root), pseudonym_key_check=check)
         session.add(study)
         session.flush()
-    elif study.root != str(root):
+        return study
+    if study.root != str(root):
+        if not moved:
+            raise StudyRootError(
+                f"study {name!r} was catalogued from {study.root}, not {root}. If it is the same "
+                "study in a new place, run again with --moved; if it is another study, give it "
+                "a name of its own with --study NAME"
+            )
         session.add(
             Event(kind="study.moved", subject_type="study", subject_id=study.id,
                   detail={"from": study.root, "to": str(root)})
         )
         study.root = str(root)
+    if study.pseudonym_key_check is not None and check is None:
+        raise PseudonymKeyError(
+            f"study {name!r} keys on DICOM PatientID: ingest it with --patient-id-pseudonyms "
+            "and the same key (ECZEMA_BATCH_PSEUDONYM_KEY), or its new files would be catalogued "
+            "under other codes"
+        )
+    if check is not None and study.pseudonym_key_check not in (None, check):
+        raise PseudonymKeyError(
+            f"the pseudonym key is not the one study {name!r} was ingested with: every patient "
+            "would get a new code. Set ECZEMA_BATCH_PSEUDONYM_KEY to the study's key"
+        )
+    if check is not None and study.pseudonym_key_check is None:
+        study.pseudonym_key_check = check
+        session.add(Event(kind="study.keys_on_patient_id", subject_type="study",
+                          subject_id=study.id, detail={}))
     return study
 
 
@@ -163,23 +217,31 @@ def ingest_study(
     processes: int = 0,
     batch_files: int = 500,
     progress: Progress | None = None,
+    moved: bool = False,
+    pseudonym_key: bytes | None = None,
 ) -> IngestReport:
+    """Catalogue the folder `root` as study `study_name` (default: the folder's name).
+
+    `moved`: the study was catalogued from another folder and now lives here. `pseudonym_key`:
+    the study keys on DICOM PatientID, stored as a keyed pseudonym (`identifiers.pseudonym`).
+    """
     if not root.exists():
         raise StudyFolderError(f"{root} does not exist: give the folder that holds the study")
     if not root.is_dir():
         raise StudyFolderError(f"{root} is not a folder: give the folder that holds the study")
     root = root.resolve()
-    name = study_name or root.name
+    name = study_name_of(root, study_name)
     scan = scan_study(root)
     manifest = read_manifest(scan.manifest) if scan.manifest is not None else Manifest()
 
     with factory() as session, session.begin():
-        study_id = _study(session, root, name).id
+        study_id = _study(session, root, name, moved=moved, pseudonym_key=pseudonym_key).id
         known = {
             sha: (w, h)
             for sha, w, h in session.execute(select(Image.sha256, Image.width, Image.height))
         }
-    report = IngestReport(study=name, study_id=study_id, warnings=list(manifest.warnings))
+    report = IngestReport(study=name, study_id=study_id,
+                          warnings=list(manifest.warnings) + look_alike_folders(scan.images))
     plan = _plan(scan, manifest, report)
     tasks = plan.tasks
     report.files = len(tasks) + len(report.rejected)
@@ -192,7 +254,8 @@ def ingest_study(
         processes = 1
     writer = CatalogueWriter(factory=factory, study_id=study_id, present=set(scan.images))
     done = 0
-    with FileReader(known=known, max_pixels=max_pixels, processes=processes) as reader:
+    with FileReader(known=known, max_pixels=max_pixels, processes=processes,
+                    pseudonym_key=pseudonym_key) as reader:
         for batch in _batches(reader.read(tasks), batch_files):
             _write_batch(batch, manifest, plan.parts, writer, report)
             done += len(batch)
@@ -200,9 +263,13 @@ def ingest_study(
                 progress(done, len(tasks))
     writer.record_rejections(report.rejected, report.duplicates)
     with factory() as session, session.begin():
+        detail: dict[str, Any] = {k: v if isinstance(v, int) else len(v)
+                                  for k, v in report.as_dict().items() if k != "study"}
+        # Kept for `status --sources`: a file catalogued now is not resolved again next time.
+        detail["notes"] = [{"folder": folder, "note": note, "files": files}
+                           for (folder, note), files in sorted(report.notes.items())]
         session.add(Event(kind="ingest", subject_type="study", subject_id=study_id,
-                          detail={k: v if isinstance(v, int) else len(v)
-                                  for k, v in report.as_dict().items() if k != "study"}))
+                          detail=detail))
     return report
 
 
@@ -223,10 +290,11 @@ def _write_batch(
             parts[read.rel].append(PartProblem(MASK, read.mask.rel or read.rel, read.mask.error))
             read = replace(read, mask=None)
         new.append(read)
-    identities = resolve_identities(new, manifest.rows)
+    resolution = resolve_identities(new, manifest.rows)
+    report.notes.update((n.folder, n.note) for n in resolution.notes)
     images: list[NewImage] = []
     for read in new:
-        identity = identities[read.rel]
+        identity = resolution.identities[read.rel]
         if not isinstance(identity, Identity):
             report.rejected.append(rejection(read.rel, identity))
             continue

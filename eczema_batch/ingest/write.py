@@ -210,6 +210,7 @@ class CatalogueWriter:
                 "series_uid": tags.series_uid if tags else None,
                 "sop_uid": tags.sop_uid if tags else None,
                 "decode_status": "ok",
+                "identifying_pixels": tags.identifying_pixels if tags else None,
             })
         result = session.execute(
             insert(Image).returning(Image.id, sort_by_parameter_order=True), rows

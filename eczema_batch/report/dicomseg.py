@@ -1,16 +1,30 @@
 """Predicted lesion masks of DICOM images as DICOM Segmentation objects (highdicom).
 
-Each SEG references its source instance, re-read from the study folder so the patient, study and
-frame attributes are the source's own; it names the algorithm (eczema-batch and its version) and,
-as algorithm parameters, the segmenter (name and weights digest) and the prompts that made the
-mask. UIDs derive from the source instance and the mask, so exporting twice writes the same files.
-Images whose mask is flagged (SegGPT found no lesion) or empty are skipped with the reason.
+Each SEG references its source instance, re-read from the study folder; it names the algorithm
+(eczema-batch and its version) and, as algorithm parameters, the segmenter (name and weights
+digest) and the prompts that made the mask. UIDs derive from the source instance and the mask, so
+exporting twice writes the same files. Images whose mask is flagged (SegGPT found no lesion) or
+empty are skipped with the reason.
+
+Identifying data. A SEG carries the UIDs that reference its source (study, series, instance,
+frame of reference) and nothing else of the patient: highdicom is handed an allow-list copy of the
+source (`_referencing_source`), so the Patient and General Study attributes a SEG must have
+(type 2) are present and empty, and names, birth dates, hospital numbers, accession numbers,
+institutions and stations never reach the file, whatever the source holds. A round trip to the
+user's PACS, which needs them, is asked for explicitly (`keep_patient_tags`, the CLI's
+`--keep-patient-tags`). Either way a source that cannot be made into a SEG is skipped with a
+reason that names the attribute at fault and never quotes a value.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +37,7 @@ from eczema_batch import __version__
 from eczema_batch.catalogue.models import Image, Mask, Patient, Study, Visit
 from eczema_batch.errors import EczemaBatchError
 from eczema_batch.imaging import decode_mask_png
+from eczema_batch.imaging.dicom import is_uid
 from eczema_batch.report.queries import (
     HeadInfo,
     check_scope,
@@ -41,6 +56,29 @@ ALGORITHM_SOURCE = "SegGPT prompted by reference masks (arXiv 2504.15193)"
 #: Series number of the SEG series (away from the photographs' own series numbers).
 SEG_SERIES_NUMBER = 901
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+log = logging.getLogger(__name__)
+#: The UIDs a SEG references its source by; each must be a valid UID or the image is skipped.
+_REFERENCE_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+#: What highdicom reads from a source to build a SEG of it, besides the patient: the frame's size
+#: and geometry, the frame of reference, its instance number and whether it was compressed
+#: lossily (carried over).
+_FRAME_KEYWORDS = (
+    "FrameOfReferenceUID", "PositionReferenceIndicator", "Modality", "InstanceNumber", "Rows",
+    "Columns",
+    "NumberOfFrames", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing",
+    "SliceThickness", "SpacingBetweenSlices", "LossyImageCompression",
+    "LossyImageCompressionRatio", "LossyImageCompressionMethod",
+)
+#: Patient and General Study attributes a SEG must have (type 2: present, may be empty); highdicom
+#: reads each of them from the source. Empty unless the user keeps the source's.
+_PATIENT_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+
+
+class _SourceProblem(Exception):
+    """Why a source cannot be made into a SEG; the message never quotes a tag's value."""
 
 
 @dataclass
@@ -133,6 +171,90 @@ def _segmentation(source: Any, mask: np.ndarray, row: _MaskRow, segmenter: str) 
     return seg
 
 
+@contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """pydicom warns and logs an invalid value *with* the value: keep both off while a source is
+    read, so that a name or birth date never reaches a terminal or a log."""
+    logger = logging.getLogger("pydicom")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return False
+
+    logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def _check_reference_uids(source: Any) -> None:
+    for keyword in _REFERENCE_UIDS:
+        try:
+            value = source.get(keyword)
+        except Exception:
+            value = None
+        if not is_uid(str(value).strip("\0 ") if value is not None else None):
+            raise _SourceProblem(f"the source's {keyword} is not a valid DICOM UID")
+
+
+def _referencing_source(source: Any, *, keep_patient_tags: bool) -> Any:
+    """What highdicom is given as the source: an allow-list copy, or (kept) the checked source."""
+    from pydicom import config
+    from pydicom.dataset import Dataset
+    from pydicom.multival import MultiValue
+
+    _check_reference_uids(source)
+    if keep_patient_tags:
+        # highdicom copies these as they are: a malformed one would fail inside it with the
+        # value in the message, so each is checked first, by name only.
+        with config.strict_reading():
+            for keyword in _PATIENT_STUDY:
+                try:
+                    value = source.get(keyword)
+                except Exception:
+                    raise _SourceProblem(
+                        f"the source's {keyword} is not a valid DICOM value") from None
+                if isinstance(value, MultiValue):  # each of them has one value (VM 1)
+                    raise _SourceProblem(f"the source's {keyword} has several values")
+                if value is None:
+                    setattr(source, keyword, "")
+        return source
+    copy = Dataset()
+    for keyword in _REFERENCE_UIDS + _FRAME_KEYWORDS:
+        if keyword in source:
+            try:
+                copy[keyword] = deepcopy(source[keyword])
+            except Exception:
+                raise _SourceProblem(f"the source's {keyword} cannot be read") from None
+    for keyword in _PATIENT_STUDY:
+        setattr(copy, keyword, "")
+    return copy
+
+
+def _seg_of(path: Path, sop_uid: str | None, mask: np.ndarray, row: _MaskRow, segmenter: str,
+            *, keep_patient_tags: bool) -> tuple[Any, str]:
+    """(the SEG, its source's SOP Instance UID). Raises _SourceProblem."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        source = pydicom.dcmread(path)
+    except OSError as exc:
+        raise _SourceProblem(f"source DICOM cannot be read: {exc.strerror or 'I/O error'}"
+                             ) from None
+    except InvalidDicomError:
+        raise _SourceProblem("source DICOM cannot be read: not a DICOM file") from None
+    seg_source = _referencing_source(source, keep_patient_tags=keep_patient_tags)
+    source_uid = str(seg_source.SOPInstanceUID)
+    if sop_uid and source_uid != sop_uid:
+        raise _SourceProblem("the source file changed since ingest (another SOP Instance UID)")
+    if mask.shape != (int(seg_source.Rows), int(seg_source.Columns)):
+        raise _SourceProblem(f"mask {mask.shape} does not match the image's size")
+    return _segmentation(seg_source, mask, row, segmenter), source_uid
+
+
 def export_dicom_seg(
     session: Session,
     out_dir: Path,
@@ -141,11 +263,13 @@ def export_dicom_seg(
     patient: str | None = None,
     head_id: int | None = None,
     image_root: str | None = None,
+    keep_patient_tags: bool = False,
 ) -> SegExport:
-    """Write OUT/<study>/<patient>/<source SOP Instance UID>.seg.dcm for each DICOM image."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    """Write OUT/<study>/<patient>/<source SOP Instance UID>.seg.dcm for each DICOM image.
 
+    `keep_patient_tags`: copy the source's Patient and Study attributes (name, birth date,
+    PatientID, accession number...) into the SEG, for a round trip to the PACS they came from.
+    """
     try:
         import highdicom  # noqa: F401
     except ImportError as exc:
@@ -180,26 +304,31 @@ def export_dicom_seg(
         if row.flag:
             result.skipped[iid] = f"mask flagged: {row.flag}"
             continue
-        try:
-            source = pydicom.dcmread(files[iid])
-        except (OSError, InvalidDicomError) as exc:
-            result.skipped[iid] = f"source DICOM cannot be read: {exc}"
-            continue
-        if sop_uid and str(source.SOPInstanceUID) != sop_uid:
-            result.skipped[iid] = "the source file changed since ingest (another SOP Instance UID)"
-            continue
         mask = decode_mask_png(row.png)
-        if mask.shape != (int(source.Rows), int(source.Columns)):
-            result.skipped[iid] = f"mask {mask.shape} does not match the image's size"
-            continue
         if not mask.any():
             result.skipped[iid] = "mask is empty"
             continue
         ref = refs.get(row.model_id) if row.model_id is not None else None
         segmenter = f"{ref.name}@{ref.digest[:16]}" if ref else "unknown"
-        seg = _segmentation(source, mask, row, segmenter)
-        target = out_dir / _safe(study_name) / _safe(code) / f"{source.SOPInstanceUID}.seg.dcm"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        seg.save_as(target)
+        try:
+            with _quiet_pydicom():
+                seg, source_uid = _seg_of(files[iid], sop_uid, mask, row, segmenter,
+                                          keep_patient_tags=keep_patient_tags)
+                target = out_dir / _safe(study_name) / _safe(code) / f"{source_uid}.seg.dcm"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                seg.save_as(target)
+        except _SourceProblem as exc:
+            result.skipped[iid] = str(exc)
+            continue
+        except MemoryError:
+            raise
+        except Exception as exc:  # highdicom and pydicom raise many types; their messages may
+            # quote a value of the source (a name, a birth date), so only the type is kept
+            log.info("image %d: no DICOM SEG (%s)", iid, type(exc).__name__)
+            result.skipped[iid] = (
+                f"a DICOM SEG cannot be made from this source ({type(exc).__name__}; its "
+                "values are not shown): check the source with dciodvfy"
+            )
+            continue
         result.written.append(target)
     return result

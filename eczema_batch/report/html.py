@@ -8,6 +8,11 @@
 
 Every text is escaped; links are relative, so the folder can be copied or zipped. A thumbnail that
 cannot be made (the study folder moved) is listed with the reason instead of failing the report.
+
+The report is meant to be shared, so an image whose DICOM header says its pixels identify the
+patient (BurnedInAnnotation or RecognizableVisualFeatures = YES: a name burnt into the picture, a
+face) gets no thumbnail, only a note and a flag, unless the user asks for them
+(`include_identifying_pixels`).
 """
 
 from __future__ import annotations
@@ -19,12 +24,20 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from eczema_batch import __version__
+from eczema_batch.catalogue.models import Image
 from eczema_batch.errors import RejectedFileError
 from eczema_batch.report.cohort import CohortReport, PatientReport
-from eczema_batch.report.plots import cohort_plot, severity_plot, thumbnail
+from eczema_batch.report.plots import (
+    IdentifyingPixelsError,
+    cohort_plot,
+    identifying_pixels_reason,
+    severity_plot,
+    thumbnail,
+)
 from eczema_batch.report.queries import (
     ImageRecord,
     flag_reasons,
@@ -71,6 +84,8 @@ class HtmlReport:
     thumbnails: int = 0
     #: image id -> why no thumbnail could be made
     unreadable: dict[int, str] = field(default_factory=dict)
+    #: image id -> why its thumbnail was held back (its pixels identify the patient)
+    withheld: dict[int, str] = field(default_factory=dict)
 
 
 def _page(title: str, body: str) -> str:
@@ -234,6 +249,16 @@ review; green frame: reviewed.</p>
 """)
 
 
+def identifying_images(session: Session, image_ids: list[int]) -> dict[int, str]:
+    """Image id -> the DICOM tag that says its pixels identify the patient, for flagged images."""
+    if not image_ids:
+        return {}
+    rows = session.execute(
+        select(Image.id, Image.identifying_pixels)
+        .where(Image.id.in_(image_ids), Image.identifying_pixels.is_not(None)))
+    return {iid: tag for iid, tag in rows if tag is not None}
+
+
 def _by_patient(records: Iterator[ImageRecord], patients: list[PatientReport]
                 ) -> Iterator[tuple[PatientReport, list[ImageRecord]]]:
     """Pair each patient with its image records (both streams are in the same patient order)."""
@@ -255,6 +280,7 @@ def write_html_report(
     image_root: str | None = None,
     thumb_side: int = THUMB_SIDE,
     threads: int = 4,
+    include_identifying_pixels: bool = False,
 ) -> HtmlReport:
     """Write the cohort page, a page per patient, the plots and the thumbnails under `out_dir`.
 
@@ -270,12 +296,18 @@ def write_html_report(
     # The image stream is read to the end first: the per-patient look-ups below use the session.
     pairs = list(_by_patient(records, report.patients))
 
-    def make_thumb(record: ImageRecord, path: Path, mask_png: bytes | None) -> str | None:
-        """The reason it cannot be made, or None once it is written."""
+    def make_thumb(record: ImageRecord, path: Path, mask_png: bytes | None, tag: str | None
+                   ) -> tuple[str, bool] | None:
+        """(why it cannot be made, whether it was held back), or None once it is written."""
+        if tag is not None and not include_identifying_pixels:
+            return identifying_pixels_reason(tag), True
         try:
-            jpeg = thumbnail(path, mask_png, max_side=thumb_side, max_pixels=max_pixels)
+            jpeg = thumbnail(path, mask_png, max_side=thumb_side, max_pixels=max_pixels,
+                             identifying=include_identifying_pixels)
+        except IdentifyingPixelsError as exc:
+            return str(exc), True
         except RejectedFileError as exc:
-            return str(exc)
+            return str(exc), False
         (out_dir / "thumbs" / f"{record.image_id}.jpg").write_bytes(jpeg)
         return None
 
@@ -283,16 +315,21 @@ def write_html_report(
         for p, mine in pairs:
             files = image_files(session, [r.image_id for r in mine], image_root=image_root)
             masks = mask_pngs(session, [r.mask_id for r in mine if r.mask_id is not None])
-            problems = pool.map(make_thumb, mine, [files[r.image_id] for r in mine],
-                                [masks.get(r.mask_id or -1) for r in mine])
+            flagged = identifying_images(session, [r.image_id for r in mine])
+            outcomes = pool.map(make_thumb, mine, [files[r.image_id] for r in mine],
+                                [masks.get(r.mask_id or -1) for r in mine],
+                                [flagged.get(r.image_id) for r in mine])
             figures: dict[int, list[str]] = {}
-            for record, problem in zip(mine, problems, strict=True):
+            for record, outcome in zip(mine, outcomes, strict=True):
                 name: str | None = f"{record.image_id}.jpg"
-                if problem is None:
+                problem = None
+                if outcome is None:
                     result.thumbnails += 1
                 else:
                     name = None
-                    result.unreadable[record.image_id] = problem
+                    problem, held_back = outcome
+                    (result.withheld if held_back else result.unreadable)[record.image_id] = (
+                        problem)
                 figures.setdefault(record.visit_id, []).append(
                     _figure(report, record, name, problem))
             title = f"{p.key.patient}: {p.trend.status}"

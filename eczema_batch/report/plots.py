@@ -15,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from eczema_batch.errors import RejectedFileError
 from eczema_batch.imaging import decode_mask_png, decode_path
 from eczema_batch.report.trends import PatientTrend, VisitNumberSummary
 
@@ -76,12 +77,20 @@ def cohort_plot(per_visit: Sequence[VisitNumberSummary]) -> bytes:
     return _png(fig)
 
 
-def thumbnail(path: Path, mask_png: bytes | None, *, max_side: int, max_pixels: int) -> bytes:
+def thumbnail(
+    path: Path, mask_png: bytes | None, *, max_side: int, max_pixels: int,
+    identifying: bool = False,
+) -> bytes:
     """A JPEG thumbnail of the image with its lesion mask filled and outlined.
 
-    Raises RejectedFileError when the image cannot be read (moved, changed, broken).
+    Raises RejectedFileError when the image cannot be read (moved, changed, broken), and
+    IdentifyingPixelsError when the file's DICOM header says its pixels identify the patient,
+    unless `identifying` allows them. The header is read here, from the file the thumbnail is made
+    of, so that images catalogued before the catalogue kept that flag are held back too.
     """
     decoded = decode_path(path, max_pixels=max_pixels, max_side=max_side * 2)
+    if not identifying and decoded.dicom is not None and decoded.dicom.identifying_pixels:
+        raise IdentifyingPixelsError(identifying_pixels_reason(decoded.dicom.identifying_pixels))
     image = Image.fromarray(np.array(decoded.pixels), "RGB")
     image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     if mask_png is not None:
@@ -94,6 +103,15 @@ def thumbnail(path: Path, mask_png: bytes | None, *, max_side: int, max_pixels: 
     buffer = BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
+
+
+class IdentifyingPixelsError(RejectedFileError):
+    """the image's pixels identify the patient: no thumbnail is made of it"""
+
+
+def identifying_pixels_reason(tag: str) -> str:
+    return (f"its DICOM header says the pixels identify the patient ({tag} = YES): no "
+            "thumbnail in a report meant to be shared; --include-identifying-pixels shows it")
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
