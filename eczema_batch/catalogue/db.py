@@ -89,6 +89,12 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
     while migrating (the pragma only takes effect outside a transaction, hence before begin), and
     the result is checked before commit. On PostgreSQL: a transaction-scoped lock, so two
     processes starting at once do not race.
+
+    Python's sqlite3 opens a transaction only before INSERT, UPDATE or DELETE: left to it, each
+    CREATE TABLE commits on its own, and a process killed while creating the schema leaves half
+    of it, unversioned, that nothing can open again. So on SQLite the transaction is begun here,
+    explicitly (IMMEDIATE: the write lock first, so two processes migrating at once queue on it
+    instead of both reading the old version): the whole migration commits, or none of it.
     """
     with engine.connect() as connection:
         sqlite = connection.dialect.name == "sqlite"
@@ -97,7 +103,9 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
             connection.commit()  # SQLAlchemy's autobegun transaction; SQLite has none open
         try:
             with connection.begin():
-                if not sqlite:
+                if sqlite:
+                    connection.exec_driver_sql("BEGIN IMMEDIATE")
+                else:
                     connection.execute(text("SELECT pg_advisory_xact_lock(:k)"),
                                        {"k": _PG_MIGRATION_LOCK})
                 yield connection
