@@ -10,19 +10,25 @@ when a given statement goes out.
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import func, inspect, select, text
 
 from eczema_batch.catalogue.db import (
     current_revision,
     dispose_engines,
     get_engine,
     head_revision,
+    open_catalogue,
 )
+from eczema_batch.catalogue.models import Image, Study
+from eczema_batch.config import get_settings
+from tests.factories import write_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,3 +99,52 @@ def test_a_kill_during_the_first_schema_creation_leaves_no_half_catalogue(
     assert code == 0, err
     assert current_revision(get_engine(url)) == head_revision(get_engine(url))
     dispose_engines()
+
+
+# -- two ingests of one new study at once --------------------------------------------------------
+
+
+def test_two_ingests_of_a_new_study_at_once_share_its_row(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Both ingests find no study row and go to insert it; the test holds the table's write lock
+    until both are there, so the race happens every time."""
+    root = tmp_path / "trial"
+    for patient in ("P001", "P002"):
+        for seed in range(3):
+            write_jpeg(root / patient / "2024-01-15" / f"{seed}.jpg",
+                       seed=seed + (10 if patient == "P002" else 0))
+    flags = [tmp_path / "flag0", tmp_path / "flag1"]
+    engine = get_engine(db_url)
+    sqlite = engine.dialect.name == "sqlite"
+    if sqlite:
+        lock = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+    else:
+        conn = engine.connect()
+        conn.execute(text("LOCK TABLE studies IN SHARE MODE"))  # reads go on, inserts wait
+    try:
+        procs = [cli_process("ingest", str(root), "--json",
+                             env={"ECZEMA_BATCH_DATABASE_URL": db_url,
+                                  "EB_TEST_FLAG_AT": "INSERT INTO studies",
+                                  "EB_TEST_FLAG": str(flag)})
+                 for flag in flags]
+        deadline = time.monotonic() + 120
+        while not all(f.exists() for f in flags):
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, "the ingests never got to the study row"
+            time.sleep(0.05)
+    finally:
+        if sqlite:
+            lock.execute("COMMIT")
+            lock.close()
+        else:
+            conn.commit()
+            conn.close()
+    results = [p.communicate(timeout=120) for p in procs]
+    for proc, (_, err) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    with open_catalogue(db_url)() as session:
+        assert session.scalar(select(func.count()).select_from(Study)) == 1
+        assert session.scalar(select(func.count()).select_from(Image)) == 6
+    get_settings.cache_clear()

@@ -21,7 +21,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from eczema_batch.catalogue.models import Event, Image, Study
+from eczema_batch.catalogue.models import Event, Image, Study, utcnow
+from eczema_batch.catalogue.upsert import insert_ignoring_conflicts
 from eczema_batch.errors import StudyFolderError
 from eczema_batch.ingest.manifest import Manifest, read_manifest
 from eczema_batch.ingest.read import FileRead, FileReader, ReadTask
@@ -76,10 +77,12 @@ class IngestReport:
 def _study(session: Session, root: Path, name: str) -> Study:
     study = session.scalar(select(Study).where(Study.name == name))
     if study is None:
-        study = Study(name=name, root=str(root))
-        session.add(study)
-        session.flush()
-    elif study.root != str(root):
+        # Two ingests of a new study at once both find no row: the second one's insert does
+        # nothing (instead of failing on the unique name) and both go on with the same row.
+        session.execute(insert_ignoring_conflicts(session, Study, ["name"])
+                        .values(name=name, root=str(root), created_at=utcnow()))
+        study = session.scalars(select(Study).where(Study.name == name)).one()
+    if study.root != str(root):
         session.add(
             Event(kind="study.moved", subject_type="study", subject_id=study.id,
                   detail={"from": study.root, "to": str(root)})
