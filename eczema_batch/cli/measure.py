@@ -139,6 +139,7 @@ def run(
         "jobs": summary.jobs,
         "resumed_jobs": summary.resumed,
         "images": summary.images,
+        "measured": {stage: summary.measured.get(stage, 0) for stage in ("embed", "measure")},
         "failed_jobs": {str(k): v for k, v in summary.failed_jobs.items()},
         "failed_images": {str(k): v for k, v in summary.failed_images.items()},
         "head": summary.targets.head_id,
@@ -150,8 +151,8 @@ def run(
             err.print("nothing to do: every image is measured with the current models")
         else:
             err.print(
-                f"run {summary.run_id}: {summary.images.get('measure', 0)} images measured, "
-                f"{summary.images.get('embed', 0)} references embedded, "
+                f"run {summary.run_id}: {summary.measured.get('measure', 0)} images measured, "
+                f"{summary.measured.get('embed', 0)} references embedded, "
                 f"{len(summary.failed_images)} images failed, "
                 f"{len(summary.failed_jobs)} jobs failed"
             )

@@ -388,17 +388,21 @@ def summarise(
                              jobs=plan.job_count, resumed=plan.resumed, images=dict(plan.images))
         image_ids: set[int] = set()
         unfinished = 0
-        for job_id, state, ids, error in session.execute(
-            select(Job.id, Job.state, Job.image_ids, Job.last_error).where(tracked.clause())
+        done: list[tuple[str, list[int]]] = []
+        for job_id, stage, state, ids, error in session.execute(
+            select(Job.id, Job.stage, Job.state, Job.image_ids, Job.last_error)
+            .where(tracked.clause())
         ):
             if state == "done":
-                summary.done_jobs += 1
+                done.append((stage, list(ids)))
                 image_ids.update(ids)
             elif state == "failed":
                 summary.failed_jobs[job_id] = error or "unknown error"
             elif state in UNFINISHED:
                 unfinished += 1
-        summary.failed_images.update(failed_images(session, image_ids))
+        unreadable = failed_images(session, image_ids)
+        for stage, ids in done:
+            summary.add_done(stage, len(ids), {i: unreadable[i] for i in ids if i in unreadable})
         if finish and not unfinished:
             run.state = "failed" if summary.failed_jobs else "done"
             run.finished_at = utcnow()
