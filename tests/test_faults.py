@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,10 @@ from eczema_batch.catalogue.db import (
 )
 from eczema_batch.catalogue.models import Image, Study
 from eczema_batch.config import get_settings
+from eczema_batch.synth import write_synthetic_study
+from tests.conftest import service_missing
 from tests.factories import write_jpeg
+from tests.test_cli import invoke
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,4 +151,168 @@ def test_two_ingests_of_a_new_study_at_once_share_its_row(
     with open_catalogue(db_url)() as session:
         assert session.scalar(select(func.count()).select_from(Study)) == 1
         assert session.scalar(select(func.count()).select_from(Image)) == 6
+    get_settings.cache_clear()
+
+
+# -- a disk that is full or read-only (a real tmpfs mount, made full or read-only) --------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 320 KiB tmpfs mounted for the test (root may mount; without the right, skip)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(where)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        service_missing(f"cannot mount a tmpfs to fill up: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def remount(where: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(where)], check=True)
+
+
+def fill(where: Path) -> None:
+    """Leave no free byte on the disk at `where`."""
+    fd = os.open(where / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 512)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def test_a_full_disk_stops_ingest_with_a_message_and_keeps_whole_batches(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    """SQLite only: the catalogue's file is on the full disk (a PostgreSQL server's disk is not
+    ours to fill; its `disk_full` SQLSTATE gets the same message)."""
+    root = tmp_path / "trial"
+    write_synthetic_study(root, patients=20, visits=4, seed=2, size=(32, 24))
+    env: dict[str, str | None] = {"ECZEMA_BATCH_HOME": str(small_disk / "home"),
+                                  "ECZEMA_BATCH_DATABASE_URL": None,
+                                  "ECZEMA_BATCH_INGEST_BATCH_FILES": "20"}
+    code, err = cli("ingest", str(root), env=env)
+    assert code == 3, err
+    assert "Traceback" not in err
+    assert f"the disk holding the catalogue ({small_disk / 'home' / 'catalogue.sqlite3'}) is " \
+        "full: " in err
+    kept = int(err.split(" is full: ")[1].split(" of ")[0])
+    assert kept > 0 and kept % 20 == 0
+    url = f"sqlite:///{small_disk / 'home' / 'catalogue.sqlite3'}"
+    with open_catalogue(url)() as session:  # the batches written before are whole
+        assert session.scalar(select(func.count()).select_from(Image)) == kept
+    dispose_engines()
+    remount(small_disk, "size=4m")  # space freed: the same command carries on
+    code, err = cli("ingest", str(root), "--json", env=env)
+    assert code == 0, err
+    with open_catalogue(url)() as session:
+        assert session.scalar(select(func.count()).select_from(Image)) == 160
+    dispose_engines()
+
+
+def test_an_export_onto_a_full_disk_says_so(
+    db_url: str, small_disk: Path
+) -> None:
+    fill(small_disk)
+    out = small_disk / "visits.csv"
+    code, _, err = invoke("export", "--level", "image", "-o", str(out))
+    assert code == 1, err
+    assert "the disk is full" in err and str(out) in err
+    assert not out.exists() and not (small_disk / "visits.csv.partial").exists()
+
+
+@pytest.mark.parametrize("case", ["missing folder", "a folder", "read-only disk",
+                                  "seg onto a file"])
+def test_an_export_path_that_cannot_be_written_is_refused_before_any_work(
+    db_url: str, tmp_path: Path, case: str, request: pytest.FixtureRequest
+) -> None:
+    args = ["export", "--level", "visit"]
+    if case == "missing folder":
+        out, expected = tmp_path / "nowhere" / "visits.csv", "does not exist"
+    elif case == "a folder":
+        out, expected = tmp_path, "is a folder"
+    elif case == "read-only disk":
+        disk = request.getfixturevalue("small_disk")
+        remount(disk, "ro")  # read-only for root too
+        out, expected = disk / "visits.csv", "cannot write in"
+    else:
+        (tmp_path / "file").write_text("x")
+        out, expected = tmp_path / "file", "is a file"
+        args += ["--format", "dicom-seg"]
+    code, stdout, err = invoke(*args, "-o", str(out))
+    assert code == 2, err
+    assert expected in err and str(out) in err and stdout == ""
+    assert not (tmp_path / "nowhere").exists()
+
+
+# -- a damaged catalogue, a foreign one --------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "text file"])
+def test_a_damaged_catalogue_is_named_and_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str, _sqlite_template: Path
+) -> None:
+    path = tmp_path / "catalogue.sqlite3"
+    template = _sqlite_template.read_bytes()
+    path.write_bytes({"random bytes": os.urandom(len(template)),
+                      "truncated": template[: len(template) // 3],
+                      "text file": b"patient,visit\nP001,2024-01-15\n"}[damage])
+    before = path.read_bytes()
+    monkeypatch.setenv("ECZEMA_BATCH_DATABASE_URL", f"sqlite:///{path}")
+    get_settings.cache_clear()
+    write_jpeg(tmp_path / "study" / "P001" / "2024-01-15" / "a.jpg")
+    for args in [("status",), ("export",), ("report",), ("ingest", str(tmp_path / "study")),
+                 ("db", "current"), ("db", "upgrade"), ("run",)]:
+        code, stdout, err = invoke(*args)
+        assert code == 1, (args, err)
+        assert f"the catalogue at {path} is damaged or is not an eczema-batch catalogue" in err
+        assert stdout == ""
+    assert path.read_bytes() == before
+    dispose_engines()
+    get_settings.cache_clear()
+
+
+# -- folders: only the workspace is created ------------------------------------------------------
+
+
+def test_a_sqlite_url_whose_folder_is_missing_is_refused_not_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'typo' / 'deeper' / 'catalogue.sqlite3'}"
+    monkeypatch.setenv("ECZEMA_BATCH_DATABASE_URL", url)
+    monkeypatch.setenv("ECZEMA_BATCH_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    for args in [("status",), ("db", "upgrade"), ("db", "current")]:
+        code, _, err = invoke(*args)
+        assert code == 2, (args, err)
+        assert f"is to be in {tmp_path / 'typo' / 'deeper'}, which is not a folder that " \
+            "exists" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    get_settings.cache_clear()
+
+
+def test_only_the_workspace_folder_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ECZEMA_BATCH_DATABASE_URL", raising=False)
+    monkeypatch.setenv("ECZEMA_BATCH_HOME", str(tmp_path / "missing" / "home"))
+    get_settings.cache_clear()
+    code, _, err = invoke("status")
+    assert code == 2, err
+    assert f"the folder {tmp_path / 'missing'} does not exist" in err
+    assert not (tmp_path / "missing").exists()
+
+    monkeypatch.setenv("ECZEMA_BATCH_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    code, _, err = invoke("status")
+    assert code == 0, err
+    assert (tmp_path / "home" / "catalogue.sqlite3").is_file()
+    dispose_engines()
     get_settings.cache_clear()

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from eczema_batch.catalogue.db import describe
+from eczema_batch.catalogue.faults import explain_database_error
 from eczema_batch.catalogue.models import Event, Image, Study, utcnow
 from eczema_batch.catalogue.upsert import insert_ignoring_conflicts
 from eczema_batch.errors import StudyFolderError
@@ -197,7 +200,17 @@ def ingest_study(
     done = 0
     with FileReader(known=known, max_pixels=max_pixels, processes=processes) as reader:
         for batch in _batches(reader.read(tasks), batch_files):
-            _write_batch(batch, manifest, plan.parts, writer, report)
+            try:
+                _write_batch(batch, manifest, plan.parts, writer, report)
+            except DBAPIError as exc:
+                # Each batch is one transaction: those written before this one are whole.
+                problem = explain_database_error(
+                    exc, describe(factory.kw["bind"]),
+                    done=f"{report.catalogued} of {len(tasks)} files were catalogued before it "
+                    "filled" if report.catalogued else "")
+                if problem is None:
+                    raise
+                raise problem from exc
             done += len(batch)
             if progress is not None:
                 progress(done, len(tasks))
