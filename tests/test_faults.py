@@ -105,6 +105,38 @@ def test_a_kill_during_the_first_schema_creation_leaves_no_half_catalogue(
     dispose_engines()
 
 
+def test_three_first_commands_at_once_make_one_catalogue(tmp_path: Path) -> None:
+    """All three find no schema and go to create it; the test holds the file's write lock until
+    all three wait for it. The first creates the schema, the others then find it made."""
+    home = tmp_path / "home"
+    home.mkdir()
+    path = home / "catalogue.sqlite3"
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("PRAGMA journal_mode=WAL")
+    lock.execute("BEGIN IMMEDIATE")
+    flags = [tmp_path / f"flag{i}" for i in range(3)]
+    try:
+        procs = [cli_process("status", env={"ECZEMA_BATCH_HOME": str(home),
+                                            "ECZEMA_BATCH_DATABASE_URL": None,
+                                            "EB_TEST_FLAG_AT": "BEGIN IMMEDIATE",
+                                            "EB_TEST_FLAG": str(flag)})
+                 for flag in flags]
+        deadline = time.monotonic() + 120
+        while not all(f.exists() for f in flags):
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, "the commands never got to the migration"
+            time.sleep(0.05)
+    finally:
+        lock.execute("COMMIT")
+        lock.close()
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    url = f"sqlite:///{path}"
+    assert current_revision(get_engine(url)) == head_revision(get_engine(url))
+    dispose_engines()
+
+
 # -- two ingests of one new study at once --------------------------------------------------------
 
 
