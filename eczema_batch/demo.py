@@ -113,7 +113,7 @@ def _measure(factory: sessionmaker[Session], config: RunConfig, settings: Settin
     if summary.failed_jobs:
         first = next(iter(summary.failed_jobs.values()))
         raise EczemaBatchError(f"the pipeline failed on the demo study: {first}")
-    return summary.images.get("measure", 0)
+    return summary.measured.get("measure", 0)
 
 
 def _train(factory: sessionmaker[Session], config: RunConfig, result: DemoResult) -> bool:

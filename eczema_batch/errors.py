@@ -10,11 +10,14 @@ from __future__ import annotations
 class EczemaBatchError(Exception):
     """eczema-batch failed"""
 
-    #: exit status the CLI uses (2: the user's input is wrong; 1: nothing could be done)
+    #: exit status the CLI uses (2: the user's input is wrong; 1: nothing could be done; 3: partly
+    #: done)
     exit_code = 1
 
-    def __init__(self, message: str | None = None) -> None:
+    def __init__(self, message: str | None = None, *, exit_code: int | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
+        if exit_code is not None:
+            self.exit_code = exit_code
 
     @property
     def message(self) -> str:
@@ -60,3 +63,8 @@ class NoHeadError(UsageError):
 
 class TransientError(EczemaBatchError):
     """a temporary failure (database or broker unreachable, device busy); retrying may succeed"""
+
+
+class DiskFullError(EczemaBatchError):
+    """a disk is full: free some space, then run the same command again (what was written before
+    is kept)"""

@@ -262,6 +262,101 @@ def test_progress_follows_split_jobs_until_all_finish(factory: sessionmaker[Sess
     assert seen == [0, 2, 4, 6]
 
 
+class FakeClock:
+    """Seconds that pass only when the waiting loop sleeps: no test waits for real time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _lease(factory: sessionmaker[Session], job_id: int, *, owner: str, seconds: float) -> None:
+    """Job `job_id` running, held by `owner` until `seconds` from now (negative: run out)."""
+    with factory.begin() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(
+            state="running", lease_owner=owner,
+            lease_expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)))
+
+
+def test_a_waiting_client_resends_work_that_nobody_does(factory: sessionmaker[Session]) -> None:
+    """A pending job whose message is gone and a job whose worker died (its lease ran out): after
+    a lease's length with nobody at work, both are sent again, embed first, and then done."""
+    with factory.begin() as session:
+        run = make_run(session)
+        lost = make_job(session, run, queue="cpu").id
+        orphan = make_job(session, run, stage="embed", queue="cpu").id
+    _lease(factory, orphan, owner="dead:1", seconds=-1)
+    plan = Plan(run_id=run.id, jobs={"embed": [orphan], "measure": [lost]})
+    clock = FakeClock()
+    sent: list[tuple[float, list[tuple[int, str]]]] = []
+
+    def resend(jobs: list[tuple[int, str]]) -> None:  # a worker that runs what it is sent
+        sent.append((clock.now, jobs))
+        with factory.begin() as session:
+            session.execute(update(Job).where(Job.id.in_([j for j, _ in jobs]))
+                            .values(state="done"))
+
+    final = dispatch.wait_for_jobs(factory, dispatch.track(factory, plan), resend=resend,
+                                   stall_seconds=10, sleep=clock.sleep, clock=clock,
+                                   timeout=100)
+    assert final.finished
+    assert sent == [(10.0, [(orphan, "cpu"), (lost, "cpu")])]
+
+
+def test_a_waiting_client_leaves_work_alone_while_a_worker_holds_a_live_lease(
+    factory: sessionmaker[Session],
+) -> None:
+    with factory.begin() as session:
+        run = make_run(session)
+        waiting = make_job(session, run).id
+        other = make_job(session, make_run(session)).id  # another run's, on the same queue
+        elsewhere = make_job(session, make_run(session), queue="cpu").id
+    _lease(factory, other, owner="alive:1", seconds=3600)
+    _lease(factory, elsewhere, owner="alive:2", seconds=3600)  # another queue: no say
+    plan = Plan(run_id=run.id, jobs={"measure": [waiting]})
+    tracked = dispatch.track(factory, plan)
+    clock = FakeClock()
+    sent: list[float] = []
+    final = dispatch.wait_for_jobs(factory, tracked, resend=lambda _: sent.append(clock.now),
+                                   stall_seconds=10, sleep=clock.sleep, clock=clock, timeout=60)
+    assert not final.finished and sent == []  # the worker is busy: the message waits its turn
+
+    _lease(factory, other, owner="alive:1", seconds=-1)  # that worker died too
+    final = dispatch.wait_for_jobs(factory, tracked, resend=lambda _: sent.append(clock.now),
+                                   stall_seconds=10, sleep=clock.sleep, clock=clock, timeout=80)
+    # Sent at 10 s; then nothing happens (no worker at all): again 20 s later, then 40 s later.
+    assert not final.finished and sent == [70.0, 90.0, 130.0]
+
+
+def test_a_waiting_client_survives_a_broker_it_cannot_reach(
+    factory: sessionmaker[Session],
+) -> None:
+    from eczema_batch.errors import TransientError
+
+    with factory.begin() as session:
+        run = make_run(session)
+        job_id = make_job(session, run).id
+    plan = Plan(run_id=run.id, jobs={"measure": [job_id]})
+    clock = FakeClock()
+    tries: list[float] = []
+
+    def resend(jobs: list[tuple[int, str]]) -> None:
+        tries.append(clock.now)
+        if len(tries) == 1:
+            raise TransientError("cannot reach the broker")
+        with factory.begin() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(state="done"))
+
+    final = dispatch.wait_for_jobs(factory, dispatch.track(factory, plan), resend=resend,
+                                   stall_seconds=5, sleep=clock.sleep, clock=clock, timeout=60)
+    assert final.finished and tries == [5.0, 15.0]
+
+
 def test_summary_reports_failed_jobs_and_images(factory: sessionmaker[Session]) -> None:
     with factory.begin() as session:
         run = make_run(session)

@@ -170,11 +170,20 @@ def test_a_killed_run_resumes_its_jobs_without_duplicates(
     proc.wait()
     with factory() as session:
         unfinished = count(session, Job, Job.state.in_(("pending", "running")))
+        jobs_before = count(session, Job)
+        left = sum(len(ids) for ids in session.scalars(select(Job.image_ids).where(
+            Job.stage == "measure", Job.state.in_(("pending", "running")))))
     assert unfinished > 0, "the run was to be killed while jobs were left"
-    code, payload = run_cli(tiny_model_dir)
-    assert code == 0
-    assert payload["resumed_jobs"] == unfinished
+    # Said in words, as a user reads it: the images of the jobs it took over count as measured.
+    result = runner.invoke(app, [
+        "run", "--model-dir", str(tiny_model_dir), "--segmenter-model", "tiny-seggpt",
+        "--embedder-model", "tiny-dino", "--device", "cpu",
+    ])
+    assert result.exit_code == 0, result.stderr
+    assert f": {left} images measured, " in result.stderr
     with factory() as session:
+        # Every unfinished job was taken over: none was planned again.
+        assert count(session, Job) == jobs_before
         n = count(session, Image)
         assert count(session, Embedding, Embedding.region == "crop") == n
         assert count(session, Embedding, Embedding.region == "full") == n

@@ -230,3 +230,31 @@ def test_a_read_only_role_can_report_export_and_ask_the_status(
     assert [r["visit_number"] for r in rows] == ["1", "2"]
     code, out, err = invoke("export", "--level", "patient", "--format", "json")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_worker_refuses_a_newer_schema_and_names_it(
+    backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What a worker logs for each message: the newer revision, not advice to upgrade the schema
+    (an older worker's `db upgrade` cannot help)."""
+    from eczema_batch_workers import tasks
+
+    from eczema_batch.errors import CatalogueError
+
+    if backend == "postgresql":
+        url = request.getfixturevalue("server_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'catalogue.sqlite3'}"
+    upgrade(get_engine(url))
+    _set_revision(url, UNKNOWN)
+    tasks._catalogue.cache_clear()
+    with pytest.raises(CatalogueError) as refused:
+        tasks._catalogue(url)
+    message = str(refused.value)
+    assert f"has schema revision {UNKNOWN}" in message
+    assert "a newer version of eczema-batch made it" in message
+    assert "db upgrade" not in message
+    assert current_revision(get_engine(url)) == UNKNOWN
+    tasks._catalogue.cache_clear()
+    dispose_engines()

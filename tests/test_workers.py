@@ -124,14 +124,14 @@ class Cluster:
     def factory(self) -> sessionmaker[Session]:
         return open_catalogue(self.url)
 
-    def start_worker(self, index: int) -> Worker:
+    def start_worker(self, index: int, **env: str) -> Worker:
         name = f"w{index}-{self.queue}@%h"
         log = self.home / f"worker{index}-{uuid.uuid4().hex[:6]}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-c", WORKER_BOOT, "worker", "--queue", self.queue,
                  "--hostname", name, "--loglevel", "INFO"],
-                cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                cwd=REPO, env={**self.env, **env}, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         return Worker(name, log, proc)
@@ -166,6 +166,13 @@ class Cluster:
                               capture_output=True, timeout=timeout, check=False)
         assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
         return dict(json.loads(done.stdout))
+
+    def start_client(self, *args: str) -> subprocess.Popen[bytes]:
+        """`eczema-batch ARGS` in a process of its own (a `run` that waits, say)."""
+        return subprocess.Popen([sys.executable, "-m", "eczema_batch", *args], cwd=REPO,
+                                env={**self.env, "ECZEMA_BATCH_CHUNK_SIZE":
+                                     os.environ["ECZEMA_BATCH_CHUNK_SIZE"]},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def jobs(self) -> list[Job]:
         with self.factory() as session:
@@ -347,6 +354,79 @@ def test_a_flushed_broker_loses_nothing_run_sends_it_again(
     assert payload["resumed_jobs"] == stuck.count("pending") and payload["failed_jobs"] == {}
     jobs = live.jobs()
     assert {j.state for j in jobs} == {"done"} and len(jobs) == sent
+    assert_one_result_per_image(live)
+
+
+def finished_client(proc: subprocess.Popen[bytes], timeout: float = 240) -> tuple[dict[str, Any],
+                                                                                  str]:
+    """The waiting `run --json`'s payload and stderr, once it has returned by itself."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError("the waiting client never finished: "
+                             + err.decode(errors="replace")[-2000:]) from None
+    text = err.decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    return dict(json.loads(out)), text
+
+
+RESENT = "sent them again"
+
+
+def test_a_waiting_client_resends_what_a_flushed_broker_lost(
+    live: Cluster, study_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No second `run`: the waiting one sees pending jobs that no worker takes up and sends them
+    again."""
+    import redis
+
+    monkeypatch.setenv("ECZEMA_BATCH_CHUNK_SIZE", "2")
+    get_settings.cache_clear()
+    ingest(live, study_root)
+    live.slow(0.7)
+    client = live.start_client("run", "--queue", live.queue, "--json")
+    wait_until("both workers to be in a chunk",
+               lambda: sum(j.state == "running" for j in live.jobs()) == 2, timeout=120)
+    redis.Redis.from_url(live.broker).flushdb()
+    live.slow(0)
+    payload, err = finished_client(client)
+    assert RESENT in err
+    jobs = live.jobs()
+    assert {j.state for j in jobs} == {"done"} and payload["failed_jobs"] == {}
+    with live.factory() as session:
+        images = session.scalar(select(func.count()).select_from(Image))
+    assert payload["measured"]["measure"] == images
+    assert_one_result_per_image(live)
+
+
+def test_a_waiting_client_resends_the_chunk_of_a_cluster_killed_outright(
+    live: Cluster, study_root: Path
+) -> None:
+    """Every worker's process group killed mid-chunk, then workers started again. Their broker
+    gives an unacknowledged message back only after an hour here: the waiting client, seeing the
+    dead worker's lease run out with nobody at work, sends the chunk again."""
+    ingest(live, study_root)
+    live.slow(2.0)
+    client = live.start_client("run", "--queue", live.queue, "--json")
+    try:
+        job = wait_until("a measure job to be running", lambda: running_measure_job(live),
+                         timeout=120)
+        for worker in live.workers:
+            os.killpg(worker.proc.pid, signal.SIGKILL)  # power cut: nobody says goodbye
+            worker.proc.wait(timeout=10)
+        live.slow(0)
+        live.workers = [live.start_worker(i, ECZEMA_BATCH_VISIBILITY_TIMEOUT="3600")
+                        for i in range(len(live.workers))]
+        payload, err = finished_client(client)
+    finally:
+        for worker in live.workers:  # the next test gets the cluster's own workers again
+            worker.stop()
+    assert RESENT in err
+    jobs = {j.id: j for j in live.jobs()}
+    assert (jobs[job.id].state, jobs[job.id].attempts) == ("done", 2)
+    assert {j.state for j in jobs.values()} == {"done"} and payload["failed_jobs"] == {}
     assert_one_result_per_image(live)
 
 

@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from eczema_batch.errors import CatalogueError, TransientError
+from eczema_batch.errors import CatalogueError, ConfigError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def make_engine(url: str) -> Engine:
+    """An engine for `url`. A SQLite file's folder must exist: a URL is never a reason to create
+    folders (a typo would scatter catalogues); the workspace folder is made by the CLI."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        if database and database != ":memory:" and not database.startswith("file:"):
+            folder = Path(database).resolve().parent
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"the catalogue {database} is to be in {folder}, which is not a folder that "
+                    "exists: create it, or fix ECZEMA_BATCH_DATABASE_URL (eczema-batch creates "
+                    "no folder for a URL)"
+                )
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -89,6 +97,12 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
     while migrating (the pragma only takes effect outside a transaction, hence before begin), and
     the result is checked before commit. On PostgreSQL: a transaction-scoped lock, so two
     processes starting at once do not race.
+
+    Python's sqlite3 opens a transaction only before INSERT, UPDATE or DELETE: left to it, each
+    CREATE TABLE commits on its own, and a process killed while creating the schema leaves half
+    of it, unversioned, that nothing can open again. So on SQLite the transaction is begun here,
+    explicitly (IMMEDIATE: the write lock first, so two processes migrating at once queue on it
+    instead of both reading the old version): the whole migration commits, or none of it.
     """
     with engine.connect() as connection:
         sqlite = connection.dialect.name == "sqlite"
@@ -97,7 +111,9 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
             connection.commit()  # SQLAlchemy's autobegun transaction; SQLite has none open
         try:
             with connection.begin():
-                if not sqlite:
+                if sqlite:
+                    connection.exec_driver_sql("BEGIN IMMEDIATE")
+                else:
                     connection.execute(text("SELECT pg_advisory_xact_lock(:k)"),
                                        {"k": _PG_MIGRATION_LOCK})
                 yield connection
@@ -206,7 +222,14 @@ def ensure_schema(engine: Engine, *, auto_migrate: bool) -> None:
     """
     try:
         schema = schema_state(engine)
-    except OperationalError as exc:
+    except DBAPIError as exc:
+        from eczema_batch.catalogue.faults import explain_database_error
+
+        problem = explain_database_error(exc, describe(engine))
+        if problem is not None:
+            raise problem from exc
+        if not isinstance(exc, OperationalError):
+            raise
         raise TransientError(
             f"cannot reach the catalogue database ({describe(engine)}): "
             f"{str(exc.orig).strip().splitlines()[0]}"

@@ -33,3 +33,11 @@ def upsert(
         index_elements=list(keys), set_={c: stmt.excluded[c] for c in columns}
     )
     session.execute(stmt, list(rows))
+
+
+def insert_ignoring_conflicts(session: Session, model: type[Base], keys: Sequence[str]) -> Any:
+    """INSERT that does nothing where a row with the same `keys` exists (or is being written by
+    another transaction: the insert waits for it, then does nothing)."""
+    dialect = session.get_bind().dialect.name
+    insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert_fn(model).on_conflict_do_nothing(index_elements=list(keys))

@@ -18,6 +18,7 @@ from eczema_batch.cli.common import (
     _settings,
     app,
     command,
+    database_url,
     db_app,
     err,
 )
@@ -275,7 +276,7 @@ def db_upgrade(
     from eczema_batch.catalogue.db import current_revision, describe, get_engine, upgrade
 
     settings = _settings()
-    engine = get_engine(settings.resolved_database_url)
+    engine = get_engine(database_url(settings))
     before = current_revision(engine)
     upgrade(engine, revision)
     after = current_revision(engine)
@@ -293,7 +294,7 @@ def db_current(as_json: JsonOption = False) -> None:
     from eczema_batch.catalogue.db import describe, get_engine, schema_state
 
     settings = _settings()
-    engine = get_engine(settings.resolved_database_url)
+    engine = get_engine(database_url(settings))
     schema = schema_state(engine)
     if as_json:
         _emit_json({"url": engine.url.render_as_string(hide_password=True),

@@ -8,20 +8,24 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from eczema_batch.catalogue.faults import is_disk_full
 from eczema_batch.config import Settings, get_settings
-from eczema_batch.errors import EczemaBatchError
+from eczema_batch.errors import ConfigError, DiskFullError, EczemaBatchError, UsageError
 
 #: `-h` as well as `--help`, on every command
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -58,9 +62,19 @@ def command(
             try:
                 return fn(*args, **kwargs)
             except EczemaBatchError as exc:
-                # The message may quote a path or a value: never read it as markup.
-                err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-                raise typer.Exit(exc.exit_code) from None
+                _fail(exc)
+            except DBAPIError as exc:
+                # Known database faults (a full disk, a damaged file) wherever they surface; any
+                # other keeps its traceback: it is a bug to report.
+                problem = _explained(exc)
+                if problem is None:
+                    raise
+                _fail(problem, exc)
+            except OSError as exc:
+                # A file the command had to read or write: say which, and why (no traceback).
+                if exc.filename is None and not is_disk_full(exc):
+                    raise
+                _fail(_os_error(exc), exc)
             except KeyboardInterrupt:
                 err.print("interrupted: run the same command again to carry on")
                 raise typer.Exit(130) from None
@@ -69,6 +83,34 @@ def command(
         return fn
 
     return register
+
+
+def _fail(error: EczemaBatchError, cause: BaseException | None = None) -> NoReturn:
+    if cause is not None:  # the traceback, for --verbose
+        log.info("%s", type(cause).__name__, exc_info=cause)
+    # The message may quote a path or a value: never read it as markup.
+    err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
+    raise typer.Exit(error.exit_code) from None
+
+
+def _explained(exc: DBAPIError) -> EczemaBatchError | None:
+    from eczema_batch.catalogue.db import sqlite_path
+    from eczema_batch.catalogue.faults import explain_database_error
+
+    url = get_settings().resolved_database_url  # read before: the command got this far
+    path = sqlite_path(url)
+    return explain_database_error(exc, str(path) if path else "the configured database")
+
+
+def _os_error(exc: OSError) -> EczemaBatchError:
+    where = next((str(name) for name in (exc.filename, exc.filename2) if name is not None),
+                 "writing a file")
+    reason = exc.strerror or type(exc).__name__
+    if is_disk_full(exc):
+        return DiskFullError(f"{where}: {reason}: the disk is full. Free some space, then run the "
+                             "same command again")
+    return EczemaBatchError(f"{where}: {reason}; nothing more was done (check the path and its "
+                            "permissions, then run the same command again)")
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
@@ -96,7 +138,7 @@ def _catalogue(settings: Settings) -> sessionmaker[Session]:
     """The configured catalogue; a new embedded one is created, and the user told where."""
     from eczema_batch.catalogue.db import open_catalogue, sqlite_path
 
-    url = settings.resolved_database_url
+    url = database_url(settings)
     path = sqlite_path(url)
     new = path is not None and not path.exists()
     factory = open_catalogue(url)
@@ -104,6 +146,57 @@ def _catalogue(settings: Settings) -> sessionmaker[Session]:
         err.print(f"created a new catalogue: {path} (ECZEMA_BATCH_HOME or "
                   "ECZEMA_BATCH_DATABASE_URL choose another)", highlight=False, markup=False)
     return factory
+
+
+def database_url(settings: Settings) -> str:
+    """The catalogue's URL; the default one's workspace folder (ECZEMA_BATCH_HOME) is created,
+    but not the folders above it: a mistyped path is refused, not built."""
+    if settings.database_url is None:
+        home = settings.home.resolve()
+        try:
+            home.mkdir(exist_ok=True)
+        except FileNotFoundError:
+            raise ConfigError(
+                f"ECZEMA_BATCH_HOME={settings.home}: the folder {home.parent} does not exist; "
+                "create it, or choose another workspace folder"
+            ) from None
+        except FileExistsError:
+            raise ConfigError(
+                f"ECZEMA_BATCH_HOME={settings.home} is a file, not a folder: choose another "
+                "workspace folder"
+            ) from None
+    return settings.resolved_database_url
+
+
+def check_output(path: Path, *, folder: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written there, and say why."""
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"-o {path} is a file: give a folder (it is created if missing)")
+        parent = path if path.is_dir() else path.parent
+    else:
+        if path.is_dir():
+            raise UsageError(f"-o {path} is a folder: give a file name, e.g. {path / 'out.csv'}")
+        parent = path.parent
+    if not parent.is_dir():
+        raise UsageError(f"-o {path}: the folder {parent} does not exist; create it first, or "
+                         "write somewhere else")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {path}: cannot write in {parent} (read-only, or no permission); "
+                         "write somewhere else")
+    if not folder and path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"-o {path} is read-only: it is left as it is; write somewhere else")
+
+
+@contextmanager
+def writing_to(path: Path) -> Iterator[None]:
+    """An OSError while writing `path` names it (a failed write's error carries no file name)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
 
 
 @contextmanager

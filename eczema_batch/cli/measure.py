@@ -58,9 +58,21 @@ def _run_on_queue(
         err.print(f"run {plan.run_id}: {len(sent)} jobs sent to queue {queue}, progress read from "
                   f"the catalogue (workers: eczema-batch worker --queue {queue}); Ctrl-C stops "
                   "waiting, the workers carry on")
+    broker_url = settings.broker_url
+
+    def resend(jobs: list[tuple[int, str]]) -> None:
+        # A fresh connection each time: the broker may have restarted since the first send.
+        with job_sender(broker_url) as send_again:
+            for job_id, job_queue in jobs:
+                send_again(job_id, job_queue)
+        err.print(f"run {plan.run_id}: no worker took up {len(jobs)} unfinished job(s) for "
+                  f"{settings.lease_seconds:g} s (a worker died, or the broker lost their "
+                  "messages): sent them again", highlight=False)
+
     with _progress(f"measuring on queue {queue}") as update:
         dispatch.wait_for_jobs(
-            factory, tracked, on_progress=lambda p: update(p.finished_images, p.total_images)
+            factory, tracked, on_progress=lambda p: update(p.finished_images, p.total_images),
+            resend=resend, stall_seconds=settings.lease_seconds,
         )
     return dispatch.summarise(factory, plan, tracked)
 
@@ -97,8 +109,8 @@ def run(
 
     Runs in this process on the embedded default. Re-running does nothing new; changing a model
     redoes only what depends on it. With --queue the jobs go to Celery workers and progress is
-    read from the catalogue; running it again sends whatever is still unfinished (after a broker
-    restart, say).
+    read from the catalogue; while it waits, work that no worker takes up for a lease's length
+    (ECZEMA_BATCH_LEASE_SECONDS: a worker died, the broker lost its messages) is sent again.
 
     Example: eczema-batch run --model-dir ./models --segmenter seggpt
 
@@ -140,6 +152,7 @@ def run(
         "jobs": summary.jobs,
         "resumed_jobs": summary.resumed,
         "images": summary.images,
+        "measured": {stage: summary.measured.get(stage, 0) for stage in ("embed", "measure")},
         "failed_jobs": {str(k): v for k, v in summary.failed_jobs.items()},
         "failed_images": {str(k): v for k, v in summary.failed_images.items()},
         "head": summary.targets.head_id,
@@ -151,8 +164,8 @@ def run(
             err.print("nothing to do: every image is measured with the current models")
         else:
             err.print(
-                f"run {summary.run_id}: {summary.images.get('measure', 0)} images measured, "
-                f"{summary.images.get('embed', 0)} references embedded, "
+                f"run {summary.run_id}: {summary.measured.get('measure', 0)} images measured, "
+                f"{summary.measured.get('embed', 0)} references embedded, "
                 f"{len(summary.failed_images)} images failed, "
                 f"{len(summary.failed_jobs)} jobs failed"
             )

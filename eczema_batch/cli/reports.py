@@ -17,8 +17,10 @@ from eczema_batch.cli.common import (
     _progress,
     _settings,
     app,
+    check_output,
     command,
     err,
+    writing_to,
 )
 from eczema_batch.errors import UsageError
 
@@ -186,6 +188,8 @@ def report(
     from eczema_batch.report.cohort import build_report, review_thresholds, trend_rules
 
     settings = _settings()
+    if html is not None:
+        check_output(html, folder=True)
     factory = _catalogue(settings)
     with factory() as session:
         cohort = build_report(session, rules=trend_rules(settings),
@@ -257,6 +261,8 @@ def export(
     if keep_patient_tags and fmt != "dicom-seg":
         raise UsageError("--keep-patient-tags is for --format dicom-seg: rows never carry them")
     settings = _settings()
+    if output is not None:
+        check_output(output, folder=fmt == "dicom-seg")
     factory = _catalogue(settings)
     if fmt == "dicom-seg":
         if output is None:
@@ -283,7 +289,7 @@ def export(
             # Written aside and renamed: a failed export leaves no half file behind.
             partial = output.with_name(output.name + ".partial")
             try:
-                with partial.open("w", encoding="utf-8", newline="") as out:
+                with writing_to(output), partial.open("w", encoding="utf-8", newline="") as out:
                     result = export_table(session, out, **kwargs)
                 partial.replace(output)
             finally:

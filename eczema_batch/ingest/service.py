@@ -19,9 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from eczema_batch.catalogue.models import Event, Image, Study
+from eczema_batch.catalogue.db import describe
+from eczema_batch.catalogue.faults import explain_database_error
+from eczema_batch.catalogue.models import Event, Image, Study, utcnow
+from eczema_batch.catalogue.upsert import insert_ignoring_conflicts
 from eczema_batch.errors import StudyFolderError, UsageError
 from eczema_batch.identifiers import MAX_STUDY_NAME, IdentifierError, key_check, normalise_label
 from eczema_batch.ingest.manifest import Manifest, read_manifest
@@ -108,10 +112,13 @@ def _study(
     check = key_check(pseudonym_key) if pseudonym_key is not None else None
     study = session.scalar(select(Study).where(Study.name == name))
     if study is None:
-        study = Study(name=name, root=str(root), pseudonym_key_check=check)
-        session.add(study)
-        session.flush()
-        return study
+        # Two ingests of a new study at once both find no row: the second one's insert does
+        # nothing (instead of failing on the unique name) and both go on with the same row,
+        # checked below like any existing study.
+        session.execute(insert_ignoring_conflicts(session, Study, ["name"])
+                        .values(name=name, root=str(root), pseudonym_key_check=check,
+                                created_at=utcnow()))
+        study = session.scalars(select(Study).where(Study.name == name)).one()
     if study.root != str(root):
         if not moved:
             raise StudyRootError(
@@ -257,7 +264,17 @@ def ingest_study(
     with FileReader(known=known, max_pixels=max_pixels, processes=processes,
                     pseudonym_key=pseudonym_key) as reader:
         for batch in _batches(reader.read(tasks), batch_files):
-            _write_batch(batch, manifest, plan.parts, writer, report)
+            try:
+                _write_batch(batch, manifest, plan.parts, writer, report)
+            except DBAPIError as exc:
+                # Each batch is one transaction: those written before this one are whole.
+                problem = explain_database_error(
+                    exc, describe(factory.kw["bind"]),
+                    done=f"{report.catalogued} of {len(tasks)} files were catalogued before it "
+                    "filled" if report.catalogued else "")
+                if problem is None:
+                    raise
+                raise problem from exc
             done += len(batch)
             if progress is not None:
                 progress(done, len(tasks))

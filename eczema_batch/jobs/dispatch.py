@@ -347,6 +347,69 @@ def read_progress(session: Session, tracked: Tracked) -> RunProgress:
     return progress
 
 
+#: Send = Callable[[int, str], None] for many jobs at once: (job id, queue) pairs.
+Resend = Callable[[list[tuple[int, str]]], None]
+#: A client re-sends stalled work at most this many stall periods apart (doubling from one).
+MAX_RESEND_PERIODS = 16
+
+
+def stalled_jobs(session: Session, tracked: Tracked) -> tuple[list[tuple[int, str]], bool]:
+    """The tracked jobs nobody is doing, as (id, queue), embed jobs first; and whether any job
+    on their queues is held by a live lease (a worker is at work there).
+
+    Nobody is doing a job that is pending, or running on a lease that has run out (its holder is
+    dead). A message for it may still be in the broker, or may be gone (a flushed or restarted
+    broker, a message dropped after too many database errors): the catalogue cannot tell which.
+    """
+    now = utcnow()
+    rows = session.execute(
+        select(Job.id, Job.stage, Job.queue, Job.state, Job.lease_expires_at)
+        .where(tracked.clause(), Job.state.in_(UNFINISHED))
+    ).all()
+    stalled = [(job_id, stage, queue) for job_id, stage, queue, state, expires in rows
+               if state == "pending" or expires is None or _aware(expires) < now]
+    stalled.sort(key=lambda j: (STAGES.index(j[1]) if j[1] in STAGES else len(STAGES), j[0]))
+    queues = {queue for _, _, queue, _, _ in rows}
+    busy = bool(queues) and session.scalar(
+        select(func.count()).select_from(Job)
+        .where(Job.queue.in_(queues), Job.state == "running", Job.lease_expires_at >= now)
+    ) != 0
+    return [(job_id, queue) for job_id, _, queue in stalled], busy
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    # SQLite hands datetimes back naive (they are stored in UTC).
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
+@dataclass
+class _StallWatch:
+    """When to send stalled work again: after `period` seconds in which no worker held a live
+    lease on the run's queues and no tracked job changed state; then twice as long each time
+    nothing comes of it (the workers may simply be down: re-sending adds harmless duplicates,
+    but a few, not one per poll)."""
+
+    period: float
+    clock: Callable[[], float]
+    since: float = 0.0
+    wait: float = 0.0
+    seen: dict[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        self.since, self.wait = self.clock(), self.period
+
+    def due(self, progress: RunProgress, busy: bool) -> bool:
+        if busy or progress.jobs != self.seen:
+            self.seen = dict(progress.jobs)
+            self.since, self.wait = self.clock(), self.period
+            return False
+        return self.clock() - self.since >= self.wait
+
+    def sent(self) -> None:
+        self.since = self.clock()
+        self.wait = min(self.wait * 2, self.period * MAX_RESEND_PERIODS)
+
+
 def wait_for_jobs(
     factory: sessionmaker[Session],
     tracked: Tracked,
@@ -355,14 +418,27 @@ def wait_for_jobs(
     poll_seconds: float = 1.0,
     timeout: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    resend: Resend | None = None,
+    stall_seconds: float = DEFAULT_LEASE_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
 ) -> RunProgress:
-    """Poll the catalogue until every tracked job is done, failed or cancelled (or `timeout`)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+    """Poll the catalogue until every tracked job is done, failed or cancelled (or `timeout`).
+
+    With `resend`, work that stalls is sent again: when for `stall_seconds` (a lease's length: a
+    live worker renews its lease every third of it) no job on the run's queues was held by a live
+    lease and no tracked job changed state, the unfinished jobs nobody holds are passed to
+    `resend`. A message the broker still has then arrives twice, which is harmless: the job's
+    claim lets one copy run it and the other finds it done.
+    """
+    deadline = None if timeout is None else clock() + timeout
     progress: RunProgress | None = None
+    watch = _StallWatch(stall_seconds, clock)
     while True:
         try:
             with factory() as session:
                 progress = read_progress(session, tracked)
+                stalled, busy = (stalled_jobs(session, tracked) if resend is not None
+                                 else ([], True))
         except TRANSIENT_ERRORS as exc:  # the database is down for a moment: keep watching
             log.warning("cannot read progress: %s", str(exc).strip().splitlines()[0])
         else:
@@ -370,7 +446,17 @@ def wait_for_jobs(
                 on_progress(progress)
             if progress.finished:
                 return progress
-        if deadline is not None and time.monotonic() >= deadline:
+            if resend is not None and stalled and watch.due(progress, busy):
+                try:
+                    resend(stalled)
+                except TRANSIENT_ERRORS as exc:  # the broker is down: try again later
+                    log.warning("cannot send stalled jobs again: %s",
+                                str(exc).strip().splitlines()[0])
+                else:
+                    log.info("run %d: sent %d stalled job(s) again", tracked.run_id,
+                             len(stalled))
+                watch.sent()
+        if deadline is not None and clock() >= deadline:
             if progress is None:
                 raise TransientError("cannot read the catalogue to follow the run: is the "
                                      "database up?")
@@ -388,17 +474,21 @@ def summarise(
                              jobs=plan.job_count, resumed=plan.resumed, images=dict(plan.images))
         image_ids: set[int] = set()
         unfinished = 0
-        for job_id, state, ids, error in session.execute(
-            select(Job.id, Job.state, Job.image_ids, Job.last_error).where(tracked.clause())
+        done: list[tuple[str, list[int]]] = []
+        for job_id, stage, state, ids, error in session.execute(
+            select(Job.id, Job.stage, Job.state, Job.image_ids, Job.last_error)
+            .where(tracked.clause())
         ):
             if state == "done":
-                summary.done_jobs += 1
+                done.append((stage, list(ids)))
                 image_ids.update(ids)
             elif state == "failed":
                 summary.failed_jobs[job_id] = error or "unknown error"
             elif state in UNFINISHED:
                 unfinished += 1
-        summary.failed_images.update(failed_images(session, image_ids))
+        unreadable = failed_images(session, image_ids)
+        for stage, ids in done:
+            summary.add_done(stage, len(ids), {i: unreadable[i] for i in ids if i in unreadable})
         if finish and not unfinished:
             run.state = "failed" if summary.failed_jobs else "done"
             run.finished_at = utcnow()

@@ -35,14 +35,23 @@ class RunSummary:
     targets: Targets
     jobs: int = 0
     resumed: int = 0
+    #: stage -> images the run set out to do (those of resumed jobs included)
     images: dict[str, int] = field(default_factory=dict)
     done_jobs: int = 0
+    #: stage -> images this run's done jobs measured (images that could not be read left out)
+    measured: dict[str, int] = field(default_factory=dict)
     failed_jobs: dict[int, str] = field(default_factory=dict)
     failed_images: dict[int, str] = field(default_factory=dict)
 
     @property
     def has_head(self) -> bool:
         return self.targets.head_id is not None
+
+    def add_done(self, stage: str, images: int, failed: dict[int, str]) -> None:
+        """Count a job of `stage` that ended done, with its `images` and those that `failed`."""
+        self.done_jobs += 1
+        self.measured[stage] = self.measured.get(stage, 0) + images - len(failed)
+        self.failed_images.update(failed)
 
 
 def start_run(
@@ -112,10 +121,10 @@ def run_in_process(
             progress(stage, 0, total)
         for job_id in job_ids:
             outcome = _run_with_retries(factory, job_id, owner)
-            done += outcome.images or _job_size(factory, job_id)
+            size = outcome.images or _job_size(factory, job_id)
+            done += size
             if outcome.state == "done":
-                summary.done_jobs += 1
-                summary.failed_images.update(outcome.failed)
+                summary.add_done(stage, size, outcome.failed)
             elif outcome.state == "failed":
                 summary.failed_jobs[job_id] = _last_error(factory, job_id)
             if progress is not None:

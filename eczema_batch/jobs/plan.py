@@ -47,6 +47,7 @@ class Plan:
     run_id: int
     #: stage -> job ids, in the order to run them
     jobs: dict[str, list[int]] = field(default_factory=dict)
+    #: stage -> images to do: new jobs' and those of the unfinished jobs taken over
     images: dict[str, int] = field(default_factory=dict)
     resumed: int = 0
 
@@ -143,6 +144,8 @@ def plan_run(
     plan = Plan(run_id=run.id)
 
     covered: set[int] = set()
+    #: stage -> images in the unfinished jobs taken over (they count in the run's images)
+    taken_over: dict[str, int] = {}
     resumable = session.scalars(
         select(Job).where(Job.state.in_(("pending", "running"))).order_by(Job.id)
     ).all()
@@ -151,6 +154,7 @@ def plan_run(
         if _same_work(old, settings):
             plan.jobs.setdefault(job.stage, []).append(job.id)
             plan.resumed += 1
+            taken_over[job.stage] = taken_over.get(job.stage, 0) + len(job.image_ids)
             if job.stage == "measure":
                 covered.update(job.image_ids)
         elif job.state == "pending":
@@ -174,7 +178,7 @@ def plan_run(
                      for i in session.get_one(Job, job_id).image_ids}
     needs["embed"] = [i for i in needs["embed"] if i not in in_embed_jobs]
     for stage in STAGES:
-        plan.images[stage] = len(needs[stage])
+        plan.images[stage] = len(needs[stage]) + taken_over.get(stage, 0)
         for ids in _chunks(needs[stage], chunk_size):
             job = Job(run_id=run.id, stage=stage, queue=queue, image_ids=ids, state="pending")
             session.add(job)
