@@ -19,6 +19,7 @@ from eczema_batch.cli.common import (
     app,
     command,
     err,
+    literal,
     models_app,
 )
 from eczema_batch.config import Settings
@@ -50,14 +51,14 @@ def _run_on_queue(
             _emit_json({"run": plan.run_id, "queue": queue, "jobs_sent": len(sent),
                         "resumed_jobs": plan.resumed, "images": plan.images})
         else:
-            err.print(f"run {plan.run_id}: sent {len(sent)} jobs to queue {queue}; "
-                      "follow them with: eczema-batch status")
+            err.print(f"run {plan.run_id}: sent {len(sent)} jobs to queue {literal(queue)}; "
+                      "follow them with: eczema-batch status", highlight=False)
         return None
     if sent and not as_json:
-        err.print(f"run {plan.run_id}: {len(sent)} jobs sent to queue {queue}, progress read from "
-                  f"the catalogue (workers: eczema-batch worker --queue {queue}); Ctrl-C stops "
-                  "waiting, the workers carry on")
-    with _progress(f"measuring on queue {queue}") as update:
+        err.print(f"run {plan.run_id}: {len(sent)} jobs sent to queue {literal(queue)}, progress "
+                  f"read from the catalogue (workers: eczema-batch worker --queue "
+                  f"{literal(queue)}); Ctrl-C stops waiting, the workers carry on", highlight=False)
+    with _progress(f"measuring on queue {literal(queue)}") as update:
         dispatch.wait_for_jobs(
             factory, tracked, on_progress=lambda p: update(p.finished_images, p.total_images)
         )
@@ -156,7 +157,7 @@ def run(
                 f"{len(summary.failed_jobs)} jobs failed"
             )
         for iid, reason in list(summary.failed_images.items())[:20]:
-            err.print(f"  image {iid}: {reason}", highlight=False)
+            err.print(f"  image {iid}: {literal(reason)}", highlight=False)
         if not summary.has_head:
             err.print("no severity head trained for these features: stopped after the crop "
                       "embeddings (eczema-batch train makes one)")
@@ -235,7 +236,7 @@ def models_list(
     for column in ("name", "kind", "weights", "digest"):
         table.add_column(column)
     for row in rows:
-        table.add_row(*(str(row[c]) for c in ("name", "kind", "weights", "digest")))
+        table.add_row(*(literal(row[c]) for c in ("name", "kind", "weights", "digest")))
     err.print(table)
 
 
@@ -254,4 +255,4 @@ def models_make_tiny(
 
     written = make_tiny_models(folder)
     for name, path in written.items():
-        err.print(f"{name}: {path}")
+        err.print(f"{name}: {literal(path)}", highlight=False)

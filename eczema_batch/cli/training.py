@@ -20,6 +20,7 @@ from eczema_batch.cli.common import (
     command,
     err,
     heads_app,
+    literal,
 )
 from eczema_batch.errors import UsageError
 
@@ -50,7 +51,8 @@ def _head_row(table: Table, head: dict[str, Any]) -> None:
     f1 = head.get("in_sample_weighted_f1")
     features = f"{head['embedder']} + {head['segmenter'] or 'no segmenter'} " \
         f"({head['segmenter_mode']})"
-    table.add_row(str(head["id"]), "*" if head["active"] else "", head["name"], features,
+    table.add_row(str(head["id"]), "*" if head["active"] else "", literal(head["name"]),
+                  literal(features),
                   str(head["images"]), "-" if f1 is None else f"{f1:.3f}",
                   str(head["created_at"] or "")[:10])
 
@@ -108,8 +110,8 @@ def train(
         _emit_json(head)
         return
     err.print(_heads_table([head], f"trained head {head['id']}"))
-    counts = ", ".join(f"{c} {n}" for c, n in zip(head["classes"], head["class_counts"],
-                                                   strict=True))
+    counts = ", ".join(f"{literal(c)} {n}" for c, n in zip(head["classes"],
+                                                            head["class_counts"], strict=True))
     err.print(f"labelled images per class: {counts}; final training loss "
               f"{head['final_loss']:.4f}")
     if head["active"]:
@@ -205,7 +207,7 @@ def evaluate(
         for column in columns:
             table.add_column(column)
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*map(literal, row))
         err.print(table)
     run_info = result.report["run"]
     err.print(f"model forwards: {run_info['forwards']} (per-fold recomputation would need "
@@ -249,7 +251,8 @@ def heads_use(
         _emit_json(head)
     else:
         replaced = ", ".join(map(str, head["replaced"])) or "none"
-        err.print(f"head {head['id']} ({head['name']}) is active for {head['embedder']} with "
-                  f"--segmenter {head['segmenter_mode']}; replaced: {replaced}")
+        err.print(f"head {head['id']} ({literal(head['name'])}) is active for "
+                  f"{literal(head['embedder'])} with --segmenter {head['segmenter_mode']}; "
+                  f"replaced: {replaced}", highlight=False)
 
 
