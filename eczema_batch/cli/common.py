@@ -104,6 +104,10 @@ def command(
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 
+VerbatimOption = Annotated[bool, typer.Option(
+    "--verbatim", help="CSV: write text cells exactly as stored (for R or pandas); by default a "
+    "cell a spreadsheet would run as a formula gets a leading '.")]
+
 SegmenterOption = Annotated[
     str, typer.Option("--segmenter", help="seggpt (the method), none (no segmentation), manual "
                       "(an image's manual mask where it has one, else SegGPT).")

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from eczema_batch.cli.common import (
     JsonOption,
+    VerbatimOption,
     _catalogue,
     _emit_json,
     _progress,
@@ -226,10 +227,13 @@ def export(
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="File to write (default: stdout); a folder for dicom-seg.")] = None,
     head: HeadOption = None,
+    verbatim: VerbatimOption = False,
 ) -> None:
     """Tidy rows for statisticians (columns in the README), or DICOM SEG objects of the masks.
 
-    No identifying data: subject codes, dates and body sites, never names, paths or notes.
+    No identifying data: subject codes, dates and body sites, never names, paths or notes. In
+    CSV, a text cell a spreadsheet would run as a formula (=, +, -, @ first) starts with ' unless
+    --verbatim (for R or pandas).
 
     Example: eczema-batch export --level visit --format csv -o visits.csv
     """
@@ -258,7 +262,7 @@ def export(
         return
     kwargs: dict[str, Any] = {"level": level, "fmt": fmt, "rules": trend_rules(settings),
                               "thresholds": review_thresholds(settings), "study": study,
-                              "patient": patient, "head_id": head}
+                              "patient": patient, "head_id": head, "verbatim": verbatim}
     with factory() as session:
         if output is None:
             result = export_table(session, sys.stdout, **kwargs)

@@ -12,6 +12,7 @@ from rich.table import Table
 from eczema_batch.cli.common import (
     JsonOption,
     SegmenterOption,
+    VerbatimOption,
     _catalogue,
     _emit_json,
     _progress,
@@ -150,6 +151,7 @@ def evaluate(
     predictions: Annotated[
         Path | None, typer.Option(help="Write the head's out-of-fold predictions as CSV.")
     ] = None,
+    verbatim: VerbatimOption = False,
 ) -> None:
     """Cross-validate the method by patient and report it with error bars.
 
@@ -195,7 +197,8 @@ def evaluate(
         result = run_evaluation(_catalogue(settings), config=config, settings=eval_settings,
                                 study=study, progress=on_progress)
     if predictions is not None:
-        write_predictions_csv(result.predictions, predictions)
+        with predictions.open("w", encoding="utf-8", newline="") as out:
+            write_predictions_csv(result.predictions, out, verbatim=verbatim)
     if output is not None or as_json:
         text = report_json(result.report)
         if output is not None:
