@@ -60,3 +60,7 @@ class NoHeadError(UsageError):
 
 class TransientError(EczemaBatchError):
     """a temporary failure (database or broker unreachable, device busy); retrying may succeed"""
+
+
+class OutputPathError(UsageError):
+    """cannot write there: give a folder of your own, with no symbolic link inside it"""

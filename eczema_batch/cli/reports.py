@@ -267,14 +267,11 @@ def export(
         if output is None:
             result = export_table(session, sys.stdout, **kwargs)
         else:
+            from eczema_batch.output import output_file
+
             # Written aside and renamed: a failed export leaves no half file behind.
-            partial = output.with_name(output.name + ".partial")
-            try:
-                with partial.open("w", encoding="utf-8", newline="") as out:
-                    result = export_table(session, out, **kwargs)
-                partial.replace(output)
-            finally:
-                partial.unlink(missing_ok=True)
+            with output_file(output) as out:
+                result = export_table(session, out, **kwargs)
     where = literal(output) if output else "stdout"
     err.print(f"wrote {result.rows} {level} rows ({len(result.columns)} columns) to {where}",
               highlight=False)

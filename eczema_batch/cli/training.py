@@ -164,6 +164,7 @@ def evaluate(
     Example: eczema-batch evaluate --folds 5 --repeats 3 -o report.json --predictions oof.csv
     """
     from eczema_batch.jobs.config import RunConfig
+    from eczema_batch.output import output_file
     from eczema_batch.training.evaluate import EvaluationSettings, run_evaluation
     from eczema_batch.training.report import (
         report_json,
@@ -197,12 +198,13 @@ def evaluate(
         result = run_evaluation(_catalogue(settings), config=config, settings=eval_settings,
                                 study=study, progress=on_progress)
     if predictions is not None:
-        with predictions.open("w", encoding="utf-8", newline="") as out:
+        with output_file(predictions) as out:
             write_predictions_csv(result.predictions, out, verbatim=verbatim)
     if output is not None or as_json:
         text = report_json(result.report)
         if output is not None:
-            output.write_text(text, encoding="utf-8")
+            with output_file(output) as out:
+                out.write(text)
         if as_json:
             sys.stdout.write(text)
     for title, columns, rows in summary_tables(result.report):

@@ -10,7 +10,6 @@ Images whose mask is flagged (SegGPT found no lesion) or empty are skipped with 
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from eczema_batch import __version__
 from eczema_batch.catalogue.models import Image, Mask, Patient, Study, Visit
 from eczema_batch.errors import EczemaBatchError
 from eczema_batch.imaging import decode_mask_png
+from eczema_batch.output import OutputFolder, dicom_uid, safe_name
 from eczema_batch.report.queries import (
     HeadInfo,
     check_scope,
@@ -40,7 +40,6 @@ PROPERTY = ("43116000", "SCT", "Eczema")
 ALGORITHM_SOURCE = "SegGPT prompted by reference masks (arXiv 2504.15193)"
 #: Series number of the SEG series (away from the photographs' own series numbers).
 SEG_SERIES_NUMBER = 901
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclass
@@ -78,10 +77,6 @@ def _masks(session: Session, image_ids: list[int], chosen: dict[int, int]) -> di
             continue
         out[iid] = _MaskRow(mid, *rest)
     return out
-
-
-def _safe(name: str) -> str:
-    return _UNSAFE.sub("_", name).strip("._") or "unnamed"
 
 
 def _segmentation(source: Any, mask: np.ndarray, row: _MaskRow, segmenter: str) -> Any:
@@ -142,10 +137,12 @@ def export_dicom_seg(
     head_id: int | None = None,
     image_root: str | None = None,
 ) -> SegExport:
-    """Write OUT/<study>/<patient>/<source SOP Instance UID>.seg.dcm for each DICOM image."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    """Write OUT/<study>/<patient>/<source SOP Instance UID>.seg.dcm for each DICOM image.
 
+    The folder names are `safe_name`s of the study and subject code; an image whose SOP Instance
+    UID is not a DICOM UID (digits and dots) is skipped. Nothing is written outside OUT or through
+    a symbolic link (eczema_batch/output.py).
+    """
     try:
         import highdicom  # noqa: F401
     except ImportError as exc:
@@ -172,6 +169,16 @@ def export_dicom_seg(
     masks = _masks(session, ids, chosen)
     files = image_files(session, ids, image_root=image_root)
     refs = model_refs(session)
+    with OutputFolder(out_dir) as folder:
+        _write_segs(result, folder, images, masks, files, refs)
+    return result
+
+
+def _write_segs(result: SegExport, folder: OutputFolder, images: Any, masks: dict[int, _MaskRow],
+                files: dict[int, Path], refs: dict[int, Any]) -> None:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     for iid, study_name, code, sop_uid in images:
         row = masks.get(iid)
         if row is None:
@@ -188,6 +195,11 @@ def export_dicom_seg(
         if sop_uid and str(source.SOPInstanceUID) != sop_uid:
             result.skipped[iid] = "the source file changed since ingest (another SOP Instance UID)"
             continue
+        uid = dicom_uid(source.get("SOPInstanceUID", ""))
+        if uid is None:
+            result.skipped[iid] = ("its SOP Instance UID is not a DICOM UID (digits and dots, at "
+                                   "most 64): it cannot name a file or be referenced")
+            continue
         mask = decode_mask_png(row.png)
         if mask.shape != (int(source.Rows), int(source.Columns)):
             result.skipped[iid] = f"mask {mask.shape} does not match the image's size"
@@ -198,8 +210,8 @@ def export_dicom_seg(
         ref = refs.get(row.model_id) if row.model_id is not None else None
         segmenter = f"{ref.name}@{ref.digest[:16]}" if ref else "unknown"
         seg = _segmentation(source, mask, row, segmenter)
-        target = out_dir / _safe(study_name) / _safe(code) / f"{source.SOPInstanceUID}.seg.dcm"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        seg.save_as(target)
-        result.written.append(target)
-    return result
+        with folder.folder(safe_name(study_name)) as in_study, \
+                in_study.folder(safe_name(code)) as in_patient:
+            with in_patient.open_binary(f"{uid}.seg.dcm") as out:
+                seg.save_as(out)
+            result.written.append(in_patient.path / f"{uid}.seg.dcm")
