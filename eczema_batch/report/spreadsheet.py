@@ -7,8 +7,8 @@ Two rules for every CSV eczema-batch writes:
   "\\n" leaves "\\r" bare, and a reader ends the record there. Records are written with the
   terminator CRLF, which quotes both, and end in "\\n" on the page (`record_writer`).
 - By default a text cell that a spreadsheet would read as a formula (it starts with `=`, `+`, `-`,
-  `@`, a tab, CR or LF: OWASP's CSV injection list) gets a leading `'`, which spreadsheets take as
-  "this is text" and do not show (`spreadsheet_text`). A value that is a plain number (`-0.5`,
+  `@`, a tab, CR or LF: OWASP's CSV injection list) gets a leading `'`, and a spreadsheet keeps
+  it as text (`spreadsheet_text`). A value that is a plain number (`-0.5`,
   `+3`) stays as it is: a spreadsheet reads it as the number it is, and runs nothing. Only text
   cells are checked: the numbers eczema-batch formats itself never are. `--verbatim` keeps every
   value as stored, for R or pandas.
