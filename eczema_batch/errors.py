@@ -68,3 +68,7 @@ class TransientError(EczemaBatchError):
 class DiskFullError(EczemaBatchError):
     """a disk is full: free some space, then run the same command again (what was written before
     is kept)"""
+
+
+class OutputPathError(UsageError):
+    """cannot write there: give a folder of your own, with no symbolic link inside it"""

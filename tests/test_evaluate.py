@@ -223,6 +223,9 @@ def test_evaluate_is_leak_free_cached_and_repeatable(
 
     # The same command again: every feature from the cache, the same numbers to the bit.
     json_file, csv_file = tmp_path / "report.json", tmp_path / "oof.csv"
+    victim = tmp_path / "someone-elses.csv"
+    victim.write_text("theirs\n")
+    csv_file.symlink_to(victim)  # a pre-placed link is replaced, its target left alone
     result = CliRunner().invoke(app, [
         "evaluate", "--folds", "3", "--repeats", "2", "--fractions", "0.5,1.0",
         "--bootstrap", "100", "--epochs", "20", "--model-dir", str(tiny_model_dir),
@@ -239,6 +242,7 @@ def test_evaluate_is_leak_free_cached_and_repeatable(
         rows = list(csv.DictReader(handle))
     assert rows == [{k: str(v) for k, v in row.items()} for row in first.predictions]
     assert len(rows) == 2 * 2 * 48  # segmenter modes x repeats x images
+    assert victim.read_text() == "theirs\n" and not csv_file.is_symlink()
     _check_patient_sides(rows)
 
 

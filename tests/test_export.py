@@ -6,6 +6,7 @@ import csv
 import datetime as dt
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 
 from eczema_batch.catalogue.models import Image, Mask, Model, Patient, Visit
 from eczema_batch.cli import app
-from eczema_batch.report.export import columns, fixed
+from eczema_batch.report.export import TEXT_COLUMNS, columns, fixed
 from tests.report_factories import (
     make_head,
     make_image,
@@ -210,3 +211,118 @@ def test_patients_in_byte_order_on_every_database(factory: sessionmaker[Session]
         code, text, err = _export("--level", level)
         assert code == 0, err
         assert [r["patient"] for r in _rows(text)] == ["B1", "_3", "a2"], level
+
+
+# -- CSV a spreadsheet can open, that reads back as written ------------------------------------
+
+FORMULA_START = tuple("=+-@\t\r\n")
+NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+@pytest.fixture
+def hostile(factory: sessionmaker[Session]) -> None:
+    """Names that spreadsheets run (OWASP's examples and more), and cells with line breaks."""
+    with factory() as s, s.begin():
+        head = make_head(s, name="=HYPERLINK(\"http://evil.example\",\"head\")",
+                         classes=("clear", "-mild", "@moderate", "severe"))
+        study = make_study(s, name="=1+1")
+        p = make_patient(s, study, "+cmd|' /C calc'!A0")
+        first = make_visit(s, p, D0, label="@SUM(1+1)*cmd|' /C calc'!A0")
+        second = make_visit(s, p, D0 + dt.timedelta(30), label="-2+3+cmd|' /C calc'!A0")
+        third = make_visit(s, p, D0 + dt.timedelta(60), label="-1")  # a number: stays one
+        for visit, site, probs in (
+            (first, "\t=1+1", [0.0, 0.0, 1.0, 0.0]),
+            (first, "line\rbreak", [0.0, 0.0, 0.8, 0.2]),
+            (second, "\r=2+2", [0.0, 1.0, 0.0, 0.0]),
+            (second, "two\nlines", [0.1, 0.9, 0.0, 0.0]),
+            (third, "crlf\r\n=3+3", [0.7, 0.3, 0.0, 0.0]),
+            (third, "+44 is a phone", [1.0, 0.0, 0.0, 0.0]),
+        ):
+            make_prediction(s, make_image(s, visit, body_site=site), head, probs)
+        other = make_visit(s, make_patient(s, study, "Q1"), D0)
+        make_prediction(s, make_image(s, other, body_site="arm"), head, [0.0, 0.0, 0.0, 1.0])
+
+
+def _records(text: str) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(text, newline="")))
+
+
+def _export_file(path: Path, *args: str) -> str:
+    """The CSV as written to a file (CliRunner's stdout turns CRLF inside a cell into LF)."""
+    code, _, err = _export(*args, "-o", str(path))
+    assert code == 0, err
+    return path.read_bytes().decode("utf-8")
+
+
+@pytest.mark.parametrize("level", ["image", "visit", "patient"])
+def test_csv_cells_never_start_a_formula(hostile: None, level: str, tmp_path: Path) -> None:
+    text = _export_file(tmp_path / "safe.csv", "--level", level)
+    raw = _export_file(tmp_path / "raw.csv", "--level", level, "--verbatim")
+    _, js, _ = _export("--level", level, "--format", "json")
+    objects = json.loads(js)
+    header, *rows = _records(text)
+    assert len(rows) == len(objects) > 0
+    neutralised = 0
+    for row, obj in zip(rows, objects, strict=True):
+        for cell, key in zip(row, header, strict=True):
+            assert not cell.startswith(FORMULA_START) or NUMBER.fullmatch(cell), (key, cell)
+            value = obj[key]
+            if isinstance(value, str) and value.startswith(FORMULA_START) and not (
+                    NUMBER.fullmatch(value)):
+                assert cell == "'" + value, (key, cell)  # a leading ' and nothing else changed
+                neutralised += 1
+    assert neutralised >= {"image": 10, "visit": 8, "patient": 4}[level]
+    # --verbatim (R, pandas): exactly the stored text, as in JSON.
+    for row, obj in zip(_records(raw)[1:], objects, strict=True):
+        for cell, key in zip(row, header, strict=True):
+            value = obj[key]
+            if isinstance(value, str):
+                assert cell == value, (key, cell)
+
+
+def test_every_text_column_is_declared(hostile: None) -> None:
+    # The CSV writer neutralises and quotes only TEXT_COLUMNS (and the identity): a new column
+    # holding text must be added there, or its cells would reach a spreadsheet unchecked.
+    for level in ("image", "visit", "patient"):
+        _, js, _ = _export("--level", level, "--format", "json")
+        for obj in json.loads(js):
+            for key, value in obj.items():
+                if isinstance(value, str) and not re.fullmatch(r"\d{4}-\d\d-\d\d", value):
+                    assert key in TEXT_COLUMNS or key in IDENTITY, (level, key, value)
+
+
+def test_numbers_and_number_like_labels_stay_numbers(hostile: None, tmp_path: Path) -> None:
+    text = _export_file(tmp_path / "visits.csv", "--level", "visit")
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert [r["visit"] for r in rows if r["patient"].endswith("A0")][2] == "-1"
+    assert "-1.150000" in [r["change_from_baseline"] for r in rows]
+
+
+@pytest.mark.parametrize("level", ["image", "visit", "patient"])
+def test_csv_line_breaks_stay_inside_their_cells(hostile: None, tmp_path: Path,
+                                                 level: str) -> None:
+    out = tmp_path / "rows.csv"
+    code, _, err = _export("--level", level, "-o", str(out))
+    assert code == 0, err
+    _, js, _ = _export("--level", level, "--format", "json")
+    with out.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert f"wrote {len(rows)} {level} rows" in err and len(rows) == len(json.loads(js))
+    assert {r["head_digest"] for r in rows} == {"h" * 64}  # every record whole and aligned
+    if level == "image":
+        assert {r["body_site"] for r in rows} >= {"line\rbreak", "two\nlines", "crlf\r\n=3+3"}
+
+
+def test_evaluation_predictions_csv_is_spreadsheet_safe() -> None:
+    from eczema_batch.training.report import write_predictions_csv
+
+    rows = [{"image_id": 1, "patient": "=1+1", "segmenter": "seggpt", "p_clear": -0.5},
+            {"image_id": 2, "patient": "P\r2", "segmenter": "seggpt", "p_clear": 0.25}]
+    out = io.StringIO()
+    write_predictions_csv(rows, out)
+    assert _records(out.getvalue()) == [["image_id", "patient", "segmenter", "p_clear"],
+                                        ["1", "'=1+1", "seggpt", "-0.5"],
+                                        ["2", "P\r2", "seggpt", "0.25"]]
+    out = io.StringIO()
+    write_predictions_csv(rows, out, verbatim=True)
+    assert _records(out.getvalue())[1] == ["1", "=1+1", "seggpt", "-0.5"]

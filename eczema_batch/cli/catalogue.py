@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from eczema_batch import __version__
@@ -21,6 +20,7 @@ from eczema_batch.cli.common import (
     database_url,
     db_app,
     err,
+    literal,
 )
 
 
@@ -82,7 +82,7 @@ def ingest(
         )
     warnings = report.warnings + report.note_lines()
     for warning in warnings[:50]:  # stderr in both modes: stdout holds only the JSON object
-        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+        err.print(f"[yellow]warning:[/] {literal(warning)}", highlight=False)
     if len(warnings) > 50:
         err.print(f"... and {len(warnings) - 50} more warnings: ingest --json lists them, "
                   "eczema-batch status --sources shows where codes and dates came from",
@@ -90,7 +90,7 @@ def ingest(
     if as_json:
         _emit_json(report.as_dict())
     else:
-        table = Table(title=f"study {report.study}", show_header=False)
+        table = Table(title=f"study {literal(report.study)}", show_header=False)
         table.add_row("files", str(report.files))
         table.add_row("catalogued", str(report.catalogued))
         table.add_row("already catalogued", str(report.already_catalogued))
@@ -100,14 +100,16 @@ def ingest(
         table.add_row("rejected", str(len(report.rejected)))
         err.print(table)
         for dup in sorted(report.duplicates, key=lambda d: d["path"])[:20]:
-            err.print(f"  duplicate  {dup['path']}  (same as {dup['same_as']})", highlight=False)
+            err.print(f"  duplicate  {literal(dup['path'])}  (same as {literal(dup['same_as'])})",
+                      highlight=False)
         for rej in sorted(report.rejected, key=lambda d: d["path"])[:50]:
-            err.print(f"  rejected   {rej['path']}: {rej['reason']}", highlight=False)
+            err.print(f"  rejected   {literal(rej['path'])}: {literal(rej['reason'])}",
+                      highlight=False)
         if len(report.rejected) > 50:
             err.print(f"  ... and {len(report.rejected) - 50} more: eczema-batch status --rejected")
     if report.files == 0:
-        err.print(f"no files found in {folder}: a study folder holds PATIENT/VISIT/ images "
-                  "(.jpg, .png, .dcm) and optionally manifest.csv")
+        err.print(f"no files found in {literal(folder)}: a study folder holds PATIENT/VISIT/ "
+                  "images (.jpg, .png, .dcm) and optionally manifest.csv", highlight=False)
     elif report.exit_code == 1:
         err.print("nothing could be catalogued: every file was rejected (reasons above)")
     raise typer.Exit(report.exit_code)
@@ -156,7 +158,7 @@ def status(
                    "rejected", "duplicates"):
         table.add_column(column, justify="left" if column == "study" else "right")
     for c in counts:
-        table.add_row(c.study, str(c.patients), str(c.visits), str(c.images),
+        table.add_row(literal(c.study), str(c.patients), str(c.visits), str(c.images),
                       str(c.reference_masks), str(c.labelled_images), str(c.rejected),
                       str(c.duplicates))
     err.print(table)
@@ -167,7 +169,8 @@ def status(
                       "RecognizableVisualFeatures): kept out of the HTML report's thumbnails",
                       highlight=False, markup=False)
     for study, path, kind, reason in rejections:
-        err.print(f"  {study}  {kind:9}  {path}: {reason}", highlight=False)
+        err.print(f"  {literal(study)}  {kind:9}  {literal(path)}: {literal(reason)}",
+                  highlight=False)
     for origin in origins:
         _print_sources(origin)
     if jobs.counts:
@@ -181,7 +184,7 @@ def _print_sources(origin: Any) -> None:
 
     from eczema_batch.cli.reports import _print_wide
 
-    table = Table(title=f"study {escape(origin.study)}: where codes and dates came from")
+    table = Table(title=f"study {literal(origin.study)}: where codes and dates came from")
     for column in ("patient", "code from", "visit", "date", "date from", "images"):
         table.add_column(column, justify="right" if column == "images" else "left", no_wrap=True)
     for p in origin.patients:
@@ -190,14 +193,14 @@ def _print_sources(origin: Any) -> None:
             row = [p.patient if first else "", p.code_source if first else ""]
             row += ([v.visit, v.date.isoformat() if v.date else "–", v.date_source, str(v.images)]
                     if v is not None else ["–", "–", "–", "0"])
-            table.add_row(*(escape(cell) for cell in row))
+            table.add_row(*(literal(cell) for cell in row))
             first = False
     _print_wide(table)
-    err.print(f"  codes from: {tally(origin.code_counts())}; visit dates from: "
-              f"{tally(origin.date_counts())}", highlight=False, markup=False)
+    err.print(literal(f"  codes from: {tally(origin.code_counts())}; visit dates from: "
+                      f"{tally(origin.date_counts())}"), highlight=False)
     for note in origin.notes:
-        err.print(f"  at ingest {note['at'][:16]}: {note['folder']}: {note['note']} "
-                  f"({note['files']} file(s))", highlight=False, markup=False)
+        err.print(literal(f"  at ingest {note['at'][:16]}: {note['folder']}: {note['note']} "
+                          f"({note['files']} file(s))"), highlight=False)
 
 
 def _print_jobs(jobs: Any) -> None:
@@ -205,18 +208,19 @@ def _print_jobs(jobs: Any) -> None:
     for column in ("stage", "queue", "state", "jobs", "images"):
         table.add_column(column, justify="right" if column in ("jobs", "images") else "left")
     for c in jobs.counts:
-        table.add_row(c.stage, c.queue, c.state, str(c.jobs), str(c.images))
+        table.add_row(c.stage, literal(c.queue), c.state, str(c.jobs), str(c.images))
     err.print(table)
     for w in jobs.workers:
         beat = w.last_heartbeat.strftime("%H:%M:%S") if w.last_heartbeat else "never"
         note = "  (lease expired: presumed dead, the job will be taken over)" if w.expired else ""
-        err.print(f"  running on {w.worker}: {w.jobs} job(s), last heartbeat {beat}{note}",
+        err.print(f"  running on {literal(w.worker)}: {w.jobs} job(s), last heartbeat {beat}{note}",
                   highlight=False)
     for j in jobs.failed_jobs[:10]:
-        err.print(f"  failed job {j.id} ({j.stage}, {j.queue}, {j.attempts} attempts): "
-                  f"{j.error.splitlines()[0]}", highlight=False)
+        err.print(f"  failed job {j.id} ({j.stage}, {literal(j.queue)}, {j.attempts} attempts): "
+                  f"{literal(j.error.splitlines()[0] if j.error else '')}", highlight=False)
     for i in jobs.failed_images[:20]:
-        err.print(f"  failed image {i.id} {i.study}/{i.path}: {i.reason}", highlight=False)
+        err.print(f"  failed image {i.id} {literal(i.study)}/{literal(i.path)}: "
+                  f"{literal(i.reason)}", highlight=False)
     if jobs.failed_jobs or jobs.failed_images:
         err.print("try them again after fixing the cause: eczema-batch run --retry-failed")
 
@@ -260,9 +264,10 @@ def synth(
     else:
         err.print(
             f"wrote {summary.images} images of {summary.patients} patients "
-            f"({summary.references} with manual masks, {summary.dicom} DICOM) to {summary.root}"
+            f"({summary.references} with manual masks, {summary.dicom} DICOM) to "
+            f"{literal(summary.root)}"
         )
-        err.print(f"next: eczema-batch ingest {summary.root}")
+        err.print(f"next: eczema-batch ingest {literal(summary.root)}")
 
 
 @command(db_app, "upgrade")

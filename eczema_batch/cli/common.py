@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import unicodedata
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,9 +48,39 @@ app.add_typer(review_app, name="review")
 
 #: Messages are never hard-wrapped: written to a pipe or a log, rich would otherwise break them at
 #: 80 columns (COLUMNS or the terminal's width otherwise), mid-path and mid-reason. A terminal wraps
-#: long lines itself; tables are still laid out to the width.
-err = Console(stderr=True, soft_wrap=True)
+#: long lines itself; tables are still laid out to the width. No emoji codes: a file named
+#: `:warning:.jpg` is printed as it is named.
+err = Console(stderr=True, soft_wrap=True, emoji=False)
 log = logging.getLogger("eczema_batch")
+
+#: Control characters shown by name; the others as \xNN, \uNNNN or \UNNNNNNNN.
+_NAMED_CONTROLS = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _visible(char: str) -> str:
+    if char.isprintable() or unicodedata.category(char) == "Zs":  # Zs: spaces are shown as spaces
+        return char
+    if named := _NAMED_CONTROLS.get(char):
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else (
+        f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+
+
+def literal(value: object) -> str:
+    """User data (a path, a name, a reason quoting either) as rich prints it: exactly as it is.
+
+    Everything printed goes through rich markup, `Table.add_row` cells and titles included, so
+    every piece of study or user data is passed through this: markup (`[/x]`, `[link=...]`) is
+    escaped, and characters a terminal acts on instead of showing (ESC and the other C0 and C1
+    controls, which start colour, cursor and OSC 8 hyperlink sequences; CR and backspace, which
+    overwrite a line; line separators; bidirectional overrides, which reorder it; invisible format
+    characters; undecodable bytes) are written as visible escapes such as `\\x1b`.
+    """
+    text = str(value)
+    if not text.isprintable():
+        text = "".join(map(_visible, text))
+    return escape(text)
 
 def command(
     group: typer.Typer, name: str | None = None
@@ -88,8 +119,10 @@ def command(
 def _fail(error: EczemaBatchError, cause: BaseException | None = None) -> NoReturn:
     if cause is not None:  # the traceback, for --verbose
         log.info("%s", type(cause).__name__, exc_info=cause)
-    # The message may quote a path or a value: never read it as markup.
-    err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
+    # The message may quote a path or a value: printed as text. Its own line breaks stay (a
+    # message may list places, one per line); every other control character is made visible.
+    message = "\n".join(literal(line) for line in str(error).split("\n"))
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(error.exit_code) from None
 
 
@@ -114,6 +147,10 @@ def _os_error(exc: OSError) -> EczemaBatchError:
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+VerbatimOption = Annotated[bool, typer.Option(
+    "--verbatim", help="CSV: write text cells exactly as stored (for R or pandas); by default a "
+    "cell a spreadsheet would run as a formula gets a leading '.")]
 
 SegmenterOption = Annotated[
     str, typer.Option("--segmenter", help="seggpt (the method), none (no segmentation), manual "
@@ -143,8 +180,8 @@ def _catalogue(settings: Settings) -> sessionmaker[Session]:
     new = path is not None and not path.exists()
     factory = open_catalogue(url)
     if new:
-        err.print(f"created a new catalogue: {path} (ECZEMA_BATCH_HOME or "
-                  "ECZEMA_BATCH_DATABASE_URL choose another)", highlight=False, markup=False)
+        err.print(f"created a new catalogue: {literal(path)} (ECZEMA_BATCH_HOME or "
+                  "ECZEMA_BATCH_DATABASE_URL choose another)", highlight=False)
     return factory
 
 

@@ -14,6 +14,7 @@ from eczema_batch.cli.common import (
     app,
     command,
     err,
+    literal,
 )
 from eczema_batch.cli.reports import _print_cohort, _report_json
 
@@ -43,19 +44,22 @@ def demo(
     # synthetic patients.
     where = folder or settings.home / "demo"
     result = run_demo(where, settings=settings, size=DemoSize(patients=patients, visits=visits),
-                      tiny=tiny, say=lambda text: err.print(text, highlight=False))
+                      tiny=tiny, say=lambda text: err.print(literal(text), highlight=False))
     if result.models == "tiny":
-        err.print(f"\n[bold black on yellow] TINY MODELS [/] [bold yellow]{result.segmenter} + "
-                  f"{result.embedder} have random weights: every number below is meaningless; "
-                  "it shows the workflow, not eczema severity.[/]\n"
-                  f"why: {result.models_note}\n"
+        err.print(f"\n[bold black on yellow] TINY MODELS [/] [bold yellow]"
+                  f"{literal(result.segmenter)} + {literal(result.embedder)} have random "
+                  "weights: every number below is meaningless; it shows the workflow, not "
+                  "eczema severity.[/]\n"
+                  f"why: {literal(result.models_note)}\n"
                   "for real results: eczema-batch models list shows where weights are looked for",
                   highlight=False, soft_wrap=True)
     else:
-        err.print(f"\n[bold white on green] REAL MODELS [/] {result.segmenter} + "
-                  f"{result.embedder} ({result.models_note})", highlight=False, soft_wrap=True)
+        err.print(f"\n[bold white on green] REAL MODELS [/] {literal(result.segmenter)} + "
+                  f"{literal(result.embedder)} ({literal(result.models_note)})", highlight=False,
+                  soft_wrap=True)
     if result.head_problem:
-        err.print(f"[yellow]no severity head trained[/]: {result.head_problem}", highlight=False)
+        err.print(f"[yellow]no severity head trained[/]: {literal(result.head_problem)}",
+                  highlight=False)
     else:
         err.print("the head was trained on this study's own labels: its predictions here are "
                   "in-sample (eczema-batch evaluate estimates real accuracy)", soft_wrap=True)
@@ -69,9 +73,10 @@ def demo(
                     "html": str(result.html.index)})
         return
     _print_cohort(result.report, limit=10)
-    err.print(f"HTML report: {result.html.index.as_uri()}", soft_wrap=True, highlight=False)
-    err.print(f"the demo's own catalogue: {result.database_url}; to look around in it:\n"
-              f"  ECZEMA_BATCH_DATABASE_URL={result.database_url} eczema-batch report "
-              "--patient S001\n"
+    err.print(f"HTML report: {literal(result.html.index.as_uri())}", soft_wrap=True,
+              highlight=False)
+    url = literal(result.database_url)
+    err.print(f"the demo's own catalogue: {url}; to look around in it:\n"
+              f"  ECZEMA_BATCH_DATABASE_URL={url} eczema-batch report --patient S001\n"
               "your own studies go to another catalogue (README.md, after the quickstart)",
-              highlight=False, markup=False)
+              highlight=False)

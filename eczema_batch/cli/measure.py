@@ -20,6 +20,7 @@ from eczema_batch.cli.common import (
     app,
     command,
     err,
+    literal,
     models_app,
 )
 from eczema_batch.config import Settings
@@ -51,13 +52,13 @@ def _run_on_queue(
             _emit_json({"run": plan.run_id, "queue": queue, "jobs_sent": len(sent),
                         "resumed_jobs": plan.resumed, "images": plan.images})
         else:
-            err.print(f"run {plan.run_id}: sent {len(sent)} jobs to queue {queue}; "
-                      "follow them with: eczema-batch status")
+            err.print(f"run {plan.run_id}: sent {len(sent)} jobs to queue {literal(queue)}; "
+                      "follow them with: eczema-batch status", highlight=False)
         return None
     if sent and not as_json:
-        err.print(f"run {plan.run_id}: {len(sent)} jobs sent to queue {queue}, progress read from "
-                  f"the catalogue (workers: eczema-batch worker --queue {queue}); Ctrl-C stops "
-                  "waiting, the workers carry on")
+        err.print(f"run {plan.run_id}: {len(sent)} jobs sent to queue {literal(queue)}, progress "
+                  f"read from the catalogue (workers: eczema-batch worker --queue "
+                  f"{literal(queue)}); Ctrl-C stops waiting, the workers carry on", highlight=False)
     broker_url = settings.broker_url
 
     def resend(jobs: list[tuple[int, str]]) -> None:
@@ -69,7 +70,7 @@ def _run_on_queue(
                   f"{settings.lease_seconds:g} s (a worker died, or the broker lost their "
                   "messages): sent them again", highlight=False)
 
-    with _progress(f"measuring on queue {queue}") as update:
+    with _progress(f"measuring on queue {literal(queue)}") as update:
         dispatch.wait_for_jobs(
             factory, tracked, on_progress=lambda p: update(p.finished_images, p.total_images),
             resend=resend, stall_seconds=settings.lease_seconds,
@@ -170,7 +171,7 @@ def run(
                 f"{len(summary.failed_jobs)} jobs failed"
             )
         for iid, reason in list(summary.failed_images.items())[:20]:
-            err.print(f"  image {iid}: {reason}", highlight=False)
+            err.print(f"  image {iid}: {literal(reason)}", highlight=False)
         if not summary.has_head:
             err.print("no severity head trained for these features: stopped after the crop "
                       "embeddings (eczema-batch train makes one)")
@@ -281,7 +282,7 @@ def models_list(
     for column in ("name", "kind", "weights", "digest"):
         table.add_column(column)
     for row in rows:
-        table.add_row(*(str(row[c]) for c in ("name", "kind", "weights", "digest")))
+        table.add_row(*(literal(row[c]) for c in ("name", "kind", "weights", "digest")))
     err.print(table)
 
 
@@ -300,4 +301,4 @@ def models_make_tiny(
 
     written = make_tiny_models(folder)
     for name, path in written.items():
-        err.print(f"{name}: {path}")
+        err.print(f"{name}: {literal(path)}", highlight=False)

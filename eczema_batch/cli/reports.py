@@ -12,6 +12,7 @@ from rich.table import Table
 
 from eczema_batch.cli.common import (
     JsonOption,
+    VerbatimOption,
     _catalogue,
     _emit_json,
     _progress,
@@ -20,6 +21,7 @@ from eczema_batch.cli.common import (
     check_output,
     command,
     err,
+    literal,
     writing_to,
 )
 from eczema_batch.errors import UsageError
@@ -35,7 +37,7 @@ def _print_wide(table: Table) -> None:
     if err.is_terminal:
         err.print(table)
     else:  # rich caps print(width=) at the console's width (80 off a terminal)
-        Console(stderr=True, width=max(err.width, 120)).print(table)
+        Console(stderr=True, width=max(err.width, 120), emoji=False).print(table)
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
@@ -56,8 +58,8 @@ def _print_cohort(report: Any, *, limit: int) -> None:
                   "eczema-batch run (reviewed labels are shown meanwhile)")
     else:
         emb = head.embedder.name if head.embedder else "?"
-        err.print(f"scores from head {head.id} {head.name!r} ({head.digest[:12]}) on {emb}",
-                  highlight=False)
+        err.print(f"scores from head {head.id} {literal(repr(head.name))} ({head.digest[:12]}) "
+                  f"on {literal(emb)}", highlight=False)
     table = Table(title=f"cohort: {s.patients} patients", show_header=False)
     for st in STATUSES:
         table.add_row(st, str(s.by_status.get(st, 0)))
@@ -83,9 +85,10 @@ def _print_cohort(report: Any, *, limit: int) -> None:
         t = p.trend
         slope = t.slope
         patients.add_row(
-            p.key.patient, str(len(t.visits)),
-            classes[t.baseline.visit.severity] if t.baseline else "–",
-            classes[t.last.visit.severity] if t.last else "–", _fmt(t.change_from_baseline, True),
+            literal(p.key.patient), str(len(t.visits)),
+            literal(classes[t.baseline.visit.severity]) if t.baseline else "–",
+            literal(classes[t.last.visit.severity]) if t.last else "–",
+            _fmt(t.change_from_baseline, True),
             _fmt(slope.per_30_days if slope else None, True),
             f"{slope.ci_low:+.2f},{slope.ci_high:+.2f}" if slope and slope.ci_low is not None
             and slope.ci_high is not None else "–",
@@ -106,7 +109,8 @@ def _print_visits(report: Any) -> None:
     for p in report.patients:
         t = p.trend
         line = sparkline([v.visit.expected_score for v in t.visits], high=len(classes) - 1)
-        table = Table(title=f"patient {p.key.patient} ({p.key.study}): {t.status}  {line}",
+        table = Table(title=f"patient {literal(p.key.patient)} ({literal(p.key.study)}): "
+                      f"{t.status}  {line}",
                       box=box.SIMPLE_HEAD)
         for column in ("visit", "date", "days", "images", "flagged", "reviewed", "class",
                        "score", "change", "vs prev"):
@@ -114,10 +118,10 @@ def _print_visits(report: Any) -> None:
                              no_wrap=True)
         for vt in t.visits:
             v = vt.visit
-            name = classes[v.severity] if v.severity is not None else "–"
+            name = literal(classes[v.severity]) if v.severity is not None else "–"
             name += " (R)" if v.n_reviewed else ""
             date = v.visit_date.isoformat() if v.visit_date else "–"
-            table.add_row(v.label if v.label != date else f"#{vt.number}", date,
+            table.add_row(literal(v.label) if v.label != date else f"#{vt.number}", date,
                           "–" if vt.days_from_baseline is None else str(vt.days_from_baseline),
                           str(v.n_images), str(v.n_flagged), str(v.n_reviewed), name,
                           _fmt(v.expected_score), _fmt(vt.change_from_baseline, True),
@@ -215,11 +219,12 @@ def report(
         if patient is not None:
             _print_visits(cohort)
     if written is not None:
-        err.print(f"HTML report: {written.index.resolve().as_uri()} ({written.patient_pages} "
+        err.print(f"HTML report: {literal(written.index.resolve().as_uri())} "
+                  f"({written.patient_pages} "
                   f"patient pages, {written.thumbnails} thumbnails)", soft_wrap=True,
                   highlight=False)
         for iid, reason in list(written.unreadable.items())[:10]:
-            err.print(f"  no thumbnail for image {iid}: {reason}", highlight=False)
+            err.print(f"  no thumbnail for image {iid}: {literal(reason)}", highlight=False)
         if written.withheld:
             err.print(f"  {len(written.withheld)} image(s) without a thumbnail because their "
                       "DICOM header says the pixels identify the patient (images "
@@ -243,11 +248,14 @@ def export(
         help="dicom-seg only: copy the source's patient and study attributes (name, birth date, "
         "PatientID, accession number...) into each SEG, for a round trip to the PACS they came "
         "from. By default a SEG carries only the UIDs that reference its source.")] = False,
+    verbatim: VerbatimOption = False,
 ) -> None:
     """Tidy rows for statisticians (columns in the README), or DICOM SEG objects of the masks.
 
     No identifying data: subject codes, dates and body sites, never names, paths or notes. A DICOM
     SEG references its source by UIDs only, unless --keep-patient-tags asks for a PACS round trip.
+    In CSV, a text cell a spreadsheet would run as a formula (=, +, -, @ first) starts with '
+    unless --verbatim (for R or pandas).
 
     Example: eczema-batch export --level visit --format csv -o visits.csv
     """
@@ -274,27 +282,25 @@ def export(
                                    image_root=str(settings.image_root)
                                    if settings.image_root else None,
                                    keep_patient_tags=keep_patient_tags)
-        err.print(f"wrote {len(seg.written)} DICOM SEG objects to {output}; "
-                  f"{len(seg.skipped)} DICOM images skipped")
+        err.print(f"wrote {len(seg.written)} DICOM SEG objects to {literal(output)}; "
+                  f"{len(seg.skipped)} DICOM images skipped", highlight=False)
         for iid, reason in list(seg.skipped.items())[:20]:
-            err.print(f"  image {iid}: {reason}", highlight=False)
+            err.print(f"  image {iid}: {literal(reason)}", highlight=False)
         return
     kwargs: dict[str, Any] = {"level": level, "fmt": fmt, "rules": trend_rules(settings),
                               "thresholds": review_thresholds(settings), "study": study,
-                              "patient": patient, "head_id": head}
+                              "patient": patient, "head_id": head, "verbatim": verbatim}
     with factory() as session:
         if output is None:
             result = export_table(session, sys.stdout, **kwargs)
         else:
+            from eczema_batch.output import output_file
+
             # Written aside and renamed: a failed export leaves no half file behind.
-            partial = output.with_name(output.name + ".partial")
-            try:
-                with writing_to(output), partial.open("w", encoding="utf-8", newline="") as out:
-                    result = export_table(session, out, **kwargs)
-                partial.replace(output)
-            finally:
-                partial.unlink(missing_ok=True)
-    where = output or "stdout"
-    err.print(f"wrote {result.rows} {level} rows ({len(result.columns)} columns) to {where}")
+            with writing_to(output), output_file(output) as out:
+                result = export_table(session, out, **kwargs)
+    where = literal(output) if output else "stdout"
+    err.print(f"wrote {result.rows} {level} rows ({len(result.columns)} columns) to {where}",
+              highlight=False)
     if result.head is None:
         err.print("[yellow]no severity head has predictions yet[/]: severity columns are empty")

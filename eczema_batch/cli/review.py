@@ -14,6 +14,7 @@ from eczema_batch.cli.common import (
     _settings,
     command,
     err,
+    literal,
     review_app,
 )
 from eczema_batch.cli.reports import HeadOption, PatientOption, StudyOption, _fmt, _print_wide
@@ -51,8 +52,10 @@ def review_list(
     for column in ("image", "patient", "visit", "site", "model", "p", "why"):
         table.add_column(column, justify="right" if column in ("image", "p") else "left")
     for i in queue.items:
-        table.add_row(str(i.image_id), i.patient, i.visit, i.body_site or "–",
-                      i.predicted_class or "–", _fmt(i.top_probability), "; ".join(i.reasons))
+        table.add_row(str(i.image_id), literal(i.patient), literal(i.visit),
+                      literal(i.body_site) if i.body_site else "–",
+                      literal(i.predicted_class) if i.predicted_class else "–",
+                      _fmt(i.top_probability), literal("; ".join(i.reasons)))
     _print_wide(table)
     if queue.items:
         err.print("record a decision: eczema-batch review set IMAGE --severity K --by RATER")
@@ -83,5 +86,6 @@ def review_set(
     else:
         was = "" if decision.previous is None else (
             f" (was {decision.previous} from the {decision.previous_source})")
-        err.print(f"image {image}: {decision.severity_class} by {decision.rater}{was}; "
-                  f"label {decision.label_id}, event {decision.event_id}", highlight=False)
+        err.print(f"image {image}: {literal(decision.severity_class)} by "
+                  f"{literal(decision.rater)}{was}; label {decision.label_id}, "
+                  f"event {decision.event_id}", highlight=False)

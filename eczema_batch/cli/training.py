@@ -12,6 +12,7 @@ from rich.table import Table
 from eczema_batch.cli.common import (
     JsonOption,
     SegmenterOption,
+    VerbatimOption,
     _catalogue,
     _emit_json,
     _progress,
@@ -20,6 +21,7 @@ from eczema_batch.cli.common import (
     command,
     err,
     heads_app,
+    literal,
 )
 from eczema_batch.errors import UsageError
 
@@ -50,7 +52,8 @@ def _head_row(table: Table, head: dict[str, Any]) -> None:
     f1 = head.get("in_sample_weighted_f1")
     features = f"{head['embedder']} + {head['segmenter'] or 'no segmenter'} " \
         f"({head['segmenter_mode']})"
-    table.add_row(str(head["id"]), "*" if head["active"] else "", head["name"], features,
+    table.add_row(str(head["id"]), "*" if head["active"] else "", literal(head["name"]),
+                  literal(features),
                   str(head["images"]), "-" if f1 is None else f"{f1:.3f}",
                   str(head["created_at"] or "")[:10])
 
@@ -108,8 +111,8 @@ def train(
         _emit_json(head)
         return
     err.print(_heads_table([head], f"trained head {head['id']}"))
-    counts = ", ".join(f"{c} {n}" for c, n in zip(head["classes"], head["class_counts"],
-                                                   strict=True))
+    counts = ", ".join(f"{literal(c)} {n}" for c, n in zip(head["classes"],
+                                                            head["class_counts"], strict=True))
     err.print(f"labelled images per class: {counts}; final training loss "
               f"{head['final_loss']:.4f}")
     if head["active"]:
@@ -148,6 +151,7 @@ def evaluate(
     predictions: Annotated[
         Path | None, typer.Option(help="Write the head's out-of-fold predictions as CSV.")
     ] = None,
+    verbatim: VerbatimOption = False,
 ) -> None:
     """Cross-validate the method by patient and report it with error bars.
 
@@ -160,6 +164,7 @@ def evaluate(
     Example: eczema-batch evaluate --folds 5 --repeats 3 -o report.json --predictions oof.csv
     """
     from eczema_batch.jobs.config import RunConfig
+    from eczema_batch.output import output_file
     from eczema_batch.training.evaluate import EvaluationSettings, run_evaluation
     from eczema_batch.training.report import (
         report_json,
@@ -193,11 +198,13 @@ def evaluate(
         result = run_evaluation(_catalogue(settings), config=config, settings=eval_settings,
                                 study=study, progress=on_progress)
     if predictions is not None:
-        write_predictions_csv(result.predictions, predictions)
+        with output_file(predictions) as out:
+            write_predictions_csv(result.predictions, out, verbatim=verbatim)
     if output is not None or as_json:
         text = report_json(result.report)
         if output is not None:
-            output.write_text(text, encoding="utf-8")
+            with output_file(output) as out:
+                out.write(text)
         if as_json:
             sys.stdout.write(text)
     for title, columns, rows in summary_tables(result.report):
@@ -205,7 +212,7 @@ def evaluate(
         for column in columns:
             table.add_column(column)
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*map(literal, row))
         err.print(table)
     run_info = result.report["run"]
     err.print(f"model forwards: {run_info['forwards']} (per-fold recomputation would need "
@@ -249,7 +256,8 @@ def heads_use(
         _emit_json(head)
     else:
         replaced = ", ".join(map(str, head["replaced"])) or "none"
-        err.print(f"head {head['id']} ({head['name']}) is active for {head['embedder']} with "
-                  f"--segmenter {head['segmenter_mode']}; replaced: {replaced}")
+        err.print(f"head {head['id']} ({literal(head['name'])}) is active for "
+                  f"{literal(head['embedder'])} with --segmenter {head['segmenter_mode']}; "
+                  f"replaced: {replaced}", highlight=False)
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import io
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -99,29 +100,43 @@ def sniff_delimiter(header: str, name: str) -> str:
 
 
 def read_manifest(path: Path, classes: tuple[str, ...] = DEFAULT_CLASSES) -> Manifest:
-    """Parse the manifest; a malformed file as a whole is a UsageError, a bad row a problem."""
-    manifest = Manifest()
+    """Parse the manifest; a malformed file as a whole is a UsageError, a bad row a problem.
+
+    The csv module reads the file object itself, opened with `newline=""`: records end only where
+    CSV says (CR, LF or CRLF outside quotes), so a quoted line break stays in its cell as it was
+    written, and U+0085, U+2028, form feeds and the other characters `str.splitlines` breaks at
+    are a cell's text, never the end of a row.
+    """
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: drops Excel's byte-order mark
+        # -sig: drops Excel's byte-order mark
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            return _read_rows(handle, path.name, classes)
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path.name} is not UTF-8 text: save it as CSV (UTF-8)") from exc
-    lines = text.split("\n")
+
+
+def _read_rows(lines: Iterator[str], name: str, classes: tuple[str, ...]) -> Manifest:
+    manifest = Manifest()
     # Blank lines above the header (a spreadsheet's empty first row) are skipped, and counted so
     # that problems still name the line the user sees.
-    skipped = next((i for i, line in enumerate(lines) if line.strip()), len(lines))
-    if skipped == len(lines):
-        raise UsageError(f"{path.name} is empty: its first line must be {','.join(COLUMNS)}")
-    delimiter = sniff_delimiter(lines[skipped], path.name)
-    reader = csv.DictReader(io.StringIO("\n".join(lines[skipped:])), delimiter=delimiter)
-    header = [name.strip() for name in (reader.fieldnames or []) if name.strip()]
-    if twice := sorted({name for name in header if header.count(name) > 1} & KNOWN_COLUMNS):
+    skipped = 0
+    for first in lines:
+        if first.strip():
+            break
+        skipped += 1
+    else:
+        raise UsageError(f"{name} is empty: its first line must be {','.join(COLUMNS)}")
+    delimiter = sniff_delimiter(first.rstrip("\r\n"), name)
+    reader = csv.DictReader(itertools.chain([first], lines), delimiter=delimiter)
+    header = [column.strip() for column in (reader.fieldnames or []) if column.strip()]
+    if twice := sorted({c for c in header if header.count(c) > 1} & KNOWN_COLUMNS):
         raise UsageError(
-            f"{path.name} has the column {', '.join(repr(n) for n in twice)} twice: "
+            f"{name} has the column {', '.join(repr(n) for n in twice)} twice: "
             "keep one, so that it is clear which value counts"
         )
     if unknown := list(dict.fromkeys(n for n in header if n not in KNOWN_COLUMNS)):
         manifest.warnings.append(
-            f"{path.name}: ignored the unknown column{'s' if len(unknown) > 1 else ''} "
+            f"{name}: ignored the unknown column{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(repr(n) for n in unknown)} (known columns: {', '.join(COLUMNS)})"
         )
     for record in reader:
@@ -133,10 +148,17 @@ def read_manifest(path: Path, classes: tuple[str, ...] = DEFAULT_CLASSES) -> Man
         }
         if not any(fields.values()):
             continue  # a spreadsheet's empty row, saved as ";;;;;"
-        where = f"{path.name} line {number}"
+        where = f"{name} line {number}"
         rel = _normalise_path(fields.get("path", ""))
+        # Every other character is kept as written (and shown escaped); NUL is never text a
+        # spreadsheet meant, and PostgreSQL cannot store it.
+        if column := next((c for c, v in fields.items() if "\0" in v), None):
+            key = rel if rel is not None and column != "path" else f"{name}:{number}"
+            manifest.problems[key] = (
+                f"{where}: the {column} cell holds a NUL character: fix the cell and ingest again")
+            continue
         if rel is None:
-            manifest.problems[f"{path.name}:{number}"] = (
+            manifest.problems[f"{name}:{number}"] = (
                 f"{where}: path {fields.get('path', '')!r} must be relative to the study folder"
             )
             continue

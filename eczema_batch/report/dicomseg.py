@@ -19,8 +19,8 @@ reason that names the attribute at fault and never quotes a value.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
-import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +38,7 @@ from eczema_batch.catalogue.models import Image, Mask, Patient, Study, Visit
 from eczema_batch.errors import EczemaBatchError
 from eczema_batch.imaging import decode_mask_png
 from eczema_batch.imaging.dicom import is_uid
+from eczema_batch.output import OutputFolder, safe_name
 from eczema_batch.report.queries import (
     HeadInfo,
     check_scope,
@@ -55,7 +56,6 @@ PROPERTY = ("43116000", "SCT", "Eczema")
 ALGORITHM_SOURCE = "SegGPT prompted by reference masks (arXiv 2504.15193)"
 #: Series number of the SEG series (away from the photographs' own series numbers).
 SEG_SERIES_NUMBER = 901
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 log = logging.getLogger(__name__)
 #: The UIDs a SEG references its source by; each must be a valid UID or the image is skipped.
 _REFERENCE_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -116,10 +116,6 @@ def _masks(session: Session, image_ids: list[int], chosen: dict[int, int]) -> di
             continue
         out[iid] = _MaskRow(mid, *rest)
     return out
-
-
-def _safe(name: str) -> str:
-    return _UNSAFE.sub("_", name).strip("._") or "unnamed"
 
 
 def _segmentation(source: Any, mask: np.ndarray, row: _MaskRow, segmenter: str) -> Any:
@@ -269,6 +265,9 @@ def export_dicom_seg(
 
     `keep_patient_tags`: copy the source's Patient and Study attributes (name, birth date,
     PatientID, accession number...) into the SEG, for a round trip to the PACS they came from.
+    The folder names are `safe_name`s of the study and subject code; an image whose SOP Instance
+    UID is not a DICOM UID (digits and dots) is skipped. Nothing is written outside OUT or through
+    a symbolic link (eczema_batch/output.py).
     """
     try:
         import highdicom  # noqa: F401
@@ -296,6 +295,14 @@ def export_dicom_seg(
     masks = _masks(session, ids, chosen)
     files = image_files(session, ids, image_root=image_root)
     refs = model_refs(session)
+    with OutputFolder(out_dir) as folder:
+        _write_segs(result, folder, images, masks, files, refs,
+                    keep_patient_tags=keep_patient_tags)
+    return result
+
+
+def _write_segs(result: SegExport, folder: OutputFolder, images: Any, masks: dict[int, _MaskRow],
+                files: dict[int, Path], refs: dict[int, Any], *, keep_patient_tags: bool) -> None:
     for iid, study_name, code, sop_uid in images:
         row = masks.get(iid)
         if row is None:
@@ -314,9 +321,8 @@ def export_dicom_seg(
             with _quiet_pydicom():
                 seg, source_uid = _seg_of(files[iid], sop_uid, mask, row, segmenter,
                                           keep_patient_tags=keep_patient_tags)
-                target = out_dir / _safe(study_name) / _safe(code) / f"{source_uid}.seg.dcm"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                seg.save_as(target)
+                encoded = io.BytesIO()
+                seg.save_as(encoded)
         except _SourceProblem as exc:
             result.skipped[iid] = str(exc)
             continue
@@ -330,5 +336,8 @@ def export_dicom_seg(
                 "values are not shown): check the source with dciodvfy"
             )
             continue
-        result.written.append(target)
-    return result
+        # source_uid was checked to be a UID (digits and dots): a plain file name.
+        with folder.folder(safe_name(study_name)) as in_study, \
+                in_study.folder(safe_name(code)) as in_patient:
+            in_patient.write_bytes(f"{source_uid}.seg.dcm", encoded.getvalue())
+            result.written.append(in_patient.path / f"{source_uid}.seg.dcm")

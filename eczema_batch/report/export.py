@@ -31,6 +31,7 @@ from eczema_batch.report.queries import (
     iter_patient_visits,
     model_refs,
 )
+from eczema_batch.report.spreadsheet import FORMULA_START, record_writer, spreadsheet_text
 from eczema_batch.report.trends import (
     DEFAULT_CLASSES,
     PatientTrend,
@@ -50,6 +51,13 @@ _FIXED = f".{DECIMALS}f"
 #: Appended to every level: which head scored the rows and the models its features came from.
 IDENTITY_COLUMNS = ("head", "head_digest", "embedder", "embedder_digest", "segmenter",
                     "segmenter_digest")
+#: The level columns that hold text (names, labels, statuses): in CSV for a spreadsheet, a value of
+#: these that would start a formula is neutralised (report/spreadsheet.py). Every other column is a
+#: number, a date or a boolean eczema-batch formats itself; the identity columns are all text.
+TEXT_COLUMNS = frozenset({
+    "study", "patient", "visit", "body_site", "body_sites", "format", "severity_class",
+    "review_status", "review_reasons", "status",
+})
 #: `{p}` expands to one p_<class> column per class of the head (p_clear ... p_severe).
 _LEVEL_COLUMNS: dict[str, tuple[str, ...]] = {
     "image": (
@@ -248,15 +256,24 @@ def _json_value(value: Any) -> Any:
     return value.isoformat() if isinstance(value, dt.date) else value
 
 
-def write_csv(rows: Iterable[Row], header: Sequence[str], out: TextIO) -> int:
+def write_csv(rows: Iterable[Row], header: Sequence[str], out: TextIO, *,
+              verbatim: bool = False) -> int:
     """CSV: empty for no value, true/false as True/False (pandas and R read both), ISO dates.
 
-    The identity cells are the same on nearly every row, and their 64-character digests were
-    the csv module's costliest cells: each distinct identity is rendered once and written
-    after the row's own cells.
+    Text cells that a spreadsheet would run as a formula get a leading `'` unless `verbatim`;
+    a cell holding CR or LF is quoted (report/spreadsheet.py). Only the text columns can hold
+    either: the rest are numbers, dates and booleans formatted here. The identity cells are the
+    same on nearly every row, and their 64-character digests were the csv module's costliest
+    cells: each distinct identity is rendered once and written after the row's own cells.
     """
-    csv.writer(out, lineterminator="\n").writerow(header)
-    writerow = csv.writer(out, lineterminator=",").writerow
+    safe: Callable[[Any], Any] = (lambda v: v) if verbatim else spreadsheet_text
+    record_writer(out)([safe(h) for h in header])
+    text_at = [i for i, name in enumerate(header[:-len(IDENTITY_COLUMNS)])
+               if name in TEXT_COLUMNS]
+    # The plain writer ends a record with the "," before its identity and quotes no CR or LF;
+    # a row whose text holds either takes the slower writer that does.
+    plain: Callable[[Iterable[Any]], Any] = csv.writer(out, lineterminator=",").writerow
+    quoting = record_writer(out, end=",")
     write = out.write
     rendered: dict[tuple[Any, ...], str] = {}
     count = 0
@@ -264,8 +281,15 @@ def write_csv(rows: Iterable[Row], header: Sequence[str], out: TextIO) -> int:
         suffix = rendered.get(identity)
         if suffix is None:
             line = io.StringIO()
-            csv.writer(line, lineterminator="\n").writerow(identity)
+            record_writer(line)([safe(v) for v in identity])
             suffix = rendered[identity] = line.getvalue()
+        writerow = plain
+        for i in text_at:
+            value = cells[i]
+            if value and (value[0] in FORMULA_START or "\n" in value or "\r" in value):
+                cells[i] = safe(value)
+                if "\n" in value or "\r" in value:
+                    writerow = quoting
         writerow(cells)
         write(suffix)
         count += 1
@@ -296,13 +320,19 @@ def export_table(
     study: str | None = None,
     patient: str | None = None,
     head_id: int | None = None,
+    verbatim: bool = False,
 ) -> ExportResult:
-    """Write the rows of `level` to `out`; an unknown patient raises before anything is written."""
+    """Write the rows of `level` to `out`; an unknown patient raises before anything is written.
+
+    CSV text cells that would start a formula are neutralised unless `verbatim`; JSON is verbatim.
+    """
     check_scope(session, study=study, patient=patient)
     head = choose_head(session, head_id=head_id)
     header = columns(level, head.classes if head else DEFAULT_CLASSES)
     rows = iter_rows(session, level=level, head=head, rules=rules, thresholds=thresholds,
                      study=study, patient=patient, number=fixed if fmt == "csv" else rounded)
-    writer = write_csv if fmt == "csv" else write_json
-    count = writer(rows, header, out)
+    if fmt == "csv":
+        count = write_csv(rows, header, out, verbatim=verbatim)
+    else:
+        count = write_json(rows, header, out)
     return ExportResult(level=level, columns=header, rows=count, head=head)

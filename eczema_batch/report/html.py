@@ -13,6 +13,9 @@ The report is meant to be shared, so an image whose DICOM header says its pixels
 patient (BurnedInAnnotation or RecognizableVisualFeatures = YES: a name burnt into the picture, a
 face) gets no thumbnail, only a note and a flag, unless the user asks for them
 (`include_identifying_pixels`).
+
+Every file is written whole, inside DIR and never through a symbolic link (eczema_batch/output.py);
+file names are made of catalogue ids only.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from sqlalchemy.orm import Session
 from eczema_batch import __version__
 from eczema_batch.catalogue.models import Image
 from eczema_batch.errors import RejectedFileError
+from eczema_batch.output import OutputFolder
 from eczema_batch.report.cohort import CohortReport, PatientReport
 from eczema_batch.report.plots import (
     IdentifyingPixelsError,
@@ -287,8 +291,18 @@ def write_html_report(
     Thumbnails are made in `threads` threads: each decodes a full photo and its full-size mask
     (about 0.1 s for 12 MP), and Pillow, zlib and numpy release the GIL while they work.
     """
-    (out_dir / "patients").mkdir(parents=True, exist_ok=True)
-    (out_dir / "thumbs").mkdir(exist_ok=True)
+    with OutputFolder(out_dir) as folder, folder.folder("patients") as pages, \
+            folder.folder("thumbs") as thumbs:
+        return _write_report(session, report, folder, pages, thumbs, max_pixels=max_pixels,
+                             image_root=image_root, thumb_side=thumb_side, threads=threads,
+                             include_identifying_pixels=include_identifying_pixels)
+
+
+def _write_report(session: Session, report: CohortReport, folder: OutputFolder,
+                  pages: OutputFolder, thumbs: OutputFolder, *, max_pixels: int,
+                  image_root: str | None, thumb_side: int, threads: int,
+                  include_identifying_pixels: bool) -> HtmlReport:
+    out_dir = folder.path
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     result = HtmlReport(index=out_dir / "index.html")
     records = iter_image_records(session, head=report.head, study=report.study,
@@ -308,7 +322,7 @@ def write_html_report(
             return str(exc), True
         except RejectedFileError as exc:
             return str(exc), False
-        (out_dir / "thumbs" / f"{record.image_id}.jpg").write_bytes(jpeg)
+        thumbs.write_bytes(f"{record.image_id}.jpg", jpeg)
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
@@ -333,11 +347,10 @@ def write_html_report(
                 figures.setdefault(record.visit_id, []).append(
                     _figure(report, record, name, problem))
             title = f"{p.key.patient}: {p.trend.status}"
-            (out_dir / "patients" / f"p{p.key.patient_id}.png").write_bytes(
-                severity_plot(p.trend, report.classes, title=title))
-            (out_dir / "patients" / f"p{p.key.patient_id}.html").write_text(
-                _patient_page(report, p, figures), encoding="utf-8")
+            pages.write_bytes(f"p{p.key.patient_id}.png",
+                              severity_plot(p.trend, report.classes, title=title))
+            pages.write_text(f"p{p.key.patient_id}.html", _patient_page(report, p, figures))
             result.patient_pages += 1
-    (out_dir / "cohort.png").write_bytes(cohort_plot(report.summary.per_visit))
-    result.index.write_text(_index(report, generated), encoding="utf-8")
+    folder.write_bytes("cohort.png", cohort_plot(report.summary.per_visit))
+    folder.write_text("index.html", _index(report, generated))
     return result

@@ -51,11 +51,13 @@ def severity_plot(trend: PatientTrend, classes: Sequence[str], *, title: str) ->
         face = "white" if v.visit.provisional else "#1f77b4"
         ax.scatter([x], [y], marker=marker, s=46, facecolor=face, edgecolor="#1f77b4", zorder=2)
     ax.set_ylim(-0.2, len(classes) - 0.8)
-    ax.set_yticks(range(len(classes)), [f"{k} {c}" for k, c in enumerate(classes)])
+    # parse_math=False: a `$` in a class name or patient code is text, not TeX to parse.
+    ax.set_yticks(range(len(classes)), [f"{k} {c}" for k, c in enumerate(classes)],
+                  parse_math=False)
     ax.grid(axis="y", color="#dddddd")
     ax.set_xlabel("days since baseline" if dated else "visit number (undated visits)")
     ax.set_ylabel("expected severity")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, parse_math=False)
     fig.tight_layout()
     return _png(fig)
 

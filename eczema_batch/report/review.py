@@ -9,6 +9,7 @@ newest reviewed label is what reports use for that image.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from datetime import date
 from typing import Any
@@ -33,6 +34,9 @@ from eczema_batch.report.trends import DEFAULT_CLASSES
 REVIEW_EVENT = "review.label"
 #: Longest rater name the catalogue stores (labels.rater).
 MAX_RATER = 64
+#: C0 and C1 control characters but line breaks and tabs: PostgreSQL refuses NUL in text, and the
+#: others only ever hide or rewrite what a terminal shows.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -135,10 +139,18 @@ def record_review(
     note: str | None = None,
     head_id: int | None = None,
 ) -> ReviewDecision:
-    """Record a rater's severity for an image as a new label and an audit event (one commit)."""
+    """Record a rater's severity for an image as a new label and an audit event (one commit).
+
+    Everything that can refuse the decision is checked before the commit, so that a command that
+    fails has recorded nothing and running it again records the decision once.
+    """
     rater = rater.strip()
-    if not rater or len(rater) > MAX_RATER:
-        raise UsageError(f"--by must name the rater in 1 to {MAX_RATER} characters")
+    if not rater or len(rater) > MAX_RATER or not rater.isprintable():
+        raise UsageError(f"--by must name the rater in 1 to {MAX_RATER} printable characters "
+                         "(a rater's id such as rater-07)")
+    if note is not None and _CONTROL.search(note):
+        raise UsageError("--note has a control character (NUL, escape...): write it as plain text; "
+                         "line breaks and tabs are fine")
     with transaction(factory) as session:
         if session.scalar(select(Image.id).where(Image.id == image_id)) is None:
             raise UsageError(

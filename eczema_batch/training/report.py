@@ -11,11 +11,9 @@ Two views of each method, as a statistician reads them:
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -28,6 +26,7 @@ from eczema_batch.pipeline.evaluate import (
     scalar_metrics,
     weighted_f1,
 )
+from eczema_batch.report.spreadsheet import record_writer, spreadsheet_text
 from eczema_batch.training.data import LabelledImages, References
 
 BASELINES = ("majority", "logistic")
@@ -208,13 +207,17 @@ def report_json(report: dict[str, Any]) -> str:
     return json.dumps(report, indent=2, allow_nan=False, default=str) + "\n"
 
 
-def write_predictions_csv(rows: list[dict[str, Any]], path: Path) -> None:
+def write_predictions_csv(rows: list[dict[str, Any]], out: TextIO, *,
+                          verbatim: bool = False) -> None:
+    """One line per prediction; text cells neutralised for spreadsheets unless `verbatim`."""
     if not rows:
         raise ValueError("no predictions to write")
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    columns = list(rows[0])
+    writerow = record_writer(out)
+    writerow(columns)
+    for row in rows:
+        writerow(row[c] if verbatim or not isinstance(row[c], str) else spreadsheet_text(row[c])
+                 for c in columns)
 
 
 # --- readable summary ---------------------------------------------------------------------------
