@@ -210,7 +210,12 @@ def check_output(path: Path, *, folder: bool = False) -> None:
     if folder:
         if path.exists() and not path.is_dir():
             raise UsageError(f"-o {path} is a file: give a folder (it is created if missing)")
-        parent = path if path.is_dir() else path.parent
+        # The folder is created with its missing parents: check the nearest one that exists.
+        parent = path
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UsageError(f"-o {path}: {parent} is a file, not a folder; write somewhere else")
     else:
         if path.is_dir():
             raise UsageError(f"-o {path} is a folder: give a file name, e.g. {path / 'out.csv'}")
