@@ -110,11 +110,19 @@ def sniff_delimiter(header: str, name: str) -> str:
     )
 
 
-def read_manifest(path: Path, classes: tuple[str, ...] = DEFAULT_CLASSES) -> Manifest:
-    """Parse the manifest; a malformed file as a whole is a UsageError, a bad row a problem."""
+def read_manifest(
+    path: Path, classes: tuple[str, ...] = DEFAULT_CLASSES, *, data: bytes | None = None
+) -> Manifest:
+    """Parse the manifest; a malformed file as a whole is a UsageError, a bad row a problem.
+
+    `data` is its content when the caller has read it already (ingest reads study files only
+    through `eczema_batch.studyfiles`); `path` then names it in messages.
+    """
     manifest = Manifest()
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: drops Excel's byte-order mark
+        raw = path.read_bytes() if data is None else data
+        # -sig: drops Excel's byte-order mark; line ends as text mode reads them
+        text = raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path.name} is not UTF-8 text: save it as CSV (UTF-8)") from exc
     lines = text.split("\n")
