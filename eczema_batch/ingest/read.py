@@ -1,8 +1,10 @@
 """Read, hash and fully decode one study file (runs in worker processes).
 
 Each file is read once: the same bytes are hashed and decoded, so a broken image is found at ingest
-rather than later on a GPU. A file whose content is already catalogued is hashed but not decoded
-again, which makes re-running an ingest cheap. Files are opened by `eczema_batch.studyfiles`
+rather than later on a GPU. The decode is `check_bytes`: all the compressed data, but never the
+full-size pixels (ingest keeps only the size), so a 200 MP photo costs megabytes, not gigabytes.
+A file whose content is already catalogued is hashed but not decoded again, which makes re-running
+an ingest cheap. Files are opened by `eczema_batch.studyfiles`
 (inside the study, no link followed, the file the scan saw, regular, within the size limit, an
 image from its first bytes) before anything else is read.
 """
@@ -21,7 +23,7 @@ from eczema_batch.errors import RejectedFileError
 from eczema_batch.imaging import (
     SNIFF_BYTES,
     DicomTags,
-    decode_bytes,
+    check_bytes,
     encode_mask_png,
     read_mask,
     sniff_format,
@@ -130,7 +132,7 @@ def read_file(task: ReadTask) -> FileRead:
     if not data:
         return FileRead(rel=task.rel, sha256=sha, error="empty file")
     try:
-        decoded = decode_bytes(data, max_pixels=_MAX_PIXELS)
+        decoded = check_bytes(data, max_pixels=_MAX_PIXELS)
     except RejectedFileError as exc:
         return FileRead(rel=task.rel, sha256=sha, size_bytes=len(data), error=str(exc))
     return FileRead(
