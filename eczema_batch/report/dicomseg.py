@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from eczema_batch import __version__
 from eczema_batch.catalogue.models import Image, Mask, Patient, Study, Visit
-from eczema_batch.errors import EczemaBatchError
+from eczema_batch.errors import EczemaBatchError, RejectedFileError
 from eczema_batch.imaging import decode_mask_png
 from eczema_batch.report.queries import (
     HeadInfo,
@@ -181,8 +182,8 @@ def export_dicom_seg(
             result.skipped[iid] = f"mask flagged: {row.flag}"
             continue
         try:
-            source = pydicom.dcmread(files[iid])
-        except (OSError, InvalidDicomError) as exc:
+            source = pydicom.dcmread(BytesIO(files[iid].read()))  # ingest's rules, same content
+        except (RejectedFileError, OSError, InvalidDicomError) as exc:
             result.skipped[iid] = f"source DICOM cannot be read: {exc}"
             continue
         if sop_uid and str(source.SOPInstanceUID) != sop_uid:

@@ -7,7 +7,8 @@
     DIR/thumbs/<IMAGE>.jpg
 
 Every text is escaped; links are relative, so the folder can be copied or zipped. A thumbnail that
-cannot be made (the study folder moved) is listed with the reason instead of failing the report.
+cannot be made (the study folder moved, the file changed since it was catalogued) is listed with
+the reason instead of failing the report.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from eczema_batch.report.queries import (
     mask_pngs,
 )
 from eczema_batch.report.trends import STATUSES, VisitTrend
+from eczema_batch.studyfiles import CataloguedFile
 
 #: Longest side of a thumbnail, in pixels.
 THUMB_SIDE = 200
@@ -270,10 +272,11 @@ def write_html_report(
     # The image stream is read to the end first: the per-patient look-ups below use the session.
     pairs = list(_by_patient(records, report.patients))
 
-    def make_thumb(record: ImageRecord, path: Path, mask_png: bytes | None) -> str | None:
+    def make_thumb(record: ImageRecord, source: CataloguedFile, mask_png: bytes | None
+                   ) -> str | None:
         """The reason it cannot be made, or None once it is written."""
         try:
-            jpeg = thumbnail(path, mask_png, max_side=thumb_side, max_pixels=max_pixels)
+            jpeg = thumbnail(source, mask_png, max_side=thumb_side, max_pixels=max_pixels)
         except RejectedFileError as exc:
             return str(exc)
         (out_dir / "thumbs" / f"{record.image_id}.jpg").write_bytes(jpeg)

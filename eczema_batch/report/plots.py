@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from eczema_batch.imaging import decode_mask_png, decode_path
+from eczema_batch.imaging import decode_bytes, decode_mask_png
 from eczema_batch.report.trends import PatientTrend, VisitNumberSummary
+from eczema_batch.studyfiles import CataloguedFile
 
 #: Lesion overlay colour (RGB) and opacity on thumbnails; the outline is drawn opaque.
 OVERLAY_RGB = (230, 40, 40)
@@ -76,12 +76,14 @@ def cohort_plot(per_visit: Sequence[VisitNumberSummary]) -> bytes:
     return _png(fig)
 
 
-def thumbnail(path: Path, mask_png: bytes | None, *, max_side: int, max_pixels: int) -> bytes:
+def thumbnail(source: CataloguedFile, mask_png: bytes | None, *, max_side: int, max_pixels: int
+              ) -> bytes:
     """A JPEG thumbnail of the image with its lesion mask filled and outlined.
 
-    Raises RejectedFileError when the image cannot be read (moved, changed, broken).
+    Raises RejectedFileError when the image cannot be read (moved, changed since it was
+    catalogued, broken): it is read under ingest's rules (`eczema_batch.studyfiles`).
     """
-    decoded = decode_path(path, max_pixels=max_pixels, max_side=max_side * 2)
+    decoded = decode_bytes(source.read(), max_pixels=max_pixels, max_side=max_side * 2)
     image = Image.fromarray(np.array(decoded.pixels), "RGB")
     image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     if mask_png is not None:
