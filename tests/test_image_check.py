@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import random
 import struct
+import threading
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from PIL import Image
 
 from eczema_batch.errors import RejectedFileError
 from eczema_batch.imaging import check_bytes, decode_bytes
+from eczema_batch.imaging.budget import DECODE_BUDGET, PixelBudget
 from eczema_batch.ingest import read as ingest_read
 from eczema_batch.ingest.scan import scan_study
 from tests.memory import peak_rss_above
@@ -151,3 +154,54 @@ def test_ingest_checks_a_large_photo_without_holding_its_pixels(
     # The file's bytes (a few MB) are read; the ~250 MB of pixels are not held.
     assert full > 100 << 20
     assert checked < len(data) + (32 << 20)
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    """Wait for another thread to get somewhere (no time is asserted: the bound only stops a
+    broken test from hanging)."""
+    for _ in range(2000):
+        if condition():
+            return
+        time.sleep(0.005)
+    raise AssertionError("the other thread never got there")
+
+
+def test_a_decode_waits_for_its_share_of_the_pixel_budget() -> None:
+    budget = PixelBudget(100)
+    done: list[str] = []
+
+    def decode(name: str, amount: int) -> None:
+        with budget.hold(amount):
+            done.append(name)
+
+    with budget.hold(80):
+        with budget.hold(20):  # fits beside it
+            pass
+        waiting = threading.Thread(target=decode, args=("50", 50))
+        waiting.start()
+        _until(lambda: budget.waiting == 1)
+        assert done == [] and budget.used == 80
+    waiting.join()
+    assert done == ["50"] and budget.used == 0
+    decode("more than the whole budget runs alone", 500)
+    assert budget.used == 0
+
+
+def test_run_decodes_take_their_pixels_from_the_process_budget(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    buffer = io.BytesIO()
+    _photo(300).save(buffer, format="PNG")
+    monkeypatch.setattr(DECODE_BUDGET, "total", 300 * 300 * 8)
+    result: list[int] = []
+
+    def decode() -> None:
+        result.append(decode_bytes(buffer.getvalue(), max_pixels=LIMIT, max_side=64).width)
+
+    with DECODE_BUDGET.hold(1):  # another decode holds some of it
+        thread = threading.Thread(target=decode)
+        thread.start()
+        _until(lambda: DECODE_BUDGET.waiting == 1)
+        assert result == []
+    thread.join()
+    assert result == [300]

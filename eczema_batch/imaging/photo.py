@@ -14,7 +14,9 @@ Why it works this way:
   every row checked in 1 MB pieces (`pngcheck.py`). A 14000 x 14000 photo took 2 GB to check in
   full. DICOM still decodes its first frame in full.
 - `decode_bytes` returns pixels. It must be fast: no per-pixel Python, and the result is Pillow's
-  own buffer (read-only) rather than a second copy.
+  own buffer (read-only) rather than a second copy. A decode that holds full-size pixels (PNG,
+  DICOM, JPEG without DCT scaling) first takes its share of the process's pixel budget
+  (`budget.py`), so `run`'s decode threads together stay within it.
 - `max_side` is what the models need (448 px): JPEG decodes at 1/2..1/8 scale in Pillow's draft mode
   (a 12 MP photo in a fraction of the time), other formats decode fully and are then shrunk. The
   reported width/height are always the full size after EXIF orientation: masks live at that size.
@@ -38,6 +40,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, JpegImagePlugin, PngImagePlugin
 
 from eczema_batch.errors import RejectedFileError
+from eczema_batch.imaging.budget import DECODE_BUDGET
 from eczema_batch.imaging.dicom import (
     DICM_MAGIC,
     DICM_OFFSET,
@@ -279,12 +282,13 @@ def _decode_photo(
         if max_side is not None and kind == "jpeg":
             # DCT scaling: decode at 1/2, 1/4 or 1/8 while staying >= max_side on both sides
             image.draft("RGB", (max_side, max_side))
-        image.load()
-        orientation = _orientation(image)  # after load: a PNG's eXIf chunk may follow its pixels
-        image = _fit(_to_rgb(image), max_side)
-        if orientation in _UPRIGHT:
-            image = image.transpose(_UPRIGHT[orientation])
-        pixels = np.asarray(image)
+        with DECODE_BUDGET.hold(_decode_bytes_needed(*image.size, max_side)):
+            image.load()
+            orientation = _orientation(image)  # after load: a PNG's eXIf may follow its pixels
+            image = _fit(_to_rgb(image), max_side)
+            if orientation in _UPRIGHT:
+                image = image.transpose(_UPRIGHT[orientation])
+            pixels = np.asarray(image)
     except MemoryError:
         raise
     except Exception as exc:  # a broken or truncated stream
@@ -292,6 +296,13 @@ def _decode_photo(
     if orientation in _SIDEWAYS:
         full_width, full_height = full_height, full_width
     return _result(pixels, full_width, full_height, kind)
+
+
+def _decode_bytes_needed(width: int, height: int, max_side: int | None) -> int:
+    """Upper estimate of a decode's memory: Pillow keeps 4 bytes a pixel (RGB included), one
+    converted copy, and the full-size array when no max_side shrinks it (DICOM: 16-bit samples
+    and their 8-bit RGB)."""
+    return width * height * (8 if max_side is not None else 11)
 
 
 def _open(data: bytes, kind: Literal["jpeg", "png"]) -> ImageFile.ImageFile:
@@ -348,9 +359,10 @@ def _decode_dicom(data: bytes, *, max_pixels: int, max_side: int | None) -> Deco
     dicom = open_dicom(data)
     if dicom.width > 0 and dicom.height > 0:  # a missing size is reported by decode()
         check_pixel_limit(dicom.width, dicom.height, max_pixels)
-    pixels = dicom.decode()
-    if max_side is not None and max(dicom.width, dicom.height) > max_side:
-        pixels = np.asarray(_fit(Image.fromarray(pixels), max_side))
+    with DECODE_BUDGET.hold(_decode_bytes_needed(dicom.width, dicom.height, max_side)):
+        pixels = dicom.decode()
+        if max_side is not None and max(dicom.width, dicom.height) > max_side:
+            pixels = np.asarray(_fit(Image.fromarray(pixels), max_side))
     return _result(pixels, dicom.width, dicom.height, "dicom", dicom.tags)
 
 
