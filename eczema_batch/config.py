@@ -21,6 +21,9 @@ from eczema_batch.errors import ConfigError, UsageError
 #: The largest image ingest decodes. A 40,000 x 40,000 PNG header is a decompression bomb, not a
 #: photograph: the largest phone and dermatoscope cameras stay well under 200 MP.
 DEFAULT_MAX_IMAGE_PIXELS = 200_000_000
+#: The largest study file ingest reads (it is read into memory whole). An uncompressed 200 MP RGB
+#: DICOM is 600 MB; a larger file is not a study photograph.
+DEFAULT_MAX_FILE_BYTES = 1 << 30
 
 
 _DEVICE_NAME = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
@@ -93,6 +96,10 @@ class Settings(BaseSettings):
                     "prompts (0: decode them for every chunk)",
     )
     max_image_pixels: int = Field(default=DEFAULT_MAX_IMAGE_PIXELS, ge=1)
+    max_file_bytes: int = Field(
+        default=DEFAULT_MAX_FILE_BYTES, ge=1,
+        description="larger study files are rejected at ingest from their size, unread",
+    )
     image_root: Path | None = Field(
         default=None,
         description="where workers find study folders when they are mounted elsewhere",

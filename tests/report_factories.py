@@ -7,8 +7,10 @@ similarities), the crop embedding cut with it, and the prediction pointing at th
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,13 +58,18 @@ def make_visit(session: Session, patient: Patient, when: dt.date | None, label: 
 
 def make_image(session: Session, visit: Visit, *, body_site: str | None = "left-arm",
                fmt: str = "jpeg", path: str | None = None, size: tuple[int, int] = (64, 48),
-               **extra: Any) -> Image:
+               file: Path | None = None, **extra: Any) -> Image:
+    """An image row; with `file`, the content SHA-256 and size of that real file (what `run`
+    and `report --html` check before they read it)."""
     patient = session.get(Patient, visit.patient_id)
     assert patient is not None
+    content = file.read_bytes() if file is not None else None
     image = Image(
-        study_id=patient.study_id, visit_id=visit.id, sha256=uuid.uuid4().hex * 2,
+        study_id=patient.study_id, visit_id=visit.id,
+        sha256=hashlib.sha256(content).hexdigest() if content else uuid.uuid4().hex * 2,
         path=path or f"{patient.subject_code}/{visit.label}/{uuid.uuid4().hex[:8]}.jpg",
-        format=fmt, size_bytes=1000, width=size[0], height=size[1], body_site=body_site, **extra,
+        format=fmt, size_bytes=len(content) if content else 1000, width=size[0], height=size[1],
+        body_site=body_site, **extra,
     )
     session.add(image)
     session.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +28,10 @@ def _reference(tmp_path: Path, rid: int, *, width: int = 900, height: int = 600
     Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
     mask = np.zeros((height, width), dtype=bool)
     mask[height // 5: height // 2, width // 3: width - 7] = True
-    return ImageRow(rid, 1, rid, path, width, height), encode_mask_png(mask)
+    content = path.read_bytes()
+    row = ImageRow(rid, 1, rid, tmp_path, path.name, width, height,
+                   hashlib.sha256(content).hexdigest(), len(content))
+    return row, encode_mask_png(mask)
 
 
 def _pairs(cache: PromptCache, refs: list[tuple[ImageRow, bytes]]

@@ -52,7 +52,7 @@ def study(factory: sessionmaker[Session], tmp_path: Path) -> dict[str, int]:
             visit = make_visit(s, p, D0 + dt.timedelta(days=30 * n))
             path = f"P1/{visit.label}/arm.jpg"
             write_jpeg(root / path, (96, 72), seed=n)
-            image = make_image(s, visit, path=path, size=(96, 72))
+            image = make_image(s, visit, path=path, size=(96, 72), file=root / path)
             make_prediction(s, image, head, probs)
             ids[f"visit{n}"] = image.id
         make_review(s, s.get_one(type(image), ids["visit1"]), 1, rater="rater-07")
@@ -118,7 +118,8 @@ def test_html_report_in_a_browser(study: dict[str, int], tmp_path: Path) -> None
     assert 'data-images-loaded="4"' in dom and 'data-images-broken="0"' in dom
     assert "Patient P1" in text and "Status improving" in text
     assert "reviewed by rater-07: mild" in text
-    assert "mask: SegGPT found no lesion" in text and "no thumbnail: file cannot be read" in text
+    assert "mask: SegGPT found no lesion" in text
+    assert "no thumbnail: the file is gone from the study folder" in text
     assert len(re.findall(r'<figure class="thumb', dom)) == 4
     assert 'class="thumb flagged"' in dom and 'class="thumb reviewed"' in dom
     index = _dom(browser, out / "index.html")

@@ -74,6 +74,7 @@ def ingest(
             factory=factory,
             study_name=study,
             max_pixels=settings.max_image_pixels,
+            max_file_bytes=settings.max_file_bytes,
             processes=processes or settings.ingest_workers,
             batch_files=settings.ingest_batch_files,
             progress=update,

@@ -7,9 +7,16 @@ Why it works this way:
   decodes, so a 40,000 x 40,000 PNG header costs a few bytes, not 4.8 GB. Pillow's plugin classes
   are used directly (not `Image.open`), so Pillow's own decompression-bomb check, with its
   process-wide limit, never fires: ours, with the user's setting, is the one the user sees.
-- Ingest calls `decode_bytes` on bytes it has already read and hashed, to find broken files now and
-  not later on a GPU, so the pixels are always fully decoded. It must be fast: no per-pixel Python,
-  and the result is Pillow's own buffer (read-only) rather than a second copy.
+- Ingest calls `check_bytes` on bytes it has already read and hashed, to find broken files now and
+  not later on a GPU: all the compressed data is decoded, but the full-size pixels are never held
+  (ingest keeps only the size), so memory per check stays small whatever the image's size: JPEG
+  decodes at 1/8 scale (DCT scaling still decodes every coefficient), PNG's stream is inflated and
+  every row checked in 1 MB pieces (`pngcheck.py`). A 14000 x 14000 photo took 2 GB to check in
+  full. DICOM still decodes its first frame in full.
+- `decode_bytes` returns pixels. It must be fast: no per-pixel Python, and the result is Pillow's
+  own buffer (read-only) rather than a second copy. A decode that holds full-size pixels (PNG,
+  DICOM, JPEG without DCT scaling) first takes its share of the process's pixel budget
+  (`budget.py`), so `run`'s decode threads together stay within it.
 - `max_side` is what the models need (448 px): JPEG decodes at 1/2..1/8 scale in Pillow's draft mode
   (a 12 MP photo in a fraction of the time), other formats decode fully and are then shrunk. The
   reported width/height are always the full size after EXIF orientation: masks live at that size.
@@ -21,6 +28,8 @@ Why it works this way:
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from io import BytesIO
@@ -31,6 +40,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, JpegImagePlugin, PngImagePlugin
 
 from eczema_batch.errors import RejectedFileError
+from eczema_batch.imaging.budget import DECODE_BUDGET
 from eczema_batch.imaging.dicom import (
     DICM_MAGIC,
     DICM_OFFSET,
@@ -39,6 +49,8 @@ from eczema_batch.imaging.dicom import (
     looks_like_dataset,
     open_dicom,
 )
+from eczema_batch.imaging.pngcheck import check_png_data
+from eczema_batch.studyfiles import not_regular
 
 Format = Literal["jpeg", "png", "dicom"]
 
@@ -74,6 +86,16 @@ _WIDE_GRAY = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 #: Before the final resampling, shrink by whole factors until within this factor of the target
 #: (Pillow's `reducing_gap`): fast box reduction, then bilinear for the last step.
 _REDUCING_GAP = 2.0
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What ingest keeps of an image it checked: the full size after EXIF orientation."""
+
+    width: int
+    height: int
+    format: Format
+    dicom: DicomTags | None = None
 
 
 @dataclass(frozen=True)
@@ -137,10 +159,90 @@ def decode_bytes(
         return _decode_photo(data, kind, max_pixels=max_pixels, max_side=max_side)
 
 
-def decode_path(path: Path, *, max_pixels: int, max_side: int | None = None) -> DecodedImage:
-    """Decode a file. Unknown content is rejected from its first bytes, without reading the rest."""
+def check_bytes(data: bytes, *, max_pixels: int, pseudonym_key: bytes | None = None
+                ) -> ImageInfo:
+    """Decode a whole file's content as a check, keeping only its size (see the module's notes).
+
+    Raises RejectedFileError (and only that) for bad content, with the reasons `decode_bytes`
+    gives. `pseudonym_key` as in `decode_bytes`.
+    """
+    if not data:
+        raise RejectedFileError("empty file")
+    kind = sniff_format(data[:SNIFF_BYTES])
+    if kind is None:
+        raise RejectedFileError(NOT_AN_IMAGE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "png":
+            return _check_png(data, max_pixels=max_pixels)
+        if kind == "dicom":
+            decoded = _decode_dicom(data, max_pixels=max_pixels, max_side=None,
+                                    pseudonym_key=pseudonym_key)
+        else:
+            # 1 px asked: the largest DCT scaling (1/8), then a resize to nearly nothing.
+            decoded = _decode_photo(data, kind, max_pixels=max_pixels, max_side=1)
+    return ImageInfo(decoded.width, decoded.height, decoded.format, decoded.dicom)
+
+
+def _check_png(data: bytes, *, max_pixels: int) -> ImageInfo:
     try:
-        with open(path, "rb") as file:
+        image = _open(data, "png")
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow raises SyntaxError, OSError, struct.error... for bad headers
+        raise RejectedFileError(_photo_reason("png", data, exc)) from exc
+    width, height = image.size
+    check_pixel_limit(width, height, max_pixels)
+    _after_pixels(image, data, check_png_data(data))
+    # Image's own getexif: PngImageFile's would load (decode) the pixels to look for eXIf.
+    try:
+        orientation = int(Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1))
+    except Exception:  # unreadable EXIF: the image as stored, as in decode_bytes
+        orientation = 1
+    if orientation in _SIDEWAYS:
+        width, height = height, width
+    return ImageInfo(width, height, "png")
+
+
+def _after_pixels(image: ImageFile.ImageFile, data: bytes, end: int) -> None:
+    """Read the chunks after the pixels with Pillow's own reader, as its full decode would.
+
+    `load_end` is what Pillow's `load` calls once the pixels are decoded; it reads what follows
+    them (a chunk cut short there makes the file truncated; eXIf there lands in `info`). Its count
+    of IDAT bytes still unread is private (set by `load_prepare` from the one `_open` leaves):
+    should a Pillow release rename it, decode the pixels in full instead.
+    """
+    try:
+        if not hasattr(image, _IDAT_PREPARED) or image.fp is None:
+            image.load()
+        else:
+            setattr(image, _IDAT_LEFT, 0)
+            image.fp.seek(end)
+            image.load_end()
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise RejectedFileError(_photo_reason("png", data, exc)) from exc
+
+
+#: PngImageFile's private counts of IDAT bytes left to read (`self.__idat`), and the one `_open`
+#: leaves for `load_prepare` (Pillow 9-13).
+_IDAT_LEFT = "_PngImageFile__idat"
+_IDAT_PREPARED = "_PngImageFile__prepare_idat"
+
+
+def decode_path(path: Path, *, max_pixels: int, max_side: int | None = None) -> DecodedImage:
+    """Decode a file. Unknown content is rejected from its first bytes, without reading the rest.
+
+    Only a regular file is read (a FIFO would block, a device never end). Study files are read
+    through `eczema_batch.studyfiles` instead, which also keeps to the study folder.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as file:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise RejectedFileError(f"file cannot be read: {not_regular(mode)}")
             head = file.read(SNIFF_BYTES)
             if head and sniff_format(head) is None:
                 raise RejectedFileError(NOT_AN_IMAGE)
@@ -189,12 +291,13 @@ def _decode_photo(
         if max_side is not None and kind == "jpeg":
             # DCT scaling: decode at 1/2, 1/4 or 1/8 while staying >= max_side on both sides
             image.draft("RGB", (max_side, max_side))
-        image.load()
-        orientation = _orientation(image)  # after load: a PNG's eXIf chunk may follow its pixels
-        image = _fit(_to_rgb(image), max_side)
-        if orientation in _UPRIGHT:
-            image = image.transpose(_UPRIGHT[orientation])
-        pixels = np.asarray(image)
+        with DECODE_BUDGET.hold(_decode_bytes_needed(*image.size, max_side)):
+            image.load()
+            orientation = _orientation(image)  # after load: a PNG's eXIf may follow its pixels
+            image = _fit(_to_rgb(image), max_side)
+            if orientation in _UPRIGHT:
+                image = image.transpose(_UPRIGHT[orientation])
+            pixels = np.asarray(image)
     except MemoryError:
         raise
     except Exception as exc:  # a broken or truncated stream
@@ -202,6 +305,13 @@ def _decode_photo(
     if orientation in _SIDEWAYS:
         full_width, full_height = full_height, full_width
     return _result(pixels, full_width, full_height, kind)
+
+
+def _decode_bytes_needed(width: int, height: int, max_side: int | None) -> int:
+    """Upper estimate of a decode's memory: Pillow keeps 4 bytes a pixel (RGB included), one
+    converted copy, and the full-size array when no max_side shrinks it (DICOM: 16-bit samples
+    and their 8-bit RGB)."""
+    return width * height * (8 if max_side is not None else 11)
 
 
 def _open(data: bytes, kind: Literal["jpeg", "png"]) -> ImageFile.ImageFile:
@@ -260,9 +370,10 @@ def _decode_dicom(
     dicom = open_dicom(data, pseudonym_key=pseudonym_key)
     if dicom.width > 0 and dicom.height > 0:  # a missing size is reported by decode()
         check_pixel_limit(dicom.width, dicom.height, max_pixels)
-    pixels = dicom.decode()
-    if max_side is not None and max(dicom.width, dicom.height) > max_side:
-        pixels = np.asarray(_fit(Image.fromarray(pixels), max_side))
+    with DECODE_BUDGET.hold(_decode_bytes_needed(dicom.width, dicom.height, max_side)):
+        pixels = dicom.decode()
+        if max_side is not None and max(dicom.width, dicom.height) > max_side:
+            pixels = np.asarray(_fit(Image.fromarray(pixels), max_side))
     return _result(pixels, dicom.width, dicom.height, "dicom", dicom.tags)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -99,17 +100,23 @@ def sniff_delimiter(header: str, name: str) -> str:
     )
 
 
-def read_manifest(path: Path, classes: tuple[str, ...] = DEFAULT_CLASSES) -> Manifest:
+def read_manifest(
+    path: Path, classes: tuple[str, ...] = DEFAULT_CLASSES, *, data: bytes | None = None
+) -> Manifest:
     """Parse the manifest; a malformed file as a whole is a UsageError, a bad row a problem.
 
-    The csv module reads the file object itself, opened with `newline=""`: records end only where
-    CSV says (CR, LF or CRLF outside quotes), so a quoted line break stays in its cell as it was
-    written, and U+0085, U+2028, form feeds and the other characters `str.splitlines` breaks at
-    are a cell's text, never the end of a row.
+    `data` is its content when the caller has read it already (ingest reads study files only
+    through `eczema_batch.studyfiles`); `path` then names it in messages.
+
+    The csv module reads the text as a file object opened with `newline=""`: records end only
+    where CSV says (CR, LF or CRLF outside quotes), so a quoted line break stays in its cell as it
+    was written, and U+0085, U+2028, form feeds and the other characters `str.splitlines` breaks
+    at are a cell's text, never the end of a row.
     """
     try:
+        raw = path.read_bytes() if data is None else data
         # -sig: drops Excel's byte-order mark
-        with path.open(encoding="utf-8-sig", newline="") as handle:
+        with io.StringIO(raw.decode("utf-8-sig"), newline="") as handle:
             return _read_rows(handle, path.name, classes)
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path.name} is not UTF-8 text: save it as CSV (UTF-8)") from exc

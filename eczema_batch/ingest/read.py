@@ -1,30 +1,53 @@
 """Read, hash and fully decode one study file (runs in worker processes).
 
 Each file is read once: the same bytes are hashed and decoded, so a broken image is found at ingest
-rather than later on a GPU. A file whose content is already catalogued is hashed but not decoded
-again, which makes re-running an ingest cheap.
+rather than later on a GPU. The decode is `check_bytes`: all the compressed data, but never the
+full-size pixels (ingest keeps only the size), so a 200 MP photo costs megabytes, not gigabytes.
+A file whose content is already catalogued is hashed but not decoded again, which makes re-running
+an ingest cheap. Files are opened by `eczema_batch.studyfiles`
+(inside the study, no link followed, the file the scan saw, regular, within the size limit, an
+image from its first bytes) before anything else is read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from eczema_batch.config import DEFAULT_MAX_FILE_BYTES
 from eczema_batch.errors import RejectedFileError
-from eczema_batch.imaging import DicomTags, decode_bytes, encode_mask_png, read_mask
+from eczema_batch.imaging import (
+    SNIFF_BYTES,
+    DicomTags,
+    check_bytes,
+    encode_mask_png,
+    read_mask,
+    sniff_format,
+)
+from eczema_batch.imaging.photo import NOT_AN_IMAGE, PNG_MAGIC
+from eczema_batch.ingest.scan import ScanEntry
+from eczema_batch.studyfiles import FileId, read_study_file
 
 
 @dataclass(frozen=True)
 class ReadTask:
     rel: str
-    path: Path
+    entry: ScanEntry
     mask_rel: str | None = None
-    mask_path: Path | None = None
+    mask_entry: ScanEntry | None = None
+
+
+@dataclass(frozen=True)
+class StudyRoot:
+    """Where the files are and what the scan saw of the folder itself."""
+
+    path: Path
+    id: FileId | None = None
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES
 
 
 @dataclass(frozen=True)
@@ -52,41 +75,47 @@ class FileRead:
     mask: MaskRead | None = None
 
 
-#: sha256 -> (width, height) of everything already catalogued; set once per worker process.
+#: Set once per worker process: sha256 -> (width, height) of everything already catalogued,
+#: the pixel limit, the study folder.
 _KNOWN: dict[str, tuple[int, int]] = {}
 _MAX_PIXELS = 0
 #: the key of PatientID pseudonyms when the study keys on PatientID, else None
 _PSEUDONYM_KEY: bytes | None = None
+_ROOT = StudyRoot(Path("."))
 
 
-def _init_worker(
-    known: dict[str, tuple[int, int]], max_pixels: int, pseudonym_key: bytes | None = None
-) -> None:
-    global _KNOWN, _MAX_PIXELS, _PSEUDONYM_KEY
+def _init_worker(known: dict[str, tuple[int, int]], max_pixels: int, root: StudyRoot,
+                 pseudonym_key: bytes | None = None) -> None:
+    global _KNOWN, _MAX_PIXELS, _ROOT, _PSEUDONYM_KEY
     _KNOWN = known
     _MAX_PIXELS = max_pixels
+    _ROOT = root
     _PSEUDONYM_KEY = pseudonym_key
 
 
-def _read_bytes(path: Path) -> bytes:
-    # O_NOFOLLOW: a regular file swapped for a link after the scan is refused, not followed out.
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) if not path.is_symlink() else os.O_RDONLY
-    fd = os.open(path, flags)
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read()
+def _image_head(head: bytes) -> str | None:
+    return NOT_AN_IMAGE if sniff_format(head) is None else None
+
+
+def _mask_head(head: bytes) -> str | None:
+    return None if head.startswith(PNG_MAGIC) else "mask is not a PNG image"
+
+
+def _read(rel: str, entry: ScanEntry, check_head: Callable[[bytes], str | None]) -> bytes:
+    return read_study_file(
+        _ROOT.path, rel, max_bytes=_ROOT.max_bytes, expect=entry.id, root_id=_ROOT.id,
+        names_inside=entry.names_inside, check_head=check_head, head_bytes=SNIFF_BYTES,
+    )
 
 
 def _read_mask(task: ReadTask, size: tuple[int, int]) -> MaskRead | None:
-    if task.mask_path is None:
+    if task.mask_rel is None or task.mask_entry is None:
         return None
     # A mask's error rejects the mask, filed under its own path, not the image.
     try:
-        mask = read_mask(_read_bytes(task.mask_path), image_size=size)
+        mask = read_mask(_read(task.mask_rel, task.mask_entry, _mask_head), image_size=size)
     except RejectedFileError as exc:
         return MaskRead(task.mask_rel, png=None, area_fraction=0.0, error=str(exc))
-    except OSError as exc:
-        return MaskRead(task.mask_rel, png=None, area_fraction=0.0,
-                        error=f"cannot read the mask: {exc.strerror}")
     return MaskRead(
         task.mask_rel, png=encode_mask_png(mask), area_fraction=float(mask.mean()), error=None
     )
@@ -94,9 +123,9 @@ def _read_mask(task: ReadTask, size: tuple[int, int]) -> MaskRead | None:
 
 def read_file(task: ReadTask) -> FileRead:
     try:
-        data = _read_bytes(task.path)
-    except OSError as exc:
-        return FileRead(rel=task.rel, error=f"cannot read the file: {exc.strerror}")
+        data = _read(task.rel, task.entry, _image_head)
+    except RejectedFileError as exc:
+        return FileRead(rel=task.rel, error=str(exc))
     sha = hashlib.sha256(data).hexdigest()
     if sha in _KNOWN:
         width, height = _KNOWN[sha]
@@ -107,7 +136,7 @@ def read_file(task: ReadTask) -> FileRead:
     if not data:
         return FileRead(rel=task.rel, sha256=sha, error="empty file")
     try:
-        decoded = decode_bytes(data, max_pixels=_MAX_PIXELS, pseudonym_key=_PSEUDONYM_KEY)
+        decoded = check_bytes(data, max_pixels=_MAX_PIXELS, pseudonym_key=_PSEUDONYM_KEY)
     except RejectedFileError as exc:
         return FileRead(rel=task.rel, sha256=sha, size_bytes=len(data), error=str(exc))
     return FileRead(
@@ -131,16 +160,18 @@ class FileReader:
 
     def __init__(
         self, *, known: dict[str, tuple[int, int]], max_pixels: int, processes: int,
+        root: StudyRoot,
         pseudonym_key: bytes | None = None,
     ) -> None:
         self._known = known
         self._max_pixels = max_pixels
         self._processes = processes
+        self._root = root
         self._pseudonym_key = pseudonym_key
         self._pool: Executor | None = None
 
     def __enter__(self) -> FileReader:
-        _init_worker(self._known, self._max_pixels, self._pseudonym_key)
+        _init_worker(self._known, self._max_pixels, self._root, self._pseudonym_key)
         if self._processes > 1:
             # fork: the decoders import nothing heavy, and children start in milliseconds.
             context = multiprocessing.get_context("fork")
@@ -148,7 +179,7 @@ class FileReader:
                 max_workers=self._processes,
                 mp_context=context,
                 initializer=_init_worker,
-                initargs=(self._known, self._max_pixels, self._pseudonym_key),
+                initargs=(self._known, self._max_pixels, self._root, self._pseudonym_key),
             )
         return self
 

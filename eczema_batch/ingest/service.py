@@ -26,19 +26,23 @@ from eczema_batch.catalogue.db import describe
 from eczema_batch.catalogue.faults import explain_database_error
 from eczema_batch.catalogue.models import Event, Image, Study, utcnow
 from eczema_batch.catalogue.upsert import insert_ignoring_conflicts
-from eczema_batch.errors import StudyFolderError, UsageError
+from eczema_batch.config import DEFAULT_MAX_FILE_BYTES
+from eczema_batch.errors import RejectedFileError, StudyFolderError, UsageError
 from eczema_batch.identifiers import MAX_STUDY_NAME, IdentifierError, key_check, normalise_label
 from eczema_batch.ingest.manifest import Manifest, read_manifest
-from eczema_batch.ingest.read import FileRead, FileReader, ReadTask
+from eczema_batch.ingest.read import FileRead, FileReader, ReadTask, StudyRoot
 from eczema_batch.ingest.rejections import MASK, PartProblem, rejection
 from eczema_batch.ingest.resolve import Identity, look_alike_folders, resolve_identities
 from eczema_batch.ingest.scan import MANIFEST_NAME, StudyScan, scan_study
 from eczema_batch.ingest.write import CatalogueWriter, NewImage
+from eczema_batch.studyfiles import escaped, is_utf8, read_study_file
 
 log = logging.getLogger(__name__)
 
 #: Below this many files a process pool costs more than it saves.
 POOL_THRESHOLD = 64
+#: A manifest of 300,000 rows is about 30 MB; a larger "manifest" is not one.
+MAX_MANIFEST_BYTES = 256 << 20
 
 Progress = Callable[[int, int], None]
 
@@ -174,7 +178,7 @@ def _plan(scan: StudyScan, manifest: Manifest, report: IngestReport) -> _Plan:
                 ))
             else:
                 masks[rel] = row.mask
-        if rel not in images and rel not in manifest.problems:
+        if rel not in images and rel not in manifest.problems and rel not in scan.rejected:
             report.rejected.append(rejection(
                 rel,
                 f"{MANIFEST_NAME} line {row.line} names {rel}, which is not in the study folder",
@@ -195,8 +199,8 @@ def _plan(scan: StudyScan, manifest: Manifest, report: IngestReport) -> _Plan:
             continue
         mask_of = masks.get(rel)
         tasks.append(
-            ReadTask(rel=rel, path=images[rel], mask_rel=mask_of,
-                     mask_path=scan.mask_files[mask_of] if mask_of else None)
+            ReadTask(rel=rel, entry=scan.entries[rel], mask_rel=mask_of,
+                     mask_entry=scan.entries[mask_of] if mask_of else None)
         )
     for key, reason in manifest.problems.items():
         if key not in images and key not in scan.images:
@@ -215,12 +219,30 @@ def _batches(items: Iterable[FileRead], size: int) -> Iterable[list[FileRead]]:
         yield batch
 
 
+def _read_study_manifest(scan: StudyScan) -> Manifest:
+    """The manifest, read under the same rules as every study file; unusable, it stops ingest
+    (without it, files would be filed under the wrong patients and dates)."""
+    if MANIFEST_NAME in scan.rejected:
+        raise UsageError(f"{MANIFEST_NAME} cannot be used: {scan.rejected[MANIFEST_NAME]}")
+    if scan.manifest is None:
+        return Manifest()
+    entry = scan.entries[MANIFEST_NAME]
+    try:
+        data = read_study_file(scan.root, MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES,
+                               expect=entry.id, root_id=scan.root_id,
+                               names_inside=entry.names_inside)
+    except RejectedFileError as exc:
+        raise UsageError(f"{MANIFEST_NAME} cannot be used: {exc}") from exc
+    return read_manifest(scan.manifest, data=data)
+
+
 def ingest_study(
     root: Path,
     *,
     factory: sessionmaker[Session],
     study_name: str | None = None,
     max_pixels: int,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     processes: int = 0,
     batch_files: int = 500,
     progress: Progress | None = None,
@@ -237,9 +259,14 @@ def ingest_study(
     if not root.is_dir():
         raise StudyFolderError(f"{root} is not a folder: give the folder that holds the study")
     root = root.resolve()
+    if not is_utf8(str(root)):
+        raise StudyFolderError(
+            f"the study folder's path {escaped(str(root))} is not valid UTF-8 (shown with \\x "
+            "escapes): rename it, e.g. with `convmv -f latin1 -t utf8`"
+        )
     name = study_name_of(root, study_name)
     scan = scan_study(root)
-    manifest = read_manifest(scan.manifest) if scan.manifest is not None else Manifest()
+    manifest = _read_study_manifest(scan)
 
     with factory() as session, session.begin():
         study_id = _study(session, root, name, moved=moved, pseudonym_key=pseudonym_key).id
@@ -261,8 +288,9 @@ def ingest_study(
         processes = 1
     writer = CatalogueWriter(factory=factory, study_id=study_id, present=set(scan.images))
     done = 0
+    study_root = StudyRoot(root, scan.root_id, max_file_bytes)
     with FileReader(known=known, max_pixels=max_pixels, processes=processes,
-                    pseudonym_key=pseudonym_key) as reader:
+                    root=study_root, pseudonym_key=pseudonym_key) as reader:
         for batch in _batches(reader.read(tasks), batch_files):
             try:
                 _write_batch(batch, manifest, plan.parts, writer, report)

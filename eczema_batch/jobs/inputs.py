@@ -1,4 +1,10 @@
-"""What a chunk reads: catalogue rows for its images, and their pixels from the study folder."""
+"""What a chunk reads: catalogue rows for its images, and their pixels from the study folder.
+
+Pixels are read under ingest's rules (`eczema_batch.studyfiles`: inside the study folder, no link
+followed, a regular file) and only while the file is still the one catalogued: its size and
+content SHA-256 must be the catalogue's, so a file replaced since ingest (by another picture, a
+link, a FIFO) fails alone with its reason.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,8 @@ from sqlalchemy.orm import Session
 
 from eczema_batch.catalogue.models import Embedding, Image, Mask, Prediction, Study, Visit
 from eczema_batch.errors import RejectedFileError
-from eczema_batch.imaging import DecodedImage, decode_path
+from eczema_batch.imaging import DecodedImage, decode_bytes
+from eczema_batch.studyfiles import StudyFileGoneError, read_catalogued
 
 
 @dataclass(frozen=True)
@@ -21,9 +28,17 @@ class ImageRow:
     id: int
     study_id: int
     patient_id: int
-    path: Path
+    #: the study folder (or ECZEMA_BATCH_IMAGE_ROOT/study name) and the path inside it
+    root: Path
+    rel: str
     width: int
     height: int
+    sha256: str
+    size_bytes: int
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.rel
 
 
 @dataclass(frozen=True)
@@ -40,16 +55,16 @@ def image_rows(
 ) -> dict[int, ImageRow]:
     stmt = (
         select(Image.id, Image.study_id, Visit.patient_id, Image.path, Image.width, Image.height,
-               Study.root, Study.name)
+               Image.sha256, Image.size_bytes, Study.root, Study.name)
         .join(Visit, Image.visit_id == Visit.id)
         .join(Study, Image.study_id == Study.id)
         .where(Image.id.in_(list(ids)))
     )
     rows = {}
-    for iid, sid, pid, path, width, height, root, name in session.execute(stmt):
+    for iid, sid, pid, path, width, height, sha, size, root, name in session.execute(stmt):
         # Workers on other machines see the study folders mounted under one root, by study name.
         base = Path(image_root) / name if image_root else Path(root)
-        rows[iid] = ImageRow(iid, sid, pid, base / path, width, height)
+        rows[iid] = ImageRow(iid, sid, pid, base, path, width, height, sha, size)
     return rows
 
 
@@ -120,12 +135,11 @@ def predicted_ids(session: Session, ids: Iterable[int], *, head_id: int) -> set[
 
 def load_pixels(row: ImageRow, *, max_pixels: int, max_side: int) -> DecodedImage:
     """Decode at reduced scale where the format allows; a clear reason when it cannot be read."""
-    if not row.path.exists():
+    try:
+        data = read_catalogued(row.root, row.rel, size_bytes=row.size_bytes, sha256=row.sha256)
+    except StudyFileGoneError as exc:
         raise RejectedFileError(
             "the image file is gone from the study folder (moved or deleted): ingest the folder "
             "again, or mount it where the catalogue says (ECZEMA_BATCH_IMAGE_ROOT)"
-        )
-    try:
-        return decode_path(row.path, max_pixels=max_pixels, max_side=max_side)
-    except OSError as exc:
-        raise RejectedFileError(f"the image file cannot be read: {exc.strerror}") from exc
+        ) from exc
+    return decode_bytes(data, max_pixels=max_pixels, max_side=max_side)

@@ -19,13 +19,13 @@ reason that names the attribute at fault and never quotes a value.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from eczema_batch import __version__
 from eczema_batch.catalogue.models import Image, Mask, Patient, Study, Visit
-from eczema_batch.errors import EczemaBatchError
+from eczema_batch.errors import EczemaBatchError, RejectedFileError
 from eczema_batch.imaging import decode_mask_png
 from eczema_batch.imaging.dicom import is_uid
 from eczema_batch.output import OutputFolder, safe_name
@@ -47,6 +47,7 @@ from eczema_batch.report.queries import (
     iter_image_records,
     model_refs,
 )
+from eczema_batch.studyfiles import CataloguedFile
 
 #: SNOMED CT 49755003 "Morphologically abnormal structure" (DICOM CID 7150 segmentation category)
 #: and 43116000 "Eczema" (the property segmented).
@@ -229,14 +230,17 @@ def _referencing_source(source: Any, *, keep_patient_tags: bool) -> Any:
     return copy
 
 
-def _seg_of(path: Path, sop_uid: str | None, mask: np.ndarray, row: _MaskRow, segmenter: str,
-            *, keep_patient_tags: bool) -> tuple[Any, str]:
+def _seg_of(file: CataloguedFile, sop_uid: str | None, mask: np.ndarray, row: _MaskRow,
+            segmenter: str, *, keep_patient_tags: bool) -> tuple[Any, str]:
     """(the SEG, its source's SOP Instance UID). Raises _SourceProblem."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        source = pydicom.dcmread(path)
+        # Read under ingest's rules: no link followed, the catalogued content or nothing.
+        source = pydicom.dcmread(BytesIO(file.read()))
+    except RejectedFileError as exc:
+        raise _SourceProblem(f"source DICOM cannot be read: {exc}") from None
     except OSError as exc:
         raise _SourceProblem(f"source DICOM cannot be read: {exc.strerror or 'I/O error'}"
                              ) from None
@@ -302,7 +306,8 @@ def export_dicom_seg(
 
 
 def _write_segs(result: SegExport, folder: OutputFolder, images: Any, masks: dict[int, _MaskRow],
-                files: dict[int, Path], refs: dict[int, Any], *, keep_patient_tags: bool) -> None:
+                files: dict[int, CataloguedFile], refs: dict[int, Any], *,
+                keep_patient_tags: bool) -> None:
     for iid, study_name, code, sop_uid in images:
         row = masks.get(iid)
         if row is None:
@@ -321,7 +326,7 @@ def _write_segs(result: SegExport, folder: OutputFolder, images: Any, masks: dic
             with _quiet_pydicom():
                 seg, source_uid = _seg_of(files[iid], sop_uid, mask, row, segmenter,
                                           keep_patient_tags=keep_patient_tags)
-                encoded = io.BytesIO()
+                encoded = BytesIO()
                 seg.save_as(encoded)
         except _SourceProblem as exc:
             result.skipped[iid] = str(exc)

@@ -7,7 +7,8 @@
     DIR/thumbs/<IMAGE>.jpg
 
 Every text is escaped; links are relative, so the folder can be copied or zipped. A thumbnail that
-cannot be made (the study folder moved) is listed with the reason instead of failing the report.
+cannot be made (the study folder moved, the file changed since it was catalogued) is listed with
+the reason instead of failing the report.
 
 The report is meant to be shared, so an image whose DICOM header says its pixels identify the
 patient (BurnedInAnnotation or RecognizableVisualFeatures = YES: a name burnt into the picture, a
@@ -50,6 +51,7 @@ from eczema_batch.report.queries import (
     mask_pngs,
 )
 from eczema_batch.report.trends import STATUSES, VisitTrend
+from eczema_batch.studyfiles import CataloguedFile
 
 #: Longest side of a thumbnail, in pixels.
 THUMB_SIDE = 200
@@ -310,13 +312,13 @@ def _write_report(session: Session, report: CohortReport, folder: OutputFolder,
     # The image stream is read to the end first: the per-patient look-ups below use the session.
     pairs = list(_by_patient(records, report.patients))
 
-    def make_thumb(record: ImageRecord, path: Path, mask_png: bytes | None, tag: str | None
-                   ) -> tuple[str, bool] | None:
+    def make_thumb(record: ImageRecord, source: CataloguedFile, mask_png: bytes | None,
+                   tag: str | None) -> tuple[str, bool] | None:
         """(why it cannot be made, whether it was held back), or None once it is written."""
         if tag is not None and not include_identifying_pixels:
             return identifying_pixels_reason(tag), True
         try:
-            jpeg = thumbnail(path, mask_png, max_side=thumb_side, max_pixels=max_pixels,
+            jpeg = thumbnail(source, mask_png, max_side=thumb_side, max_pixels=max_pixels,
                              identifying=include_identifying_pixels)
         except IdentifyingPixelsError as exc:
             return str(exc), True

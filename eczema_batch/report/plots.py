@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -16,8 +15,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from eczema_batch.errors import RejectedFileError
-from eczema_batch.imaging import decode_mask_png, decode_path
+from eczema_batch.imaging import decode_bytes, decode_mask_png
 from eczema_batch.report.trends import PatientTrend, VisitNumberSummary
+from eczema_batch.studyfiles import CataloguedFile
 
 #: Lesion overlay colour (RGB) and opacity on thumbnails; the outline is drawn opaque.
 OVERLAY_RGB = (230, 40, 40)
@@ -80,17 +80,18 @@ def cohort_plot(per_visit: Sequence[VisitNumberSummary]) -> bytes:
 
 
 def thumbnail(
-    path: Path, mask_png: bytes | None, *, max_side: int, max_pixels: int,
+    source: CataloguedFile, mask_png: bytes | None, *, max_side: int, max_pixels: int,
     identifying: bool = False,
 ) -> bytes:
     """A JPEG thumbnail of the image with its lesion mask filled and outlined.
 
-    Raises RejectedFileError when the image cannot be read (moved, changed, broken), and
+    Raises RejectedFileError when the image cannot be read (moved, changed since it was
+    catalogued, broken): it is read under ingest's rules (`eczema_batch.studyfiles`). Raises
     IdentifyingPixelsError when the file's DICOM header says its pixels identify the patient,
     unless `identifying` allows them. The header is read here, from the file the thumbnail is made
     of, so that images catalogued before the catalogue kept that flag are held back too.
     """
-    decoded = decode_path(path, max_pixels=max_pixels, max_side=max_side * 2)
+    decoded = decode_bytes(source.read(), max_pixels=max_pixels, max_side=max_side * 2)
     if not identifying and decoded.dicom is not None and decoded.dicom.identifying_pixels:
         raise IdentifyingPixelsError(identifying_pixels_reason(decoded.dicom.identifying_pixels))
     image = Image.fromarray(np.array(decoded.pixels), "RGB")

@@ -51,6 +51,7 @@ from eczema_batch.catalogue.models import (
 )
 from eczema_batch.errors import UnknownPatientError, UsageError
 from eczema_batch.report.trends import DEFAULT_CLASSES, VisitScore
+from eczema_batch.studyfiles import CataloguedFile
 
 #: Rows fetched per round trip while streaming.
 STREAM_ROWS = 5000
@@ -461,14 +462,16 @@ def iter_image_records(session: Session, *, head: HeadInfo | None, **scope: Any
 
 
 def image_files(session: Session, image_ids: Sequence[int], *, image_root: str | None = None
-                ) -> dict[int, Path]:
-    """Where each image's file is: its study's folder (or `image_root`/study name) + its path."""
+                ) -> dict[int, CataloguedFile]:
+    """Where each image's file is (its study's folder, or `image_root`/study name, and its path)
+    and what it held when catalogued; `.read()` refuses it if it changed since."""
     if not image_ids:
         return {}
-    stmt = (select(Image.id, Study.root, Study.name, Image.path)
+    stmt = (select(Image.id, Study.root, Study.name, Image.path, Image.size_bytes, Image.sha256)
             .join(Study, Image.study_id == Study.id).where(Image.id.in_(list(image_ids))))
-    return {iid: (Path(image_root) / name if image_root else Path(root)) / path
-            for iid, root, name, path in session.execute(stmt)}
+    return {iid: CataloguedFile(Path(image_root) / name if image_root else Path(root), path,
+                                size, sha)
+            for iid, root, name, path, size, sha in session.execute(stmt)}
 
 
 def mask_pngs(session: Session, mask_ids: Sequence[int]) -> dict[int, bytes]:
