@@ -9,6 +9,7 @@ colleague's results): after every command they must hold what they held before.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +140,7 @@ def scored(factory: sessionmaker[Session], tmp_path: Path) -> None:
         head = make_head(s)
         visit = make_visit(s, make_patient(s, make_study(s, root=str(tmp_path / "study")), "P1"),
                            dt.date(2024, 1, 1))
-        image = make_image(s, visit, path="P1/v1/a.jpg")
+        image = make_image(s, visit, path="P1/v1/a.jpg", file=photo)
         make_prediction(s, image, head, [0.1, 0.2, 0.3, 0.4])
     assert photo.exists()
 
@@ -207,7 +208,9 @@ def test_dicom_seg_uid_cannot_lead_out_of_the_folder(factory: sessionmaker[Sessi
             ds.SOPInstanceUID = hostile
             ds.file_meta.MediaStorageSOPInstanceUID = hostile
             ds.save_as(path)
-        s.execute(update(Image).where(Image.id == bad.id).values(sop_uid=hostile))
+        content = path.read_bytes()
+        s.execute(update(Image).where(Image.id == bad.id).values(
+            sop_uid=hostile, sha256=hashlib.sha256(content).hexdigest(), size_bytes=len(content)))
     out = tmp_path / "a" / "b" / "seg"
     code, _, err = _invoke("export", "--format", "dicom-seg", "-o", str(out))
     assert code == 0, err
