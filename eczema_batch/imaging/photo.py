@@ -146,17 +146,23 @@ def decode_bytes(
     """
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be at least 1, not {max_side}")
-    if not data:
-        raise RejectedFileError("empty file")
-    kind = sniff_format(data[:SNIFF_BYTES])
-    if kind is None:
-        raise RejectedFileError(NOT_AN_IMAGE)
+    kind = _kind(data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "dicom":
             return _decode_dicom(data, max_pixels=max_pixels, max_side=max_side,
                                  pseudonym_key=pseudonym_key)
         return _decode_photo(data, kind, max_pixels=max_pixels, max_side=max_side)
+
+
+def _kind(data: bytes) -> Format:
+    """The format its first bytes say; RejectedFileError for an empty file or any other format."""
+    if not data:
+        raise RejectedFileError("empty file")
+    kind = sniff_format(data[:SNIFF_BYTES])
+    if kind is None:
+        raise RejectedFileError(NOT_AN_IMAGE)
+    return kind
 
 
 def check_bytes(data: bytes, *, max_pixels: int, pseudonym_key: bytes | None = None
@@ -166,11 +172,7 @@ def check_bytes(data: bytes, *, max_pixels: int, pseudonym_key: bytes | None = N
     Raises RejectedFileError (and only that) for bad content, with the reasons `decode_bytes`
     gives. `pseudonym_key` as in `decode_bytes`.
     """
-    if not data:
-        raise RejectedFileError("empty file")
-    kind = sniff_format(data[:SNIFF_BYTES])
-    if kind is None:
-        raise RejectedFileError(NOT_AN_IMAGE)
+    kind = _kind(data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "png":
