@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -352,3 +353,61 @@ def test_an_empty_mask_falls_back_to_the_whole_image() -> None:
     crop = crop_to_mask(image, np.zeros((80, 120), dtype=bool))
     assert crop.empty and crop.box == (0, 0, 120, 80)
     np.testing.assert_array_equal(crop.pixels, image)
+
+
+# --- out of device memory ----------------------------------------------------------------------
+
+
+def _fits(limit: int, original: Any) -> Any:
+    """A batch method that runs out of memory above `limit` items, recording the sizes tried."""
+    tried: list[int] = []
+
+    def batch(items: Any, *args: Any) -> Any:
+        tried.append(len(items) if not args else sum(len(p) for p in args[0]))
+        if tried[-1] > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return original(items, *args)
+
+    batch.tried = tried  # type: ignore[attr-defined]
+    return batch
+
+
+def test_a_batch_too_large_for_the_device_is_split_and_completes(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    segmenter = load_segmenter("tiny-seggpt", model_dir=tiny_model_dir, device="cpu")
+    embedder = load_embedder("tiny-dino", model_dir=tiny_model_dir, device="cpu")
+    queries, prompts, out_sizes = _segmentation_case()
+    masks = [r.mask for r in segmenter.segment(queries, prompts, out_sizes=out_sizes,
+                                               batch_size=8)]
+    vectors = embedder.embed(queries, batch_size=4)
+
+    seg_batch = _fits(3, segmenter._segment_batch)
+    monkeypatch.setattr(segmenter, "_segment_batch", seg_batch)
+    emb_batch = _fits(1, embedder._embed_batch)
+    monkeypatch.setattr(embedder, "_embed_batch", emb_batch)
+    split = segmenter.segment(queries, prompts, out_sizes=out_sizes, batch_size=8)
+    split_vectors = embedder.embed(queries, batch_size=4)
+
+    # 8 prompt pairs in one pass ran out; halves of 4, then 2 (the K=3 query runs alone).
+    assert seg_batch.tried[0] == 8 and max(seg_batch.tried[1:]) <= 3
+    assert emb_batch.tried == [4, 2, 1, 1, 1, 1]
+    for a, b in zip(masks, split, strict=True):
+        assert iou(a, b.mask) >= MASK_MIN_IOU
+    np.testing.assert_allclose(split_vectors, vectors, atol=1e-5)
+    assert "retrying with 2" in caplog.text
+
+
+def test_one_item_that_does_not_fit_says_what_to_do(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    segmenter = load_segmenter("tiny-seggpt", model_dir=tiny_model_dir, device="cpu")
+    queries, prompts, _ = _segmentation_case()
+    monkeypatch.setattr(segmenter, "_segment_batch", _fits(0, segmenter._segment_batch))
+    with pytest.raises(torch.OutOfMemoryError, match="more memory"):
+        segmenter.segment(queries, prompts, batch_size=8)
+    # Other errors are not mistaken for memory: they surface as they are.
+    monkeypatch.setattr(segmenter, "_segment_batch", lambda *a: (_ for _ in ()).throw(
+        RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        segmenter.segment(queries, prompts, batch_size=8)

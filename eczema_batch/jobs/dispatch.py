@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,6 +36,7 @@ from eczema_batch.jobs.leases import DEFAULT_LEASE_SECONDS, utcnow
 from eczema_batch.jobs.local import RunSummary
 from eczema_batch.jobs.plan import STAGES, Plan, Targets, _run_settings, _same_work
 from eczema_batch.jobs.runtime import Runtime, get_runtime
+from eczema_batch.pipeline.device import free_device_memory, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +78,6 @@ class Step:
 def backoff(attempt: int) -> float:
     base = min(MAX_BACKOFF_SECONDS, 2.0 ** max(attempt, 0))
     return base * (1 + random.random() / 4)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA (or other accelerator) out of memory, however torch reports it."""
-    if type(exc).__name__ == "OutOfMemoryError":
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def waiting_for(session: Session, job_id: int) -> list[int]:
@@ -229,7 +224,7 @@ def _work_on(
 
 
 def _split_after_oom(factory: sessionmaker[Session], job_id: int, exc: BaseException) -> Step:
-    _free_device_memory()
+    free_device_memory(torch.device("cuda"))
     with factory() as session, session.begin():
         children = split_job(session, job_id, reason="out of device memory")
     state, queue = _state(factory, job_id)
@@ -237,13 +232,6 @@ def _split_after_oom(factory: sessionmaker[Session], job_id: int, exc: BaseExcep
                 f"split into jobs {children}" if children else state)
     return Step(job_id, state, send=tuple(children), queue=queue,
                 detail=f"{type(exc).__name__}".strip())
-
-
-def _free_device_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
 
 
 # -- the sending side -------------------------------------------------------------------------

@@ -7,12 +7,15 @@ pipeline never initialises a GPU (Celery forks workers after import).
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import torch
 
 from eczema_batch.config import parse_device
 from eczema_batch.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 _PRECISIONS = {"auto", "fp32", "bf16", "fp16"}
 
@@ -71,3 +74,37 @@ def autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
         return
     with torch.autocast(device_type=device.type, dtype=dtype):
         yield
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA (or other accelerator) out of memory, however torch reports it."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Give cached blocks back after an out-of-memory error, so a smaller batch can fit."""
+    if device.type == "cuda" and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def halved_batch(exc: BaseException, device: torch.device, size: int, what: str) -> int:
+    """The batch size to retry with after `exc`; re-raises what is not a splittable OOM.
+
+    A batch that does not fit the device is split in two and retried (the caller keeps the
+    smaller size for the rest of the work); a single item that does not fit raises, with what
+    to do next.
+    """
+    if not is_out_of_memory(exc):
+        raise exc
+    free_device_memory(device)
+    if size <= 1:
+        raise torch.OutOfMemoryError(
+            f"{what}: one item does not fit in {device} memory: use a device with more memory "
+            "or --precision bf16"
+        ) from exc
+    half = max(1, size // 2)
+    logger.warning("%s: out of %s memory with a batch of %d; retrying with %d", what, device,
+                   size, half)
+    return half

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from eczema_batch.pipeline.device import autocast
+from eczema_batch.pipeline.device import autocast, halved_batch
 from eczema_batch.pipeline.preprocess import preprocess_images
 from eczema_batch.pipeline.registry import ModelSpec
 
@@ -65,9 +65,15 @@ class Embedder:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         out = np.empty((len(images), self.dim), dtype=np.float32)
-        for start in range(0, len(images), batch_size):
+        start = 0
+        while start < len(images):
             chunk = images[start : start + batch_size]
-            out[start : start + len(chunk)] = self._embed_batch(chunk)
+            try:
+                out[start : start + len(chunk)] = self._embed_batch(chunk)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                batch_size = halved_batch(exc, self.device, len(chunk), "embedding")
+                continue
+            start += len(chunk)
         return out
 
     @torch.inference_mode()

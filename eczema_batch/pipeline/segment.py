@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from eczema_batch.errors import UsageError
-from eczema_batch.pipeline.device import autocast
+from eczema_batch.pipeline.device import autocast, halved_batch
 from eczema_batch.pipeline.preprocess import (
     check_image,
     preprocess_images,
@@ -140,14 +140,25 @@ class Segmenter:
             for i, q in enumerate(queries)
         ]
         results: list[SegmentResult] = []
-        for batch in _plan_batches([len(p) for p in prompts], batch_size):
-            small = self._segment_batch(
-                [queries[i] for i in batch], [prompts[i] for i in batch], threshold
-            )
+        group_sizes = [len(p) for p in prompts]
+        done = 0
+        while done < len(queries):
+            # The batches are planned again from here after a batch ran out of device memory.
+            batch = _next_batch(group_sizes, done, batch_size)
+            try:
+                small = self._segment_batch(
+                    [queries[i] for i in batch], [prompts[i] for i in batch], threshold
+                )
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                # One query's K pairs are one forward pass: it cannot be split.
+                in_batch = sum(group_sizes[i] for i in batch) if len(batch) > 1 else 1
+                batch_size = halved_batch(exc, self.device, in_batch, "segmentation")
+                continue
             for mask, index in zip(small, batch, strict=True):
                 height, width = sizes[index]
                 full = upsample_nearest(mask, (int(height), int(width)))
                 results.append(SegmentResult(mask=full, area_fraction=float(full.mean())))
+            done += len(batch)
         return results
 
     @torch.inference_mode()
@@ -191,22 +202,18 @@ class Segmenter:
         return foreground.index_select(0, first).cpu().numpy()
 
 
-def _plan_batches(group_sizes: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Consecutive query indices whose prompt counts add up to at most `batch_size`."""
+def _next_batch(group_sizes: Sequence[int], start: int, batch_size: int) -> list[int]:
+    """Consecutive query indices from `start` whose prompt counts add up to at most
+    `batch_size` (at least one query, however many prompts it has)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    batches: list[list[int]] = []
-    current: list[int] = []
-    total = 0
-    for index, size in enumerate(group_sizes):
-        if current and total + size > batch_size:
-            batches.append(current)
-            current, total = [], 0
-        current.append(index)
-        total += size
-    if current:
-        batches.append(current)
-    return batches
+    batch, total = [start], group_sizes[start]
+    for index in range(start + 1, len(group_sizes)):
+        if total + group_sizes[index] > batch_size:
+            break
+        batch.append(index)
+        total += group_sizes[index]
+    return batch
 
 
 def pred_to_foreground(
