@@ -4,8 +4,9 @@ For each configuration it measures, on the same ingested images:
 - end-to-end: `start_run` + `run_in_process` (files on disk -> rows in the catalogue), once per
   batch size and decode-thread count asked for, each on a fresh copy of the ingested catalogue;
 - forwards alone: the same model calls on already-decoded pixels (the floor for end-to-end);
-- naive: decode in full, then reference calls (HF image processors, batch 1, fp32), one image
-  at a time, on the first --naive-images queries (its rate is per image, so a subset suffices);
+- naive: decode in full, then reference calls (HF image processors, batch 1, fp32, on the same
+  device), one image at a time, on the first --naive-images queries (its rate is per image,
+  so a subset suffices);
 and prints images/s, end-to-end / forwards (CPU target <= 1.25), naive / end-to-end (GPU target
 >= 8x), model FLOPs per image (counted with torch's FlopCounterMode) and achieved FLOP/s; with
 --peak-tflops (e.g. 790 for bf16 on an H200) it also prints MFU. Where the end-to-end time goes
@@ -154,22 +155,25 @@ def naive(config: RunConfig, queries: list[Path], refs: list[Path], masks: list[
     assert config.model_dir is not None
     seg_path = Path(config.model_dir) / config.segmenter_model
     emb_path = Path(config.model_dir) / config.embedder_model
+    device = str(load_embedder(config.embedder_model, model_dir=config.model_dir,
+                               device=config.device).device)
     refs, masks = refs[:FLOP_SAMPLE], masks[:FLOP_SAMPLE]
     start = time.perf_counter()
     r_pixels = [decode_path(p, max_pixels=DEFAULT_MAX_IMAGE_PIXELS).pixels for p in refs]
     r_masks = [decode_mask_png(m.read_bytes()) for m in masks]
-    r_vec = np.stack([reference_embed(emb_path, px) for px in r_pixels])
+    r_vec = np.stack([reference_embed(emb_path, px, device) for px in r_pixels])
     per_ref = (time.perf_counter() - start) / len(refs)
     start = time.perf_counter()
     for i, path in enumerate(queries):
         px = decode_path(path, max_pixels=DEFAULT_MAX_IMAGE_PIXELS).pixels
-        vec = reference_embed(emb_path, px)
+        vec = reference_embed(emb_path, px, device)
         [pset] = select_prompts(vec[None], r_vec, query_ids=[-1 - i],
                                 reference_ids=list(range(len(refs))), k=K)
         mask = reference_segment(seg_path, px, [(r_pixels[j], r_masks[j]) for j in pset.ids],
-                                 sizes[i])
+                                 sizes[i], device)
         crop = crop_to_mask(px, mask).pixels if mask.any() else px
-        reference_embed(emb_path, crop)
+        reference_embed(emb_path, crop, device)
+    _sync(device)
     return per_ref, (time.perf_counter() - start) / len(queries)
 
 

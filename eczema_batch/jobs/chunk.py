@@ -275,12 +275,13 @@ class _Chunk:
                                                      batch_size=max(config.batch_size, 1))
             for (iid, pids, sims), out in zip(seg_ids, outputs, strict=True):
                 flag = FLAG_EMPTY if not out.mask.any() else None
-                self._mask_row(iid, out.mask, pids, sims, flag, pool)
+                self._mask_row(iid, out.mask, pids, sims, flag, pool, area=out.area_fraction)
                 result[iid] = (None if flag else out.mask, None)
         return result
 
     def _mask_row(self, iid: int, mask: np.ndarray, prompt_ids: list[int], sims: list[float],
-                  flag: str | None, pool: ThreadPoolExecutor) -> None:
+                  flag: str | None, pool: ThreadPoolExecutor, area: float | None = None
+                  ) -> None:
         # The PNG is encoded in the decode threads (zlib releases the GIL): a full-size 12 MP
         # mask takes 15-25 ms, which in this thread would cap a GPU worker near 50 images/s.
         # `write` waits for it.
@@ -290,7 +291,8 @@ class _Chunk:
             "model_id": self.targets.segmenter_id, "prompt_ids": prompt_ids,
             "prompt_similarities": sims, "prompt_similarity": mean_prompt_similarity(sims),
             "width": int(mask.shape[1]), "height": int(mask.shape[0]),
-            "area_fraction": float(mask.mean()), "png": pool.submit(encode_mask_png, mask),
+            "area_fraction": float(mask.mean()) if area is None else area,
+            "png": pool.submit(encode_mask_png, mask),
             "source_path": None, "flag": flag, "created_at": utcnow(),
         })
 

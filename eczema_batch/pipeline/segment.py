@@ -157,7 +157,8 @@ class Segmenter:
             for mask, index in zip(small, batch, strict=True):
                 height, width = sizes[index]
                 full = upsample_nearest(mask, (int(height), int(width)))
-                results.append(SegmentResult(mask=full, area_fraction=float(full.mean())))
+                results.append(SegmentResult(mask=full, area_fraction=upsampled_area(
+                    mask, (int(height), int(width)))))
             done += len(batch)
         return results
 
@@ -240,6 +241,14 @@ def upsample_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     row_counts = np.bincount(rows, minlength=mask.shape[0])
     col_counts = np.bincount(cols, minlength=mask.shape[1])
     return np.repeat(np.repeat(mask, row_counts, axis=0), col_counts, axis=1)
+
+
+def upsampled_area(mask: np.ndarray, size: tuple[int, int]) -> float:
+    """`upsample_nearest(mask, size).mean()` from the small mask (a full-size pass costs ~4 ms
+    at 12 MP): each source pixel counts as often as its row and column are picked."""
+    rows = np.bincount(_nearest_source(mask.shape[0], size[0]), minlength=mask.shape[0])
+    cols = np.bincount(_nearest_source(mask.shape[1], size[1]), minlength=mask.shape[1])
+    return float(rows @ mask.astype(np.float64) @ cols) / (size[0] * size[1])
 
 
 def _nearest_source(src: int, dst: int) -> np.ndarray:
