@@ -45,11 +45,16 @@ def test_errors_are_one_line_whatever_the_width(tmp_path: Path, db_url: str,
         assert line in done.stderr.splitlines(), done.stderr
         assert done.stdout == ""
 
-    # A usage error from the command-line parser: click's one line, not a boxed panel.
+    # A usage error from the command-line parser: click's one line, not a boxed panel, naming the
+    # option whole (click's wording varies: "No such option: --x", "No such option '--x'.").
     done = run_cli("ingest", str(tmp_path), "--no-such-option", cwd=tmp_path, columns=columns,
                    db_url=db_url)
     assert done.returncode == 2
-    assert "Error: No such option: --no-such-option" in done.stderr.splitlines(), done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, done.stderr
+    assert "no such option" in errors[0].lower(), done.stderr
+    assert "--no-such-option" in errors[0], done.stderr
+    assert done.stderr.rstrip().endswith(errors[0]), done.stderr  # the last line: none wrapped
 
 
 @pytest.mark.parametrize("columns", ["40"])

@@ -69,7 +69,9 @@ def test_literal_prints_back_exactly_what_was_escaped() -> None:
     from rich.console import Console
 
     console = Console(record=True, width=500, emoji=False)
-    for value in ("[/x]", "[bold]x[/bold]", "[link=a]b[/link]", ":warning:", "x\\", "a\\[b]"):
+    # Trailing backslashes, one or more, must not escape the `[/]` written after them.
+    for value in ("[/x]", "[bold]x[/bold]", "[link=a]b[/link]", ":warning:", "x\\", "x\\\\",
+                  "x\\\\\\", "a\\[b]"):
         console.print(f"[red]{literal(value)}[/]", end="")
         assert console.export_text() == value
 

@@ -80,7 +80,11 @@ def literal(value: object) -> str:
     text = str(value)
     if not text.isprintable():
         text = "".join(map(_visible, text))
-    return escape(text)
+    # Backslashes at the end would escape the markup written after the value (`[/]` in
+    # `f"[red]{literal(x)}[/]"`): double them all. rich's `escape` leaves them before 13.5 and from
+    # 13.5 doubles only a single one.
+    body = text.rstrip("\\")
+    return escape(body) + "\\" * (2 * (len(text) - len(body)))
 
 def command(
     group: typer.Typer, name: str | None = None
