@@ -50,7 +50,7 @@ def _clean(text: str) -> None:
     ("[/x]", "\\[/x]"),
     ("[link=https://evil.example]here[/link]", "\\[link=https://evil.example]here\\[/link]"),
     ("[bold]arm", "\\[bold]arm"),
-    (OSC8, "\\x1b]8;;https://evil.example\\x1b\\click\\x1b]8;;\\x1b\\\\"),
+    (OSC8, "\\x1b]8;;https://evil.example\\x1b\\click\\x1b]8;;\\x1b\\\\[bold][/bold]"),
     ("a\x1b[2Jb", "a\\x1b[2Jb"),
     ("nul\x00byte", "nul\\x00byte"),
     ("c1\x9b31m", "c1\\x9b31m"),
@@ -59,7 +59,7 @@ def _clean(text: str) -> None:
     ("line\u2028sep", "line\\u2028sep"),
     ("bad-byte-\udcff", "bad-byte-\\udcff"),
     ("left\xa0arm ü ✓", "left\xa0arm ü ✓"),  # printable text and spaces stay as they are
-    ("trailing\\", "trailing\\\\"),
+    ("trailing\\", "trailing\\\\[bold][/bold]"),
 ])
 def test_literal_escapes_markup_and_controls(value: str, shown: str) -> None:
     assert literal(value) == shown
@@ -67,13 +67,21 @@ def test_literal_escapes_markup_and_controls(value: str, shown: str) -> None:
 
 def test_literal_prints_back_exactly_what_was_escaped() -> None:
     from rich.console import Console
+    from rich.table import Table
 
     console = Console(record=True, width=500, emoji=False)
-    # Trailing backslashes, one or more, must not escape the `[/]` written after them.
+    # Trailing backslashes, one or more, must not escape the `[/]` written after them, nor be
+    # doubled where nothing follows; a table cell is markup too.
     for value in ("[/x]", "[bold]x[/bold]", "[link=a]b[/link]", ":warning:", "x\\", "x\\\\",
-                  "x\\\\\\", "a\\[b]"):
-        console.print(f"[red]{literal(value)}[/]", end="")
-        assert console.export_text() == value
+                  "x\\\\\\", "a\\[b]", "[/]\\"):
+        for template in ("[red]{}[/]", "{}", "{}: done"):
+            console.print(template.format(literal(value)), end="")
+            assert console.export_text() == template.replace("[red]", "").replace(
+                "[/]", "").format(value)
+        table = Table(literal(value))
+        table.add_row(literal(value))
+        console.print(table)
+        assert console.export_text().count(value) == 2
 
 
 @pytest.fixture

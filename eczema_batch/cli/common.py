@@ -67,6 +67,10 @@ def _visible(char: str) -> str:
         f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
 
 
+#: An empty span: rich renders nothing for it, and halves the backslashes before it.
+_NO_OP_TAG = "[bold][/bold]"
+
+
 def literal(value: object) -> str:
     """User data (a path, a name, a reason quoting either) as rich prints it: exactly as it is.
 
@@ -81,10 +85,14 @@ def literal(value: object) -> str:
     if not text.isprintable():
         text = "".join(map(_visible, text))
     # Backslashes at the end would escape the markup written after the value (`[/]` in
-    # `f"[red]{literal(x)}[/]"`): double them all. rich's `escape` leaves them before 13.5 and from
-    # 13.5 doubles only a single one.
+    # `f"[red]{literal(x)}[/]"`), and rich halves them only where a tag follows: double them and
+    # close with an empty tag, so they print as they are whatever follows. (rich's `escape` leaves
+    # them before 13.5 and from 13.5 doubles only a single one.)
     body = text.rstrip("\\")
-    return escape(body) + "\\" * (2 * (len(text) - len(body)))
+    if len(body) == len(text):
+        return escape(text)
+    return escape(body) + "\\" * (2 * (len(text) - len(body))) + _NO_OP_TAG
+
 
 def command(
     group: typer.Typer, name: str | None = None
