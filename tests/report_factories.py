@@ -30,7 +30,7 @@ from eczema_batch.catalogue.models import (
     mean_prompt_similarity,
 )
 from eczema_batch.imaging import encode_mask_png
-from eczema_batch.report.trends import DEFAULT_CLASSES
+from eczema_batch.severity import DEFAULT_CLASSES
 
 
 def make_study(session: Session, name: str = "trial", root: str = "/nonexistent") -> Study:

@@ -136,7 +136,8 @@ def test_misspelt_severity_and_misfit_mask_are_rejected_photographs_kept(
         "P001/2024-01-15/a.mask.png": "mask", "P001/2024-01-15/b.jpg": "label"}
     assert "mask is 50x50 but its image is 320x240" in rejected["P001/2024-01-15/a.mask.png"][
         "reason"]
-    assert "severity 'sever' is not one of 0-3 or clear, mild, moderate, severe" in rejected[
+    assert ("severity 'sever' is not a class: use one of 0 (clear), 1 (mild), 2 (moderate), "
+            "3 (severe)") in rejected[
         "P001/2024-01-15/b.jpg"]["reason"]
     code, out, err = invoke("status", "--json", "--rejected")
     status = json.loads(out)

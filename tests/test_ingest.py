@@ -403,9 +403,9 @@ def test_misspelt_severity_rejects_the_label_not_the_photograph(
     label = rejected[good]
     assert label["kind"] == "label"
     assert label["reason"] == (
-        "manifest.csv line 2: severity 'moderat' is not one of 0-3 or clear, mild, moderate, "
-        "severe; the photograph is catalogued without a severity label: correct the row and "
-        "ingest again to add it"
+        "manifest.csv line 2: severity 'moderat' is not a class: use one of 0 (clear), 1 (mild), "
+        "2 (moderate), 3 (severe); the photograph is catalogued without a severity label: correct "
+        "the row and ingest again to add it"
     )
     assert rejected["P001/2024-01-15/broken.jpg"]["kind"] == "rejected"
     assert "not a date" in rejected["P001/2024-01-15/undated.jpg"]["reason"]

@@ -27,8 +27,8 @@ from pathlib import Path, PurePosixPath
 from eczema_batch.errors import UsageError
 from eczema_batch.identifiers import check_subject_code, normalise_code
 from eczema_batch.ingest.rejections import LABEL, MASK, PartProblem
+from eczema_batch.severity import DEFAULT_CLASSES, parse_severity
 
-DEFAULT_CLASSES = ("clear", "mild", "moderate", "severe")
 COLUMNS = ("path", "patient", "visit_date", "body_site", "severity", "mask")
 KNOWN_COLUMNS = frozenset(COLUMNS)
 #: Delimiter -> its name in messages, in the order ties are broken.
@@ -65,17 +65,6 @@ def _normalise_path(raw: str) -> str | None:
     if path.is_absolute() or ".." in path.parts:
         return None
     return path.as_posix()
-
-
-def parse_severity(raw: str, classes: tuple[str, ...] = DEFAULT_CLASSES) -> int:
-    text = raw.strip().lower()
-    if text.isdigit() and int(text) < len(classes):
-        return int(text)
-    if text in classes:
-        return classes.index(text)
-    raise ValueError(
-        f"severity {raw.strip()!r} is not one of 0-{len(classes) - 1} or {', '.join(classes)}"
-    )
 
 
 def sniff_delimiter(header: str, name: str) -> str:

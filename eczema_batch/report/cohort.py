@@ -19,13 +19,13 @@ from eczema_batch.report.queries import (
     iter_patient_visits,
 )
 from eczema_batch.report.trends import (
-    DEFAULT_CLASSES,
     CohortSummary,
     PatientTrend,
     TrendRules,
     patient_trend,
     summarise_cohort,
 )
+from eczema_batch.severity import DEFAULT_CLASSES
 
 
 def trend_rules(settings: Settings) -> TrendRules:

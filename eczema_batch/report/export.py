@@ -33,13 +33,13 @@ from eczema_batch.report.queries import (
 )
 from eczema_batch.report.spreadsheet import FORMULA_START, record_writer, spreadsheet_text
 from eczema_batch.report.trends import (
-    DEFAULT_CLASSES,
     PatientTrend,
     TrendRules,
     VisitTrend,
     expected_score,
     patient_trend,
 )
+from eczema_batch.severity import DEFAULT_CLASSES
 
 Level = Literal["image", "visit", "patient"]
 LEVELS: tuple[Level, ...] = ("image", "visit", "patient")

@@ -50,7 +50,8 @@ from eczema_batch.catalogue.models import (
     Visit,
 )
 from eczema_batch.errors import UnknownPatientError, UsageError
-from eczema_batch.report.trends import DEFAULT_CLASSES, VisitScore
+from eczema_batch.report.trends import VisitScore
+from eczema_batch.severity import DEFAULT_CLASSES
 from eczema_batch.studyfiles import CataloguedFile
 
 #: Rows fetched per round trip while streaming.

@@ -28,7 +28,7 @@ from eczema_batch.report.queries import (
     flag_reasons,
     iter_image_records,
 )
-from eczema_batch.report.trends import DEFAULT_CLASSES
+from eczema_batch.severity import DEFAULT_CLASSES, parse_severity
 
 #: Event.kind of a recorded review decision.
 REVIEW_EVENT = "review.label"
@@ -116,18 +116,6 @@ def _class_name(classes: tuple[str, ...], k: int | None) -> str | None:
     if k is None:
         return None
     return classes[k] if 0 <= k < len(classes) else str(k)
-
-
-def parse_severity(value: str | int, classes: tuple[str, ...]) -> int:
-    """A class index (0..C-1) or a class name, case-insensitive."""
-    text = str(value).strip()
-    names = [c.lower() for c in classes]
-    if text.lower() in names:
-        return names.index(text.lower())
-    if text.lstrip("-").isdigit() and 0 <= int(text) < len(classes):
-        return int(text)
-    choices = ", ".join(f"{k} ({c})" for k, c in enumerate(classes))
-    raise UsageError(f"severity {value!r} is not a class: use one of {choices}")
 
 
 def record_review(

@@ -23,8 +23,6 @@ from datetime import date
 from functools import cached_property, lru_cache
 from itertools import pairwise
 
-#: Class names when no head says otherwise (the paper's four ordinal classes).
-DEFAULT_CLASSES = ("clear", "mild", "moderate", "severe")
 #: Slopes are reported per this many days (about a month, the usual visit interval).
 SLOPE_DAYS = 30
 #: Statuses a patient can have; "unknown" when fewer than two visits have a score.

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from eczema_batch.catalogue.models import Image, Label, Mask, Patient, Study, Visit
 from eczema_batch.errors import UsageError
-from eczema_batch.ingest.manifest import DEFAULT_CLASSES
+from eczema_batch.severity import DEFAULT_CLASSES
 
 
 @dataclass(frozen=True)
