@@ -101,6 +101,7 @@ def outside(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.one_database  # file checks and the models: no database behaviour
 def test_run_fails_a_replaced_image_alone_and_reads_nothing_outside(
     tmp_path: Path, factory: sessionmaker[Session], outside: Path,
     tiny_model_dir: Path,  # noqa: F811

@@ -277,6 +277,7 @@ def _check_prompts(factory: sessionmaker[Session], result: EvaluationResult) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.one_database
 def test_trained_head_beats_the_majority_baseline(
     tmp_path: Path, factory: sessionmaker[Session], tiny_model_dir: Path  # noqa: F811
 ) -> None:
