@@ -62,7 +62,9 @@ class DemoResult:
     segmenter: str
     embedder: str
     images: int = 0
-    head: dict[str, object] | None = None
+    #: the head that predicts, and whether an active one was reused rather than trained
+    head_id: int | None = None
+    head_reused: bool = False
     #: why no head could be trained (the report then shows no predictions)
     head_problem: str | None = None
     report: CohortReport | None = None
@@ -121,8 +123,8 @@ def _train(factory: sessionmaker[Session], config: RunConfig, result: DemoResult
     from eczema_batch.jobs.runtime import resolve_targets
 
     with factory() as session, session.begin():
-        if resolve_targets(session, config).head_id is not None:
-            result.head = {"reused": True}
+        if (head_id := resolve_targets(session, config).head_id) is not None:
+            result.head_id, result.head_reused = head_id, True
             return True
     try:
         from eczema_batch.pipeline.train import TrainSettings
@@ -131,8 +133,8 @@ def _train(factory: sessionmaker[Session], config: RunConfig, result: DemoResult
         result.head_problem = f"training is not available ({exc})"
         return False
     try:
-        result.head = train_head(factory, config=config, settings=TrainSettings(seed=0),
-                                 study=STUDY_NAME, name="demo head")
+        result.head_id = train_head(factory, config=config, settings=TrainSettings(seed=0),
+                                    study=STUDY_NAME, name="demo head").head.id
     except EczemaBatchError as exc:
         result.head_problem = str(exc)
         return False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -24,6 +24,9 @@ from eczema_batch.cli.common import (
     literal,
 )
 from eczema_batch.errors import UsageError
+
+if TYPE_CHECKING:  # the training package imports torch: only when a command needs it
+    from eczema_batch.training.heads import HeadSummary
 
 ClassWeightsOption = Annotated[
     str, typer.Option("--class-weights", help="balanced (weigh each class's loss by the inverse "
@@ -48,17 +51,15 @@ def _train_settings(epochs: int, lr: float, hidden: int, dropout: float, seed: i
                          class_weights=class_weights, batch_size=batch_size)  # type: ignore[arg-type]
 
 
-def _head_row(table: Table, head: dict[str, Any]) -> None:
-    f1 = head.get("in_sample_weighted_f1")
-    features = f"{head['embedder']} + {head['segmenter'] or 'no segmenter'} " \
-        f"({head['segmenter_mode']})"
-    table.add_row(str(head["id"]), "*" if head["active"] else "", literal(head["name"]),
-                  literal(features),
-                  str(head["images"]), "-" if f1 is None else f"{f1:.3f}",
-                  str(head["created_at"] or "")[:10])
+def _head_row(table: Table, head: HeadSummary) -> None:
+    f1 = head.in_sample_weighted_f1
+    features = f"{head.embedder} + {head.segmenter or 'no segmenter'} ({head.segmenter_mode})"
+    table.add_row(str(head.id), "*" if head.active else "", literal(head.name),
+                  literal(features), str(head.images), "-" if f1 is None else f"{f1:.3f}",
+                  (head.created_at or "")[:10])
 
 
-def _heads_table(heads: list[dict[str, Any]], title: str) -> Table:
+def _heads_table(heads: list[HeadSummary], title: str) -> Table:
     table = Table(title=title)
     for column in ("id", "active", "name", "features", "images", "in-sample wF1", "created"):
         table.add_column(column)
@@ -105,20 +106,21 @@ def train(
         embedder_model=embedder_model, model_dir=str(model_dir) if model_dir else None,
     )
     train_settings = _train_settings(epochs, lr, hidden, dropout, seed, class_weights, batch_size)
-    head = train_head(_catalogue(settings), config=config, settings=train_settings, study=study,
-                      activate=not no_activate, name=name)
+    trained = train_head(_catalogue(settings), config=config, settings=train_settings,
+                         study=study, activate=not no_activate, name=name)
     if as_json:
-        _emit_json(head)
+        _emit_json(trained.as_dict())
         return
-    err.print(_heads_table([head], f"trained head {head['id']}"))
-    counts = ", ".join(f"{literal(c)} {n}" for c, n in zip(head["classes"],
-                                                            head["class_counts"], strict=True))
+    head = trained.head
+    err.print(_heads_table([head], f"trained head {head.id}"))
+    counts = ", ".join(f"{literal(c)} {n}" for c, n in zip(head.classes, trained.class_counts,
+                                                            strict=True))
     err.print(f"labelled images per class: {counts}; final training loss "
-              f"{head['final_loss']:.4f}")
-    if head["active"]:
-        err.print(f"head {head['id']} is active: `eczema-batch run` predicts with it")
+              f"{trained.final_loss:.4f}")
+    if head.active:
+        err.print(f"head {head.id} is active: `eczema-batch run` predicts with it")
     else:
-        err.print(f"head {head['id']} is not active: eczema-batch heads use {head['id']}")
+        err.print(f"head {head.id} is not active: eczema-batch heads use {head.id}")
 
 
 @command(app)
@@ -231,7 +233,7 @@ def heads_list(as_json: JsonOption = False) -> None:
     with factory() as session:
         heads = list_heads(session)
     if as_json:
-        _emit_json(heads)
+        _emit_json([head.as_dict() for head in heads])
     elif not heads:
         err.print("no heads trained yet: eczema-batch train")
     else:
@@ -251,13 +253,14 @@ def heads_use(
 
     factory = _catalogue(_settings())
     with factory() as session, session.begin():
-        head = use_head(session, head_id)
+        used = use_head(session, head_id)
     if as_json:
-        _emit_json(head)
+        _emit_json(used.as_dict())
     else:
-        replaced = ", ".join(map(str, head["replaced"])) or "none"
-        err.print(f"head {head['id']} ({literal(head['name'])}) is active for "
-                  f"{literal(head['embedder'])} with --segmenter {head['segmenter_mode']}; "
+        head = used.head
+        replaced = ", ".join(map(str, used.replaced)) or "none"
+        err.print(f"head {head.id} ({literal(head.name)}) is active for "
+                  f"{literal(head.embedder)} with --segmenter {head.segmenter_mode}; "
                   f"replaced: {replaced}", highlight=False)
 
 

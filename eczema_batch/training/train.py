@@ -9,6 +9,7 @@ does not compute them: it is a seconds-long CPU step, while the embeddings are t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ from eczema_batch.pipeline.train import (
     state_digest,
 )
 from eczema_batch.training.data import labelled_images, references
-from eczema_batch.training.heads import activate_head, describe_head
+from eczema_batch.training.heads import HeadSummary, activate_head, describe_head
 
 
 class MissingFeaturesError(UsageError):
@@ -55,6 +56,24 @@ def _features(session: Session, ids: list[int], variants: dict[int, str], embedd
     return found
 
 
+@dataclass(frozen=True)
+class TrainedHead:
+    """`train`: the new head, the heads it replaced, and its in-sample figures."""
+
+    head: HeadSummary
+    replaced: list[int]
+    #: labelled images per class
+    class_counts: list[int]
+    final_loss: float
+    #: on the training images themselves: optimistic by construction
+    in_sample: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.head.as_dict(), "replaced": self.replaced,
+                "class_counts": self.class_counts, "final_loss": self.final_loss,
+                "in_sample": self.in_sample}
+
+
 def train_head(
     factory: sessionmaker[Session],
     *,
@@ -63,7 +82,7 @@ def train_head(
     study: str | None = None,
     activate: bool = True,
     name: str | None = None,
-) -> dict[str, Any]:
+) -> TrainedHead:
     """Train, store and (unless told not to) activate a head; returns its description."""
     with factory() as session, session.begin():
         data = labelled_images(session, study=study)
@@ -124,6 +143,6 @@ def train_head(
         session.add(Event(kind="head.trained", subject_type="head", subject_id=head.id,
                           detail={"images": len(ids), "seed": settings.seed}))
         replaced = activate_head(session, head) if activate else []
-        return {**describe_head(session, head), "replaced": replaced,
-                "class_counts": head.metrics["class_counts"],
-                "final_loss": fit.losses[-1], "in_sample": in_sample}
+        return TrainedHead(describe_head(session, head), replaced,
+                           class_counts=head.metrics["class_counts"], final_loss=fit.losses[-1],
+                           in_sample=in_sample)
