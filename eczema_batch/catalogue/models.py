@@ -173,17 +173,27 @@ class Label(Timestamped, Base):
     note: Mapped[str | None] = mapped_column(Text)
 
 
+#: The precision of model rows made before it was recorded (revision 0004).
+UNRECORDED_PRECISION = "unrecorded"
+
+
 class Model(Timestamped, Base):
-    """A model identity: the name and the digest of its weights."""
+    """A model identity: the name and the digest of its weights, and the precision it ran in.
+
+    Results of a bf16 and an fp32 run differ (slightly), so they belong to two identities; a head
+    eats the features of the weights (name and digest) whatever their precision.
+    """
 
     __tablename__ = "models"
-    __table_args__ = (UniqueConstraint("name", "digest"),)
+    __table_args__ = (UniqueConstraint("name", "digest", "precision"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     #: segmenter | embedder
     kind: Mapped[str] = mapped_column(String(16))
     name: Mapped[str] = mapped_column(String(100))
     digest: Mapped[str] = mapped_column(String(64))
+    #: fp32 | bf16 | fp16, or "unrecorded"
+    precision: Mapped[str] = mapped_column(String(16), server_default=UNRECORDED_PRECISION)
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 

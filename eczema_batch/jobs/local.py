@@ -6,6 +6,7 @@ cluster produce the same catalogue.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -20,7 +21,7 @@ from eczema_batch.jobs.chunk import ChunkOutcome, run_chunk, worker_name
 from eczema_batch.jobs.config import RunConfig
 from eczema_batch.jobs.leases import utcnow
 from eczema_batch.jobs.plan import STAGES, Plan, Targets, plan_run
-from eczema_batch.jobs.runtime import resolve_targets
+from eczema_batch.jobs.runtime import resolve_targets, run_precision
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ def start_run(
     head_id: int | None = None,
 ) -> Plan:
     """Resolve the models, plan the work and commit it as jobs."""
+    # `auto` precision is settled here and stored with the run: every worker computes alike.
+    config = dataclasses.replace(config, precision=run_precision(config, queue=queue))
     with factory() as session, session.begin():
         targets = resolve_targets(session, config, head_id=head_id)
         return plan_run(session, config=config, targets=targets, executor=executor, queue=queue,

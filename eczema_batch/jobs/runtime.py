@@ -9,16 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
+import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from eczema_batch.catalogue.identities import model_row_id
+from eczema_batch.catalogue.identities import model_row_id, same_weights
 from eczema_batch.catalogue.models import Head
 from eczema_batch.errors import NoHeadError, UsageError
 from eczema_batch.jobs.config import RunConfig
 from eczema_batch.jobs.plan import Targets
 from eczema_batch.jobs.prompts import PromptCache
 from eczema_batch.pipeline.classify import SeverityHead, head_from_bytes
+from eczema_batch.pipeline.device import autocast_dtype, precision_name, resolve_device
 from eczema_batch.pipeline.embed import Embedder
 from eczema_batch.pipeline.loading import (
     find_weights,
@@ -46,30 +48,49 @@ def identify(name: str, *, kind: str, model_dir: str | None) -> WeightsIdentity:
     return WeightsIdentity(name, kind, weights_digest(folder), str(folder))
 
 
+def run_precision(config: RunConfig, *, queue: str | None = None) -> str:
+    """The precision the models of a run compute in: `auto` made concrete where it is planned.
+
+    In this process (`queue` None or "local") it is what this machine's device gives (bf16 on
+    CUDA, fp32 on the CPU). The planner of a queue run cannot see its workers' devices: on the
+    queue named `gpu` it is bf16 (a GPU before Ampere needs ECZEMA_BATCH_PRECISION=fp16), on any
+    other queue fp32. Recorded with the run, so every worker computes in the same precision and
+    its results share one model identity.
+    """
+    if config.precision != "auto":  # checked: an unknown one is a usage error
+        return precision_name(autocast_dtype(torch.device("cpu"), config.precision))
+    if queue in (None, "local"):
+        return precision_name(autocast_dtype(resolve_device(config.device), "auto"))
+    return "bf16" if queue == "gpu" else "fp32"
+
+
 def resolve_targets(
     session: Session, config: RunConfig, *, head_id: int | None = None, use_head: bool = True
 ) -> Targets:
     """Catalogue ids of the embedder, segmenter and head this configuration computes with."""
+    precision = run_precision(config)
     embedder = identify(config.embedder_model, kind="embedder", model_dir=config.model_dir)
     embedder_id = model_row_id(
         session, kind="embedder", name=embedder.name, digest=embedder.digest,
-        config={"folder": embedder.folder},
+        precision=precision, config={"folder": embedder.folder},
     )
     segmenter_id = None
     if config.segmenter_mode != "none":
         segmenter = identify(config.segmenter_model, kind="segmenter", model_dir=config.model_dir)
         segmenter_id = model_row_id(
             session, kind="segmenter", name=segmenter.name, digest=segmenter.digest,
-            config={"folder": segmenter.folder},
+            precision=precision, config={"folder": segmenter.folder},
         )
     if head_id is None and use_head:
         head_id = session.scalar(
             select(Head.id).where(
                 Head.active.is_(True),
-                Head.embedder_model_id == embedder_id,
+                # a head eats the features of these weights, in whatever precision
+                Head.embedder_model_id.in_(same_weights(embedder_id)),
                 Head.segmenter_mode == config.segmenter_mode,
                 # a head eats the crops of one segmenter: never use it on another's
-                Head.segmenter_model_id.is_not_distinct_from(segmenter_id),
+                Head.segmenter_model_id.is_(None) if segmenter_id is None
+                else Head.segmenter_model_id.in_(same_weights(segmenter_id)),
             )
             .order_by(Head.id.desc())
             .limit(1)

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from eczema_batch.catalogue.identities import same_weights
 from eczema_batch.catalogue.models import Event, Head, Model
 from eczema_batch.errors import NoHeadError
 
@@ -21,9 +22,11 @@ def activate_head(session: Session, head: Head) -> list[int]:
     replaced = list(session.scalars(select(Head.id).where(
         Head.active.is_(True),
         Head.id != head.id,
-        Head.embedder_model_id == head.embedder_model_id,
+        # the same weights at another precision are the same features (model identities)
+        Head.embedder_model_id.in_(same_weights(head.embedder_model_id)),
         Head.segmenter_mode == head.segmenter_mode,
-        Head.segmenter_model_id.is_not_distinct_from(head.segmenter_model_id),
+        Head.segmenter_model_id.is_(None) if head.segmenter_model_id is None
+        else Head.segmenter_model_id.in_(same_weights(head.segmenter_model_id)),
     )))
     if replaced:
         session.execute(update(Head).where(Head.id.in_(replaced)).values(active=False))

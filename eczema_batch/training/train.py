@@ -20,7 +20,7 @@ from eczema_batch.catalogue.models import Event, Head, Model
 from eczema_batch.errors import UsageError
 from eczema_batch.jobs import inputs
 from eczema_batch.jobs.config import RunConfig
-from eczema_batch.jobs.runtime import resolve_targets
+from eczema_batch.jobs.runtime import resolve_targets, run_precision
 from eczema_batch.pipeline.classify import head_to_bytes, predict_proba
 from eczema_batch.pipeline.evaluate import scalar_metrics
 from eczema_batch.pipeline.train import (
@@ -99,7 +99,9 @@ def train_head(
         if missing:
             raise MissingFeaturesError(
                 f"{len(missing)} of {len(ids)} labelled images have no lesion-crop embedding for "
-                f"embedder {config.embedder_model} with --segmenter {config.segmenter_mode}: run "
+                f"embedder {config.embedder_model} in {run_precision(config)} with --segmenter "
+                f"{config.segmenter_mode} (a run on a GPU computes in bf16: train there, or set "
+                f"ECZEMA_BATCH_PRECISION to the run's): run "
                 f"`eczema-batch run --segmenter {config.segmenter_mode}` with the same models "
                 "first, then train again"
             )
@@ -107,8 +109,8 @@ def train_head(
         fit = fit_head(features, data.labels, n_classes=len(data.classes), settings=settings)
         in_sample = scalar_metrics(data.labels, predict_proba(fit.head, features))
         weights = head_to_bytes(fit.head)
-        models = {mid: {"name": n, "digest": d} for mid, n, d in session.execute(
-            select(Model.id, Model.name, Model.digest).where(
+        models = {mid: {"name": n, "digest": d, "precision": p} for mid, n, d, p in session.execute(
+            select(Model.id, Model.name, Model.digest, Model.precision).where(
                 Model.id.in_([targets.embedder_id, targets.segmenter_id or -1])))}
         head = Head(
             name=name or f"{config.embedder_model}+{config.segmenter_mode}",
