@@ -32,6 +32,7 @@ from eczema_batch.catalogue.models import (
     mean_prompt_similarity,
 )
 from eczema_batch.catalogue.upsert import upsert
+from eczema_batch.clock import utcnow
 from eczema_batch.errors import (
     EczemaBatchError,
     ModelNotFoundError,
@@ -47,7 +48,6 @@ from eczema_batch.jobs.leases import (
     finish_job,
     heartbeat,
     release_job,
-    utcnow,
 )
 from eczema_batch.jobs.plan import Targets
 from eczema_batch.jobs.runtime import Runtime, get_runtime

@@ -15,7 +15,6 @@ catalogue, the truth, by whichever worker holds the message.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import random
 import time
@@ -29,10 +28,11 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Image, Job, Run
+from eczema_batch.clock import as_utc, utcnow
 from eczema_batch.errors import TransientError
 from eczema_batch.jobs.chunk import run_chunk, worker_name
 from eczema_batch.jobs.config import RunConfig
-from eczema_batch.jobs.leases import DEFAULT_LEASE_SECONDS, utcnow
+from eczema_batch.jobs.leases import DEFAULT_LEASE_SECONDS
 from eczema_batch.jobs.local import RunSummary
 from eczema_batch.jobs.plan import STAGES, Plan, Targets, _run_settings, _same_work
 from eczema_batch.jobs.runtime import Runtime, get_runtime
@@ -152,9 +152,7 @@ def _lease_wait(factory: sessionmaker[Session], job_id: int, lease_seconds: floa
         expires = session.scalar(select(Job.lease_expires_at).where(Job.id == job_id))
     if expires is None:
         return 0.5
-    if expires.tzinfo is None:  # SQLite hands datetimes back naive (they are stored in UTC)
-        expires = expires.replace(tzinfo=dt.UTC)
-    left = (expires - utcnow()).total_seconds()
+    left = (as_utc(expires) - utcnow()).total_seconds()
     return min(max(left, 0.0), lease_seconds) + 0.5
 
 
@@ -355,7 +353,7 @@ def stalled_jobs(session: Session, tracked: Tracked) -> tuple[list[tuple[int, st
         .where(tracked.clause(), Job.state.in_(UNFINISHED))
     ).all()
     stalled = [(job_id, stage, queue) for job_id, stage, queue, state, expires in rows
-               if state == "pending" or expires is None or _aware(expires) < now]
+               if state == "pending" or expires is None or as_utc(expires) < now]
     stalled.sort(key=lambda j: (STAGES.index(j[1]) if j[1] in STAGES else len(STAGES), j[0]))
     queues = {queue for _, _, queue, _, _ in rows}
     busy = bool(queues) and session.scalar(
@@ -363,11 +361,6 @@ def stalled_jobs(session: Session, tracked: Tracked) -> tuple[list[tuple[int, st
         .where(Job.queue.in_(queues), Job.state == "running", Job.lease_expires_at >= now)
     ) != 0
     return [(job_id, queue) for job_id, _, queue in stalled], busy
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    # SQLite hands datetimes back naive (they are stored in UTC).
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
 
 
 @dataclass

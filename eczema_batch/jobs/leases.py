@@ -16,15 +16,12 @@ from sqlalchemy import and_, or_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Job
+from eczema_batch.clock import utcnow
 
 #: A job not heard from for this long is taken to be abandoned by a dead worker.
 DEFAULT_LEASE_SECONDS = 300
 #: Attempts before a job that keeps failing transiently is marked failed.
 MAX_ATTEMPTS = 5
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def claim_job(

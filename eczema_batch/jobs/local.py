@@ -9,22 +9,21 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Job, Run
+from eczema_batch.clock import utcnow
 from eczema_batch.jobs.chunk import ChunkOutcome, run_chunk, worker_name
 from eczema_batch.jobs.config import RunConfig
-from eczema_batch.jobs.leases import utcnow
 from eczema_batch.jobs.plan import STAGES, Plan, Targets, plan_run
 from eczema_batch.jobs.runtime import resolve_targets
+from eczema_batch.progress import StageProgress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
 #: A transiently failing job is tried this many times in one local run before moving on.
 LOCAL_TRIES = 3
 
@@ -101,7 +100,7 @@ def run_in_process(
     factory: sessionmaker[Session],
     plan: Plan,
     *,
-    progress: Progress | None = None,
+    progress: StageProgress | None = None,
 ) -> RunSummary:
     owner = worker_name()
     with factory() as session:

@@ -26,9 +26,9 @@ from eczema_batch.catalogue.models import (
     Run,
     Study,
 )
+from eczema_batch.clock import utcnow
 from eczema_batch.errors import UsageError
 from eczema_batch.jobs.config import RunConfig
-from eczema_batch.jobs.leases import utcnow
 
 STAGES = ("embed", "measure")
 

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from eczema_batch.catalogue.models import Image, Job, Study
-from eczema_batch.jobs.leases import utcnow
+from eczema_batch.clock import as_utc, utcnow
 
 
 @dataclass(frozen=True)
@@ -81,13 +81,6 @@ def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    # SQLite returns naive datetimes; they are stored in UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=dt.UTC)
-    return value
-
-
 def job_status(session: Session, *, limit: int = 50) -> JobStatus:
     """Jobs by stage, queue and state; running jobs by worker; the newest `limit` failures."""
     status = JobStatus()
@@ -107,7 +100,8 @@ def job_status(session: Session, *, limit: int = 50) -> JobStatus:
         select(Job.lease_owner, Job.heartbeat_at, Job.lease_expires_at)
         .where(Job.state == "running")
     ):
-        heartbeat, expires = _aware(heartbeat), _aware(expires)
+        heartbeat = as_utc(heartbeat) if heartbeat is not None else None
+        expires = as_utc(expires) if expires is not None else None
         seen = workers.get(owner or "?", WorkerLoad(owner or "?", 0, None, False))
         beats = [b for b in (seen.last_heartbeat, heartbeat) if b is not None]
         workers[seen.worker] = WorkerLoad(
