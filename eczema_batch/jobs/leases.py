@@ -13,15 +13,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import and_, or_, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Job
 from eczema_batch.clock import utcnow
+from eczema_batch.errors import TransientError
 
 #: A job not heard from for this long is taken to be abandoned by a dead worker.
 DEFAULT_LEASE_SECONDS = 300
 #: Attempts before a job that keeps failing transiently is marked failed.
 MAX_ATTEMPTS = 5
+#: A job in one of these states still has work to do.
+UNFINISHED = ("pending", "running")
+#: Database errors that mean "not now" (server down or restarting, connection cut, SQLite busy).
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OperationalError, InterfaceError,
+                                                      TransientError)
 
 
 def claim_job(

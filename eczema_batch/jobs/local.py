@@ -1,4 +1,4 @@
-"""`eczema-batch run` in this process: plan, then run every job of the plan here, stage by stage.
+"""`eczema-batch run` in this process: run every job of a plan here, stage by stage.
 
 The same job code as a Celery worker runs (jobs.chunk.run_chunk), so the embedded default and a
 cluster produce the same catalogue.
@@ -9,66 +9,21 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from eczema_batch.catalogue.models import Job, Run
+from eczema_batch.catalogue.models import Job
 from eczema_batch.clock import utcnow
 from eczema_batch.jobs.chunk import ChunkOutcome, run_chunk, worker_name
-from eczema_batch.jobs.config import RunConfig
-from eczema_batch.jobs.plan import STAGES, Plan, Targets, plan_run
-from eczema_batch.jobs.runtime import resolve_targets
+from eczema_batch.jobs.plan import STAGES, Plan
+from eczema_batch.jobs.runs import RunSummary, finish_run, new_summary
 from eczema_batch.progress import StageProgress
 
 log = logging.getLogger(__name__)
 
 #: A transiently failing job is tried this many times in one local run before moving on.
 LOCAL_TRIES = 3
-
-
-@dataclass
-class RunSummary:
-    run_id: int
-    targets: Targets
-    jobs: int = 0
-    resumed: int = 0
-    #: stage -> images the run set out to do (those of resumed jobs included)
-    images: dict[str, int] = field(default_factory=dict)
-    done_jobs: int = 0
-    #: stage -> images this run's done jobs measured (images that could not be read left out)
-    measured: dict[str, int] = field(default_factory=dict)
-    failed_jobs: dict[int, str] = field(default_factory=dict)
-    failed_images: dict[int, str] = field(default_factory=dict)
-
-    @property
-    def has_head(self) -> bool:
-        return self.targets.head_id is not None
-
-    def add_done(self, stage: str, images: int, failed: dict[int, str]) -> None:
-        """Count a job of `stage` that ended done, with its `images` and those that `failed`."""
-        self.done_jobs += 1
-        self.measured[stage] = self.measured.get(stage, 0) + images - len(failed)
-        self.failed_images.update(failed)
-
-
-def start_run(
-    factory: sessionmaker[Session],
-    *,
-    config: RunConfig,
-    executor: str,
-    queue: str,
-    chunk_size: int,
-    study: str | None = None,
-    retry_failed: bool = False,
-    head_id: int | None = None,
-) -> Plan:
-    """Resolve the models, plan the work and commit it as jobs."""
-    with factory() as session, session.begin():
-        targets = resolve_targets(session, config, head_id=head_id)
-        return plan_run(session, config=config, targets=targets, executor=executor, queue=queue,
-                        chunk_size=chunk_size, study=study, retry_failed=retry_failed)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -104,10 +59,7 @@ def run_in_process(
 ) -> RunSummary:
     owner = worker_name()
     with factory() as session:
-        run = session.get_one(Run, plan.run_id)
-        targets = Targets(**run.settings["targets"])
-    summary = RunSummary(run_id=plan.run_id, targets=targets, jobs=plan.job_count,
-                         resumed=plan.resumed, images=dict(plan.images))
+        summary = new_summary(session, plan)
     with factory() as session, session.begin():
         expire_dead_local_leases(session, [j for ids in plan.jobs.values() for j in ids])
     for stage in STAGES:
@@ -129,9 +81,7 @@ def run_in_process(
             if progress is not None:
                 progress(stage, done, total)
     with factory() as session, session.begin():
-        run = session.get_one(Run, plan.run_id)
-        run.state = "failed" if summary.failed_jobs else "done"
-        run.finished_at = utcnow()
+        finish_run(session, summary)
     return summary
 
 

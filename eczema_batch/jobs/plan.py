@@ -150,8 +150,8 @@ def plan_run(
         select(Job).where(Job.state.in_(("pending", "running"))).order_by(Job.id)
     ).all()
     for job in resumable:
-        old = _run_settings(session, job.run_id)
-        if _same_work(old, settings):
+        old = run_settings(session, job.run_id)
+        if same_work(old, settings):
             plan.jobs.setdefault(job.stage, []).append(job.id)
             plan.resumed += 1
             taken_over[job.stage] = taken_over.get(job.stage, 0) + len(job.image_ids)
@@ -187,7 +187,8 @@ def plan_run(
     return plan
 
 
-def _run_settings(session: Session, run_id: int | None) -> dict[str, Any]:
+def run_settings(session: Session, run_id: int | None) -> dict[str, Any]:
+    """The settings run `run_id` was planned with ({} for none: a job without a run)."""
     if run_id is None:
         return {}
     run = session.get(Run, run_id)
@@ -199,5 +200,6 @@ _WORK_KEYS = ("segmenter_model", "embedder_model", "segmenter_mode", "prompts", 
               "exclude_same_patient")
 
 
-def _same_work(old: dict[str, Any], new: dict[str, Any]) -> bool:
+def same_work(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether runs planned with these settings compute the same results."""
     return all(old.get(k) == new.get(k) for k in _WORK_KEYS)
