@@ -71,8 +71,6 @@ class ChunkOutcome:
     state: str
     images: int = 0
     failed: dict[int, str] = field(default_factory=dict)
-    #: counts of rows written per kind
-    written: dict[str, int] = field(default_factory=dict)
 
 
 def _decode_all(
@@ -311,7 +309,7 @@ class _Chunk:
 
     # -- write ---------------------------------------------------------------------------------
 
-    def write(self) -> dict[str, int]:
+    def write(self) -> None:
         s = self.session
         for row in self.writes["mask"]:
             row["png"] = row["png"].result()
@@ -344,7 +342,6 @@ class _Chunk:
         upsert(s, Prediction, self.writes["prediction"], keys=("image_id", "head_id"))
         for iid, reason in self.failed.items():
             s.execute(update(Image).where(Image.id == iid).values(decode_status=reason[:200]))
-        return {k: len(v) for k, v in self.writes.items()}
 
 
 def run_chunk(
@@ -386,9 +383,9 @@ def run_chunk(
                     # Another worker took the job over: let its results stand.
                     session.rollback()
                     return ChunkOutcome(job_id, state="lost", images=len(chunk.ids))
-                written = chunk.write()
+                chunk.write()
             log.info("job %d done: %d images, %d failed", job_id, len(chunk.ids), len(chunk.failed))
-            return ChunkOutcome(job_id, "done", len(chunk.ids), chunk.failed, written)
+            return ChunkOutcome(job_id, "done", len(chunk.ids), chunk.failed)
     except Exception as exc:
         permanent = isinstance(exc, EczemaBatchError) and not _transient(exc)
         message = f"{type(exc).__name__}: {exc}"

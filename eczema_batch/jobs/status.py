@@ -9,7 +9,7 @@ import datetime as dt
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from eczema_batch.catalogue.models import Image, Job, Study
@@ -127,6 +127,3 @@ def job_status(session: Session, *, limit: int = 50) -> JobStatus:
     ]
     return status
 
-
-def failed_image_count(session: Session) -> int:
-    return session.scalar(select(func.count(Image.id)).where(Image.decode_status != "ok")) or 0
