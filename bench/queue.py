@@ -139,6 +139,7 @@ def main() -> None:
     from eczema_batch.jobs.local import run_in_process
     from eczema_batch.jobs.runs import start_run
     from eczema_batch.jobs.runtime import get_runtime
+    from eczema_batch.jobs.states import JobState
     from eczema_batch.pipeline.loading import clear_model_cache
     from eczema_batch.pipeline.tiny import make_tiny_models
     from eczema_batch.synth import write_synthetic_study
@@ -195,7 +196,7 @@ def main() -> None:
                 tracked = follow.track(factory, plan)
                 follow.dispatch_plan(factory, plan, queue=queue, send=send)
             final = follow.wait_for_jobs(factory, tracked, poll_seconds=0.2)
-            assert final.finished and final.jobs.get("failed", 0) == 0, final
+            assert final.finished and final.jobs.get(JobState.FAILED, 0) == 0, final
 
         timings: dict[str, list[float]] = {"in process": [], "1 worker": [], "2 workers": []}
         headroom: list[float] = []

@@ -32,6 +32,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from eczema_batch.clock import utcnow
+from eczema_batch.jobs.states import JobState, RunState
 
 # Named constraints make migrations portable: SQLite batch mode must find a constraint by name.
 NAMING_CONVENTION = {
@@ -275,7 +276,8 @@ class Run(Timestamped, Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     executor: Mapped[str] = mapped_column(String(16))
     settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    state: Mapped[str] = mapped_column(String(16), default="running")
+    #: a RunState (jobs/states.py), stored as its string
+    state: Mapped[str] = mapped_column(String(16), default=RunState.RUNNING)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
@@ -290,8 +292,8 @@ class Job(Timestamped, Base):
     stage: Mapped[str] = mapped_column(String(32))
     queue: Mapped[str] = mapped_column(String(32), default="local")
     image_ids: Mapped[list[Any]] = mapped_column()
-    #: pending -> running -> done | failed
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    #: a JobState (jobs/states.py: what each means, and the moves allowed), stored as its string
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

@@ -18,9 +18,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from eczema_batch.catalogue.models import Image, Job
 from eczema_batch.clock import as_utc, utcnow
 from eczema_batch.errors import TransientError
-from eczema_batch.jobs.leases import DEFAULT_LEASE_SECONDS, TRANSIENT_ERRORS, UNFINISHED
+from eczema_batch.jobs.leases import DEFAULT_LEASE_SECONDS, TRANSIENT_ERRORS
 from eczema_batch.jobs.plan import STAGES, Plan
 from eczema_batch.jobs.runs import RunSummary, finish_run, new_summary
+from eczema_batch.jobs.states import UNFINISHED, JobState
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +96,17 @@ def track(factory: sessionmaker[Session], plan: Plan) -> Tracked:
 @dataclass
 class RunProgress:
     #: state -> number of jobs
-    jobs: dict[str, int] = field(default_factory=dict)
+    jobs: dict[JobState, int] = field(default_factory=dict)
     #: state -> number of images in jobs of that state (split and superseded jobs left out)
-    images: dict[str, int] = field(default_factory=dict)
+    images: dict[JobState, int] = field(default_factory=dict)
 
     @property
     def total_images(self) -> int:
-        return sum(n for state, n in self.images.items() if state != "cancelled")
+        return sum(n for state, n in self.images.items() if state != JobState.CANCELLED)
 
     @property
     def finished_images(self) -> int:
-        return self.images.get("done", 0) + self.images.get("failed", 0)
+        return self.images.get(JobState.DONE, 0) + self.images.get(JobState.FAILED, 0)
 
     @property
     def unfinished_jobs(self) -> int:
@@ -118,9 +119,10 @@ class RunProgress:
 
 def read_progress(session: Session, tracked: Tracked) -> RunProgress:
     progress = RunProgress()
-    for state, image_ids in session.execute(
+    for stored, image_ids in session.execute(
         select(Job.state, Job.image_ids).where(tracked.clause())
     ):
+        state = JobState(stored)
         progress.jobs[state] = progress.jobs.get(state, 0) + 1
         progress.images[state] = progress.images.get(state, 0) + len(image_ids)
     return progress
@@ -146,12 +148,12 @@ def stalled_jobs(session: Session, tracked: Tracked) -> tuple[list[tuple[int, st
         .where(tracked.clause(), Job.state.in_(UNFINISHED))
     ).all()
     stalled = [(job_id, stage, queue) for job_id, stage, queue, state, expires in rows
-               if state == "pending" or expires is None or as_utc(expires) < now]
+               if state == JobState.PENDING or expires is None or as_utc(expires) < now]
     stalled.sort(key=lambda j: (STAGES.index(j[1]) if j[1] in STAGES else len(STAGES), j[0]))
     queues = {queue for _, _, queue, _, _ in rows}
     busy = bool(queues) and session.scalar(
         select(func.count()).select_from(Job)
-        .where(Job.queue.in_(queues), Job.state == "running", Job.lease_expires_at >= now)
+        .where(Job.queue.in_(queues), Job.state == JobState.RUNNING, Job.lease_expires_at >= now)
     ) != 0
     return [(job_id, queue) for job_id, _, queue in stalled], busy
 
@@ -167,7 +169,7 @@ class _StallWatch:
     clock: Callable[[], float]
     since: float = 0.0
     wait: float = 0.0
-    seen: dict[str, int] | None = None
+    seen: dict[JobState, int] | None = None
 
     def __post_init__(self) -> None:
         self.since, self.wait = self.clock(), self.period
@@ -251,10 +253,10 @@ def summarise(
             select(Job.id, Job.stage, Job.state, Job.image_ids, Job.last_error)
             .where(tracked.clause())
         ):
-            if state == "done":
+            if state == JobState.DONE:
                 done.append((stage, list(ids)))
                 image_ids.update(ids)
-            elif state == "failed":
+            elif state == JobState.FAILED:
                 summary.failed_jobs[job_id] = error or "unknown error"
             elif state in UNFINISHED:
                 unfinished += 1

@@ -15,9 +15,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Job
 from eczema_batch.clock import utcnow
-from eczema_batch.jobs.chunk import ChunkOutcome, run_chunk, worker_name
+from eczema_batch.jobs.chunk import ChunkOutcome, run_chunk
+from eczema_batch.jobs.leases import worker_name
 from eczema_batch.jobs.plan import STAGES, Plan
 from eczema_batch.jobs.runs import RunSummary, finish_run, new_summary
+from eczema_batch.jobs.states import JobState
 from eczema_batch.progress import StageProgress
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,12 @@ def _pid_alive(pid: int) -> bool:
 
 def expire_dead_local_leases(session: Session, job_ids: list[int]) -> int:
     """Expire leases held by processes of this host that no longer exist (a killed run)."""
+    # No state changes: the job stays running with a lease that has run out, which a claim
+    # takes over (running -> running).
     host = socket.gethostname()
     expired = 0
     rows = session.execute(
-        select(Job.id, Job.lease_owner).where(Job.id.in_(job_ids), Job.state == "running")
+        select(Job.id, Job.lease_owner).where(Job.id.in_(job_ids), Job.state == JobState.RUNNING)
     ).all()
     for job_id, owner in rows:
         owner_host, _, pid = (owner or "").rpartition(":")
@@ -74,9 +78,9 @@ def run_in_process(
             outcome = _run_with_retries(factory, job_id, owner)
             size = outcome.images or _job_size(factory, job_id)
             done += size
-            if outcome.state == "done":
+            if outcome.state == JobState.DONE:
                 summary.add_done(stage, size, outcome.failed)
-            elif outcome.state == "failed":
+            elif outcome.state == JobState.FAILED:
                 summary.failed_jobs[job_id] = _last_error(factory, job_id)
             if progress is not None:
                 progress(stage, done, total)
@@ -86,14 +90,14 @@ def run_in_process(
 
 
 def _run_with_retries(factory: sessionmaker[Session], job_id: int, owner: str) -> ChunkOutcome:
-    outcome = ChunkOutcome(job_id, "pending")
+    outcome = ChunkOutcome(job_id, JobState.PENDING)
     for attempt in range(LOCAL_TRIES):
         try:
             outcome = run_chunk(job_id, factory=factory, owner=owner)
         except Exception as exc:  # released as pending by run_chunk; try again here
             log.warning("job %d attempt %d failed: %s", job_id, attempt + 1, exc)
             continue
-        if outcome.state != "pending":
+        if outcome.state != JobState.PENDING:
             return outcome
     return outcome
 

@@ -29,6 +29,7 @@ from eczema_batch.catalogue.models import (
 from eczema_batch.clock import utcnow
 from eczema_batch.errors import UsageError
 from eczema_batch.jobs.config import RunConfig
+from eczema_batch.jobs.states import UNFINISHED, JobState, RunState, check_transition
 
 STAGES = ("embed", "measure")
 
@@ -138,7 +139,7 @@ def plan_run(
         reset = session.execute(reset_stmt.values(decode_status="ok")
                                 .execution_options(synchronize_session=False))
         settings["retried_images"] = getattr(reset, "rowcount", 0)
-    run = Run(executor=executor, settings=settings, state="running")
+    run = Run(executor=executor, settings=settings, state=RunState.RUNNING)
     session.add(run)
     session.flush()
     plan = Plan(run_id=run.id)
@@ -147,7 +148,7 @@ def plan_run(
     #: stage -> images in the unfinished jobs taken over (they count in the run's images)
     taken_over: dict[str, int] = {}
     resumable = session.scalars(
-        select(Job).where(Job.state.in_(("pending", "running"))).order_by(Job.id)
+        select(Job).where(Job.state.in_(UNFINISHED)).order_by(Job.id)
     ).all()
     for job in resumable:
         old = run_settings(session, job.run_id)
@@ -157,16 +158,17 @@ def plan_run(
             taken_over[job.stage] = taken_over.get(job.stage, 0) + len(job.image_ids)
             if job.stage == "measure":
                 covered.update(job.image_ids)
-        elif job.state == "pending":
-            job.state, job.last_error = "cancelled", f"superseded by run {run.id}"
-            job.updated_at = utcnow()
+        elif job.state == JobState.PENDING:
+            job.state = check_transition(job.state, JobState.CANCELLED)
+            job.last_error, job.updated_at = f"superseded by run {run.id}", utcnow()
     if retry_failed:
-        failed = session.scalars(select(Job).where(Job.state == "failed")).all()
+        failed = session.scalars(select(Job).where(Job.state == JobState.FAILED)).all()
         scope = (None if in_study is None
                  else set(session.scalars(select(Image.id).where(in_study))))
         for job in failed:
             if scope is None or scope.intersection(job.image_ids):
-                job.state, job.updated_at = "cancelled", utcnow()
+                job.state = check_transition(job.state, JobState.CANCELLED)
+                job.updated_at = utcnow()
 
     needs: dict[str, list[int]] = {"embed": [], "measure": []}
     if config.segmenter_mode != "none":
@@ -180,7 +182,8 @@ def plan_run(
     for stage in STAGES:
         plan.images[stage] = len(needs[stage]) + taken_over.get(stage, 0)
         for ids in _chunks(needs[stage], chunk_size):
-            job = Job(run_id=run.id, stage=stage, queue=queue, image_ids=ids, state="pending")
+            job = Job(run_id=run.id, stage=stage, queue=queue, image_ids=ids,
+                      state=JobState.PENDING)
             session.add(job)
             session.flush()
             plan.jobs.setdefault(stage, []).append(job.id)

@@ -16,6 +16,7 @@ from eczema_batch.clock import utcnow
 from eczema_batch.jobs.config import RunConfig
 from eczema_batch.jobs.plan import Plan, Targets, plan_run
 from eczema_batch.jobs.runtime import resolve_targets
+from eczema_batch.jobs.states import RunState
 
 
 @dataclass
@@ -71,5 +72,5 @@ def new_summary(session: Session, plan: Plan) -> RunSummary:
 def finish_run(session: Session, summary: RunSummary) -> None:
     """Record that the run ended (in the caller's transaction): failed if any job failed."""
     run = session.get_one(Run, summary.run_id)
-    run.state = "failed" if summary.failed_jobs else "done"
+    run.state = RunState.FAILED if summary.failed_jobs else RunState.DONE
     run.finished_at = utcnow()

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from eczema_batch.catalogue.models import Image, Job, Study
 from eczema_batch.clock import as_utc, utcnow
+from eczema_batch.jobs.states import JobState
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def job_status(session: Session, *, limit: int = 50) -> JobStatus:
     workers: dict[str, WorkerLoad] = {}
     for owner, heartbeat, expires in session.execute(
         select(Job.lease_owner, Job.heartbeat_at, Job.lease_expires_at)
-        .where(Job.state == "running")
+        .where(Job.state == JobState.RUNNING)
     ):
         heartbeat = as_utc(heartbeat) if heartbeat is not None else None
         expires = as_utc(expires) if expires is not None else None
@@ -114,7 +115,7 @@ def job_status(session: Session, *, limit: int = 50) -> JobStatus:
         FailedJob(id, stage, queue, attempts, error or "unknown error")
         for id, stage, queue, attempts, error in session.execute(
             select(Job.id, Job.stage, Job.queue, Job.attempts, Job.last_error)
-            .where(Job.state == "failed").order_by(Job.id.desc()).limit(limit)
+            .where(Job.state == JobState.FAILED).order_by(Job.id.desc()).limit(limit)
         )
     ]
     status.failed_images = [

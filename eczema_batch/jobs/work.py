@@ -27,11 +27,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Job
 from eczema_batch.clock import as_utc, utcnow
-from eczema_batch.jobs.chunk import run_chunk, worker_name
+from eczema_batch.jobs.chunk import run_chunk
 from eczema_batch.jobs.config import RunConfig
-from eczema_batch.jobs.leases import DEFAULT_LEASE_SECONDS, TRANSIENT_ERRORS, UNFINISHED
+from eczema_batch.jobs.leases import DEFAULT_LEASE_SECONDS, TRANSIENT_ERRORS, worker_name
 from eczema_batch.jobs.plan import run_settings, same_work
 from eczema_batch.jobs.runtime import Runtime, get_runtime
+from eczema_batch.jobs.states import (
+    UNFINISHED,
+    JobState,
+    NoState,
+    Reported,
+    check_transition,
+)
 from eczema_batch.pipeline.device import free_device_memory, is_out_of_memory
 
 log = logging.getLogger(__name__)
@@ -50,8 +57,8 @@ class Step:
     """What to do with a job's message after a worker looked at it."""
 
     job_id: int
-    #: the job's state as the worker left it ("unknown" when the database could not be reached)
-    state: str
+    #: the job's state as the worker left it (NoState.UNKNOWN: the database could not be reached)
+    state: Reported
     #: look at the job again after this many seconds (None: the message is done with)
     retry_in: float | None = None
     #: the retry is for an error: it counts toward MAX_TRANSIENT_RETRIES
@@ -97,29 +104,32 @@ def split_job(session: Session, job_id: int, *, reason: str) -> list[int]:
     single image, which is then failed with `reason`.
     """
     job = session.get(Job, job_id)
-    if job is None or job.state != "pending":
+    if job is None or job.state != JobState.PENDING:
         return []
     ids = list(job.image_ids)
     now = utcnow()
     if len(ids) < 2:
         session.execute(
-            update(Job).where(Job.id == job_id, Job.state == "pending")
-            .values(state="failed", last_error=f"{reason} on a single image: lower the batch "
-                    "size (ECZEMA_BATCH_BATCH_SIZE) or use a device with more memory",
+            update(Job).where(Job.id == job_id, Job.state == JobState.PENDING)
+            .values(state=check_transition(JobState.PENDING, JobState.FAILED),
+                    last_error=f"{reason} on a single image: lower the batch size "
+                    "(ECZEMA_BATCH_BATCH_SIZE) or use a device with more memory",
                     finished_at=now, updated_at=now)
             .execution_options(synchronize_session=False)
         )
         return []
     taken = session.execute(
-        update(Job).where(Job.id == job_id, Job.state == "pending")
-        .values(state="cancelled", finished_at=now, updated_at=now)
+        update(Job).where(Job.id == job_id, Job.state == JobState.PENDING)
+        .values(state=check_transition(JobState.PENDING, JobState.CANCELLED), finished_at=now,
+                updated_at=now)
         .execution_options(synchronize_session=False)
     )
     if getattr(taken, "rowcount", 0) != 1:
         return []
     half = (len(ids) + 1) // 2
     children = [
-        Job(run_id=job.run_id, stage=job.stage, queue=job.queue, image_ids=part, state="pending")
+        Job(run_id=job.run_id, stage=job.stage, queue=job.queue, image_ids=part,
+            state=JobState.PENDING)
         for part in (ids[:half], ids[half:])
     ]
     session.add_all(children)
@@ -143,10 +153,10 @@ def _lease_wait(factory: sessionmaker[Session], job_id: int, lease_seconds: floa
     return min(max(left, 0.0), lease_seconds) + 0.5
 
 
-def _state(factory: sessionmaker[Session], job_id: int) -> tuple[str, str]:
+def _state(factory: sessionmaker[Session], job_id: int) -> tuple[Reported, str]:
     with factory() as session:
         row = session.execute(select(Job.state, Job.queue).where(Job.id == job_id)).first()
-    return (row[0], row[1]) if row is not None else ("missing", "")
+    return (JobState(row[0]), row[1]) if row is not None else (NoState.MISSING, "")
 
 
 def work_on(
@@ -169,7 +179,7 @@ def work_on(
                         runtime_for=runtime_for)
     except TRANSIENT_ERRORS as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return Step(job_id, "unknown", retry_in=backoff(attempt), transient=True,
+        return Step(job_id, NoState.UNKNOWN, retry_in=backoff(attempt), transient=True,
                     detail=f"{type(exc).__name__}: {first}")
 
 
@@ -182,7 +192,7 @@ def _work_on(
         with factory() as session:
             waiting = waiting_for(session, job_id)
         if waiting:
-            return Step(job_id, "pending", retry_in=WAIT_SECONDS,
+            return Step(job_id, JobState.PENDING, retry_in=WAIT_SECONDS,
                         detail=f"waits for {len(waiting)} embed job(s)")
         outcome = run_chunk(job_id, factory=factory, owner=owner, lease_seconds=lease_seconds,
                             runtime_for=runtime_for, config_overrides=overrides)
@@ -194,16 +204,16 @@ def _work_on(
         # run_chunk gave the job back: pending to try again, or failed after MAX_ATTEMPTS.
         state, _ = _state(factory, job_id)
         detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        if state == "pending":
+        if state == JobState.PENDING:
             return Step(job_id, state, retry_in=backoff(attempt), transient=True, detail=detail)
         return Step(job_id, state, detail=detail)
-    if outcome.state == "running":
+    if outcome.state == JobState.RUNNING:
         # Someone holds it. If they are alive their heartbeat keeps the lease and we will find
         # the job done; if they died, the lease runs out and we take the job over.
-        return Step(job_id, "running", retry_in=_lease_wait(factory, job_id, lease_seconds),
+        return Step(job_id, JobState.RUNNING, retry_in=_lease_wait(factory, job_id, lease_seconds),
                     detail="held by another worker")
-    if outcome.state == "pending":
-        return Step(job_id, "pending", retry_in=backoff(attempt), transient=True,
+    if outcome.state == JobState.PENDING:
+        return Step(job_id, JobState.PENDING, retry_in=backoff(attempt), transient=True,
                     detail="a transient error: see the job's last_error")
     return Step(job_id, outcome.state)
 
