@@ -54,7 +54,8 @@ from eczema_batch.ingest.service import ingest_study
 from eczema_batch.jobs import chunk as chunk_module
 from eczema_batch.jobs import inputs as inputs_module
 from eczema_batch.jobs.config import PROMPT_MAX_SIDE, QUERY_MAX_SIDE, RunConfig
-from eczema_batch.jobs.local import run_in_process, start_run
+from eczema_batch.jobs.local import run_in_process
+from eczema_batch.jobs.runs import start_run
 from eczema_batch.pipeline import segment as segment_module
 from eczema_batch.pipeline.crop import crop_to_mask
 from eczema_batch.pipeline.embed import Embedder

@@ -134,10 +134,12 @@ def main() -> None:
     from eczema_batch.catalogue.models import Embedding, Job, Mask, Prediction, Run
     from eczema_batch.config import get_settings
     from eczema_batch.ingest.service import ingest_study
-    from eczema_batch.jobs import dispatch
+    from eczema_batch.jobs import follow
     from eczema_batch.jobs.config import RunConfig
-    from eczema_batch.jobs.local import run_in_process, start_run
+    from eczema_batch.jobs.local import run_in_process
+    from eczema_batch.jobs.runs import start_run
     from eczema_batch.jobs.runtime import get_runtime
+    from eczema_batch.jobs.states import JobState
     from eczema_batch.pipeline.loading import clear_model_cache
     from eczema_batch.pipeline.tiny import make_tiny_models
     from eczema_batch.synth import write_synthetic_study
@@ -191,10 +193,10 @@ def main() -> None:
             with job_sender(args.redis) as send:
                 plan = start_run(factory, config=config, executor="celery", queue=queue,
                                  chunk_size=args.chunk_size)
-                tracked = dispatch.track(factory, plan)
-                dispatch.dispatch_plan(factory, plan, queue=queue, send=send)
-            final = dispatch.wait_for_jobs(factory, tracked, poll_seconds=0.2)
-            assert final.finished and final.jobs.get("failed", 0) == 0, final
+                tracked = follow.track(factory, plan)
+                follow.dispatch_plan(factory, plan, queue=queue, send=send)
+            final = follow.wait_for_jobs(factory, tracked, poll_seconds=0.2)
+            assert final.finished and final.jobs.get(JobState.FAILED, 0) == 0, final
 
         timings: dict[str, list[float]] = {"in process": [], "1 worker": [], "2 workers": []}
         headroom: list[float] = []

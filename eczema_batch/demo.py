@@ -107,7 +107,8 @@ def choose_models(settings: Settings, folder: Path, *, tiny: bool) -> tuple[str,
 
 
 def _measure(factory: sessionmaker[Session], config: RunConfig, settings: Settings) -> int:
-    from eczema_batch.jobs.local import run_in_process, start_run
+    from eczema_batch.jobs.local import run_in_process
+    from eczema_batch.jobs.runs import start_run
 
     plan = start_run(factory, config=config, executor="local", queue="local",
                      chunk_size=settings.chunk_size, study=STUDY_NAME)

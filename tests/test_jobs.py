@@ -17,12 +17,13 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Embedding, Image, Job, Mask, Run
-from eczema_batch.jobs import dispatch
+from eczema_batch.jobs import follow, work
 from eczema_batch.jobs.chunk import run_chunk
 from eczema_batch.jobs.config import RunConfig
 from eczema_batch.jobs.leases import MAX_ATTEMPTS, claim_job, finish_job, release_job, renew_lease
-from eczema_batch.jobs.local import run_in_process, start_run
+from eczema_batch.jobs.local import run_in_process
 from eczema_batch.jobs.plan import Plan
+from eczema_batch.jobs.runs import start_run
 from eczema_batch.jobs.runtime import Runtime, get_runtime
 from eczema_batch.jobs.status import job_status
 from tests._model_fixtures import tiny_model_dir  # noqa: F401
@@ -127,16 +128,16 @@ def test_measure_waits_for_embed_jobs_of_the_same_work(factory: sessionmaker[Ses
         other_work = make_job(session, make_run(session, prompts=3), stage="embed")
         embed_id, measure_id, other_id = embed.id, measure.id, other_work.id
     with factory() as session:
-        assert dispatch.waiting_for(session, measure_id) == [embed_id]
-        assert dispatch.waiting_for(session, embed_id) == []
+        assert work.waiting_for(session, measure_id) == [embed_id]
+        assert work.waiting_for(session, embed_id) == []
     # the worker's decision: look again later, without claiming (no attempt used)
-    step = dispatch.work_on(measure_id, factory=factory, owner="w:1")
-    assert step.retry_in == dispatch.WAIT_SECONDS and not step.transient
+    step = work.work_on(measure_id, factory=factory, owner="w:1")
+    assert step.retry_in == work.WAIT_SECONDS and not step.transient
     assert job_row(factory, measure_id).attempts == 0
     with factory.begin() as session:
         session.execute(update(Job).where(Job.id == embed_id).values(state="failed"))
     with factory() as session:
-        assert dispatch.waiting_for(session, measure_id) == []  # other_id is other work
+        assert work.waiting_for(session, measure_id) == []  # other_id is other work
     assert job_row(factory, other_id).state == "pending"
 
 
@@ -150,9 +151,9 @@ def test_split_replaces_a_job_by_two_halves(factory: sessionmaker[Session]) -> N
         single = make_job(session, run, ids=[4]).id
         running = make_job(session, run, state="running").id
     with factory.begin() as session:
-        children = dispatch.split_job(session, job_id, reason="out of device memory")
-        assert dispatch.split_job(session, single, reason="out of device memory") == []
-        assert dispatch.split_job(session, running, reason="out of device memory") == []
+        children = work.split_job(session, job_id, reason="out of device memory")
+        assert work.split_job(session, single, reason="out of device memory") == []
+        assert work.split_job(session, running, reason="out of device memory") == []
     with factory() as session:
         rows = [session.get_one(Job, i) for i in children]
         parent = session.get_one(Job, job_id)
@@ -176,7 +177,7 @@ def test_out_of_memory_splits_the_chunk(factory: sessionmaker[Session]) -> None:
     with factory.begin() as session:
         job_id = make_job(session, make_run(session), stage="embed", ids=[1, 2, 3, 4]).id
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    step = dispatch.work_on(job_id, factory=factory, owner="w:1", runtime_for=_raising(oom))
+    step = work.work_on(job_id, factory=factory, owner="w:1", runtime_for=_raising(oom))
     assert step.state == "cancelled" and len(step.send) == 2 and step.queue == "gpu"
     assert step.retry_in is None
     with factory() as session:
@@ -188,13 +189,13 @@ def test_transient_errors_retry_with_backoff(factory: sessionmaker[Session]) -> 
     with factory.begin() as session:
         job_id = make_job(session, make_run(session), stage="embed").id
     outage = OperationalError("SELECT 1", {}, Exception("server closed the connection"))
-    step = dispatch.work_on(job_id, factory=factory, owner="w:1", attempt=3,
+    step = work.work_on(job_id, factory=factory, owner="w:1", attempt=3,
                             runtime_for=_raising(outage))
     assert step.transient and step.retry_in is not None and 8 <= step.retry_in <= 10
     job = job_row(factory, job_id)
     assert job.state == "pending" and "OperationalError" in (job.last_error or "")
     # an unexpected error is retried as well, until the job's attempts run out
-    step = dispatch.work_on(job_id, factory=factory, owner="w:1",
+    step = work.work_on(job_id, factory=factory, owner="w:1",
                             runtime_for=_raising(ValueError("bug")))
     assert step.state == "pending" and step.transient
 
@@ -203,7 +204,7 @@ def test_an_unreachable_database_is_transient(factory: sessionmaker[Session]) ->
     from eczema_batch.catalogue.db import make_engine
 
     down = sessionmaker(make_engine("postgresql+psycopg://127.0.0.1:9/none?connect_timeout=2"))
-    step = dispatch.work_on(1, factory=down, owner="w:1")
+    step = work.work_on(1, factory=down, owner="w:1")
     assert step.transient and step.state == "unknown" and step.retry_in is not None
 
 
@@ -212,7 +213,7 @@ def test_a_job_held_by_a_live_worker_waits_for_its_lease(factory: sessionmaker[S
         job_id = make_job(session, make_run(session), stage="embed").id
     with factory.begin() as session:
         claim_job(session, job_id, owner="other:1", lease_seconds=20)
-    step = dispatch.work_on(job_id, factory=factory, owner="w:1", lease_seconds=20)
+    step = work.work_on(job_id, factory=factory, owner="w:1", lease_seconds=20)
     assert step.state == "running" and step.retry_in is not None and 15 < step.retry_in <= 20.5
     assert job_row(factory, job_id).lease_owner == "other:1"
 
@@ -228,7 +229,7 @@ def test_dispatch_sends_unfinished_embed_jobs_first(factory: sessionmaker[Sessio
         e1 = make_job(session, run, stage="embed", queue="local").id
     plan = Plan(run_id=run.id, jobs={"measure": [m1, m2], "embed": [e1]})
     sent: list[tuple[int, str]] = []
-    assert dispatch.dispatch_plan(factory, plan, queue="cpu",
+    assert follow.dispatch_plan(factory, plan, queue="cpu",
                                   send=lambda j, q: sent.append((j, q))) == [e1, m1]
     assert sent == [(e1, "cpu"), (m1, "cpu")]
     assert job_row(factory, m1).queue == "cpu" and job_row(factory, m2).queue == "gpu"
@@ -241,12 +242,12 @@ def test_progress_follows_split_jobs_until_all_finish(factory: sessionmaker[Sess
         b = make_job(session, run, ids=[5, 6]).id
         make_job(session, run, ids=[7], state="done")  # finished before: not this plan's
     plan = Plan(run_id=run.id, jobs={"measure": [a, b]})
-    tracked = dispatch.track(factory, plan)
+    tracked = follow.track(factory, plan)
     with factory.begin() as session:
-        children = dispatch.split_job(session, a, reason="out of device memory")
+        children = work.split_job(session, a, reason="out of device memory")
         make_job(session, make_run(session), ids=[9])  # another run's job: not ours
     with factory() as session:
-        progress = dispatch.read_progress(session, tracked)
+        progress = follow.read_progress(session, tracked)
     assert progress.jobs == {"cancelled": 1, "pending": 3} and progress.total_images == 6
 
     remaining = [*children, b]
@@ -256,7 +257,7 @@ def test_progress_follows_split_jobs_until_all_finish(factory: sessionmaker[Sess
             session.execute(update(Job).where(Job.id == remaining.pop()).values(state="done"))
 
     seen: list[int] = []
-    final = dispatch.wait_for_jobs(factory, tracked, sleep=finish_one, timeout=30,
+    final = follow.wait_for_jobs(factory, tracked, sleep=finish_one, timeout=30,
                                    on_progress=lambda p: seen.append(p.finished_images))
     assert final.finished and final.finished_images == 6
     assert seen == [0, 2, 4, 6]
@@ -301,7 +302,7 @@ def test_a_waiting_client_resends_work_that_nobody_does(factory: sessionmaker[Se
             session.execute(update(Job).where(Job.id.in_([j for j, _ in jobs]))
                             .values(state="done"))
 
-    final = dispatch.wait_for_jobs(factory, dispatch.track(factory, plan), resend=resend,
+    final = follow.wait_for_jobs(factory, follow.track(factory, plan), resend=resend,
                                    stall_seconds=10, sleep=clock.sleep, clock=clock,
                                    timeout=100)
     assert final.finished
@@ -319,15 +320,15 @@ def test_a_waiting_client_leaves_work_alone_while_a_worker_holds_a_live_lease(
     _lease(factory, other, owner="alive:1", seconds=3600)
     _lease(factory, elsewhere, owner="alive:2", seconds=3600)  # another queue: no say
     plan = Plan(run_id=run.id, jobs={"measure": [waiting]})
-    tracked = dispatch.track(factory, plan)
+    tracked = follow.track(factory, plan)
     clock = FakeClock()
     sent: list[float] = []
-    final = dispatch.wait_for_jobs(factory, tracked, resend=lambda _: sent.append(clock.now),
+    final = follow.wait_for_jobs(factory, tracked, resend=lambda _: sent.append(clock.now),
                                    stall_seconds=10, sleep=clock.sleep, clock=clock, timeout=60)
     assert not final.finished and sent == []  # the worker is busy: the message waits its turn
 
     _lease(factory, other, owner="alive:1", seconds=-1)  # that worker died too
-    final = dispatch.wait_for_jobs(factory, tracked, resend=lambda _: sent.append(clock.now),
+    final = follow.wait_for_jobs(factory, tracked, resend=lambda _: sent.append(clock.now),
                                    stall_seconds=10, sleep=clock.sleep, clock=clock, timeout=80)
     # Sent at 10 s; then nothing happens (no worker at all): again 20 s later, then 40 s later.
     assert not final.finished and sent == [70.0, 90.0, 130.0]
@@ -352,7 +353,7 @@ def test_a_waiting_client_survives_a_broker_it_cannot_reach(
         with factory.begin() as session:
             session.execute(update(Job).where(Job.id == job_id).values(state="done"))
 
-    final = dispatch.wait_for_jobs(factory, dispatch.track(factory, plan), resend=resend,
+    final = follow.wait_for_jobs(factory, follow.track(factory, plan), resend=resend,
                                    stall_seconds=5, sleep=clock.sleep, clock=clock, timeout=60)
     assert final.finished and tries == [5.0, 15.0]
 
@@ -364,7 +365,7 @@ def test_summary_reports_failed_jobs_and_images(factory: sessionmaker[Session]) 
         bad = make_job(session, run, ids=[3], state="failed").id
         session.execute(update(Job).where(Job.id == bad).values(last_error="ValueError: x"))
     plan = Plan(run_id=run.id, jobs={"measure": [ok, bad]})
-    summary = dispatch.summarise(factory, plan, dispatch.track(factory, plan))
+    summary = follow.summarise(factory, plan, follow.track(factory, plan))
     assert summary.done_jobs == 1 and summary.failed_jobs == {bad: "ValueError: x"}
     with factory() as session:
         assert session.get_one(Run, run.id).state == "failed"
@@ -442,8 +443,8 @@ def test_the_core_never_imports_celery() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, eczema_batch.cli, eczema_batch.jobs.dispatch, eczema_batch.jobs.status, "
-            "eczema_batch.jobs.local; assert not [m for m in sys.modules "
+    code = ("import sys, eczema_batch.cli, eczema_batch.jobs.work, eczema_batch.jobs.follow, "
+            "eczema_batch.jobs.status, eczema_batch.jobs.local; assert not [m for m in sys.modules "
             "if m.split('.')[0] in ('celery', 'kombu', 'eczema_batch_workers')], 'celery imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120,
                           check=False)

@@ -1,4 +1,4 @@
-"""The one task: `run_job(job_id)`, a thin adapter from a Celery message to `jobs.dispatch.work_on`.
+"""The one task: `run_job(job_id)`, a thin adapter from a Celery message to `jobs.work.work_on`.
 
 The job code decides; this module only turns its `Step` into Celery calls: retry later (waiting for
 embed jobs, for another worker's lease, or after a transient error, with backoff), send the halves
@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from eczema_batch.catalogue.db import open_catalogue
 from eczema_batch.config import Settings, get_settings
 from eczema_batch.errors import CatalogueError, TransientError
-from eczema_batch.jobs.dispatch import MAX_TRANSIENT_RETRIES, Step, backoff, work_on
+from eczema_batch.jobs.states import NoState
+from eczema_batch.jobs.work import MAX_TRANSIENT_RETRIES, Step, backoff, work_on
 
 from .celery_app import TASK_RUN_JOB, job_queue
 
@@ -58,7 +59,7 @@ def run_job(self: Task, job_id: int, transient: int = 0) -> str:
     try:
         factory = _catalogue(settings.resolved_database_url)
     except (TransientError, CatalogueError) as exc:
-        step = Step(job_id, "unknown", retry_in=backoff(transient), transient=True,
+        step = Step(job_id, NoState.UNKNOWN, retry_in=backoff(transient), transient=True,
                     detail=str(exc).splitlines()[0])
     else:
         step = work_on(job_id, factory=factory, lease_seconds=settings.lease_seconds,

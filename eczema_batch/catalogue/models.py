@@ -31,6 +31,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from eczema_batch.clock import utcnow
+from eczema_batch.jobs.states import JobState, RunState
+
 # Named constraints make migrations portable: SQLite batch mode must find a constraint by name.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -39,10 +42,6 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def mean_prompt_similarity(similarities: Sequence[float]) -> float | None:
@@ -287,7 +286,8 @@ class Run(Timestamped, Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     executor: Mapped[str] = mapped_column(String(16))
     settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    state: Mapped[str] = mapped_column(String(16), default="running")
+    #: a RunState (jobs/states.py), stored as its string
+    state: Mapped[str] = mapped_column(String(16), default=RunState.RUNNING)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
@@ -302,8 +302,8 @@ class Job(Timestamped, Base):
     stage: Mapped[str] = mapped_column(String(32))
     queue: Mapped[str] = mapped_column(String(32), default="local")
     image_ids: Mapped[list[Any]] = mapped_column()
-    #: pending -> running -> done | failed
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    #: a JobState (jobs/states.py: what each means, and the moves allowed), stored as its string
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

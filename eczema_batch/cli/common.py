@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from eczema_batch.catalogue.faults import is_disk_full
 from eczema_batch.config import Settings, get_settings
 from eczema_batch.errors import ConfigError, DiskFullError, EczemaBatchError, UsageError
+from eczema_batch.progress import Progress as ProgressUpdate  # rich has its own Progress
 
 #: `-h` as well as `--help`, on every command
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -254,7 +255,7 @@ def writing_to(path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _progress(description: str, *, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
+def _progress(description: str, *, enabled: bool = True) -> Iterator[ProgressUpdate]:
     """A progress bar on stderr; yields `update(done, total)`."""
     columns = (
         TextColumn("{task.description}"),

@@ -28,7 +28,7 @@ from eczema_batch.errors import EczemaBatchError, UsageError
 
 if TYPE_CHECKING:  # the commands import these lazily: `--help` stays fast, torch-free
     from eczema_batch.jobs.config import RunConfig
-    from eczema_batch.jobs.local import RunSummary
+    from eczema_batch.jobs.runs import RunSummary
 
 
 def _run_on_queue(
@@ -38,15 +38,15 @@ def _run_on_queue(
     """Plan, send the jobs to `queue`, and follow them in the catalogue; None with no wait."""
     from eczema_batch_workers.celery_app import job_sender
 
-    from eczema_batch.jobs import dispatch
-    from eczema_batch.jobs.local import start_run
+    from eczema_batch.jobs import follow
+    from eczema_batch.jobs.runs import start_run
 
     assert settings.broker_url is not None
     with job_sender(settings.broker_url) as send:  # reach the broker before planning anything
         plan = start_run(factory, config=config, executor="celery", queue=queue,
                          chunk_size=settings.chunk_size, study=study, retry_failed=retry_failed)
-        tracked = dispatch.track(factory, plan)
-        sent = dispatch.dispatch_plan(factory, plan, queue=queue, send=send)
+        tracked = follow.track(factory, plan)
+        sent = follow.dispatch_plan(factory, plan, queue=queue, send=send)
     if not wait:
         if as_json:
             _emit_json({"run": plan.run_id, "queue": queue, "jobs_sent": len(sent),
@@ -71,11 +71,11 @@ def _run_on_queue(
                   "messages): sent them again", highlight=False)
 
     with _progress(f"measuring on queue {literal(queue)}") as update:
-        dispatch.wait_for_jobs(
+        follow.wait_for_jobs(
             factory, tracked, on_progress=lambda p: update(p.finished_images, p.total_images),
             resend=resend, stall_seconds=settings.lease_seconds,
         )
-    return dispatch.summarise(factory, plan, tracked)
+    return follow.summarise(factory, plan, tracked)
 
 
 @command(app)
@@ -118,7 +118,8 @@ def run(
     Example: ECZEMA_BATCH_BROKER_URL=redis://redis:6379/0 eczema-batch run --queue gpu --no-wait
     """
     from eczema_batch.jobs.config import RunConfig
-    from eczema_batch.jobs.local import run_in_process, start_run
+    from eczema_batch.jobs.local import run_in_process
+    from eczema_batch.jobs.runs import start_run
 
     settings = _settings()
     if queue is None and no_wait:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.db import describe
 from eczema_batch.catalogue.faults import explain_database_error
-from eczema_batch.catalogue.models import Event, Image, Study, utcnow
+from eczema_batch.catalogue.models import Event, Image, Study
 from eczema_batch.catalogue.upsert import insert_ignoring_conflicts
+from eczema_batch.clock import utcnow
 from eczema_batch.config import DEFAULT_MAX_FILE_BYTES
 from eczema_batch.errors import RejectedFileError, StudyFolderError, UsageError
 from eczema_batch.identifiers import MAX_STUDY_NAME, IdentifierError, key_check, normalise_label
@@ -35,6 +36,7 @@ from eczema_batch.ingest.rejections import MASK, PartProblem, rejection
 from eczema_batch.ingest.resolve import Identity, look_alike_folders, resolve_identities
 from eczema_batch.ingest.scan import MANIFEST_NAME, StudyScan, scan_study
 from eczema_batch.ingest.write import CatalogueWriter, NewImage
+from eczema_batch.progress import Progress
 from eczema_batch.studyfiles import escaped, is_utf8, read_study_file
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,6 @@ log = logging.getLogger(__name__)
 POOL_THRESHOLD = 64
 #: A manifest of 300,000 rows is about 30 MB; a larger "manifest" is not one.
 MAX_MANIFEST_BYTES = 256 << 20
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass

@@ -7,7 +7,6 @@ file by file, each in a savepoint, so one bad record never costs the rest of the
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Image, Label, Mask, Patient, Rejection, Study, Visit
+from eczema_batch.clock import utcnow
 from eczema_batch.ingest.read import FileRead
 from eczema_batch.ingest.rejections import DUPLICATE, FILE, rejection
 from eczema_batch.ingest.resolve import Identity
@@ -165,7 +165,7 @@ class CatalogueWriter:
                 new_patients.setdefault(identity.patient, identity.patient_source)
         if new_patients:
             rows = [{"study_id": self._study_id, "subject_code": code, "code_source": source,
-                     "created_at": dt.datetime.now(dt.UTC)}
+                     "created_at": utcnow()}
                     for code, source in new_patients.items()]
             result = session.execute(
                 insert(Patient).returning(Patient.id, sort_by_parameter_order=True), rows
@@ -178,7 +178,7 @@ class CatalogueWriter:
                 new_visits.setdefault(key, identity)
         if new_visits:
             rows = [{"patient_id": pid, "label": label, "visit_date": identity.visit_date,
-                     "date_source": identity.date_source, "created_at": dt.datetime.now(dt.UTC)}
+                     "date_source": identity.date_source, "created_at": utcnow()}
                     for (pid, label), identity in new_visits.items()]
             result = session.execute(
                 insert(Visit).returning(Visit.id, sort_by_parameter_order=True), rows
@@ -265,7 +265,7 @@ class CatalogueWriter:
         self, rejected: list[dict[str, str]], duplicates: list[dict[str, str]]
     ) -> None:
         """Replace the study's list of rejections with this ingest's, in one transaction."""
-        now = dt.datetime.now(dt.UTC)
+        now = utcnow()
         duplicated = {dup["path"] for dup in duplicates}
         # One row per path (the table's key): a whole file's rejection says more than one about
         # its label, and a duplicate is recorded as such.
@@ -296,7 +296,7 @@ def _unique(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 
 def _label_row(image_id: int, severity: int) -> dict[str, Any]:
     return {"image_id": image_id, "severity": severity, "source": "manifest", "rater": None,
-            "note": None, "created_at": dt.datetime.now(dt.UTC)}
+            "note": None, "created_at": utcnow()}
 
 
 def _mask_row(image_id: int, item: NewImage) -> dict[str, Any]:
@@ -308,5 +308,5 @@ def _mask_row(image_id: int, item: NewImage) -> dict[str, Any]:
         "width": item.read.width, "height": item.read.height,
         "area_fraction": mask.area_fraction, "png": mask.png,
         "source_path": mask.rel,
-        "flag": None, "created_at": dt.datetime.now(dt.UTC),
+        "flag": None, "created_at": utcnow(),
     }

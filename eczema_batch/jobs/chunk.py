@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import socket
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from eczema_batch.catalogue.models import (
     mean_prompt_similarity,
 )
 from eczema_batch.catalogue.upsert import upsert
+from eczema_batch.clock import utcnow
 from eczema_batch.errors import (
     EczemaBatchError,
     ModelNotFoundError,
@@ -47,10 +46,11 @@ from eczema_batch.jobs.leases import (
     finish_job,
     heartbeat,
     release_job,
-    utcnow,
+    worker_name,
 )
 from eczema_batch.jobs.plan import Targets
 from eczema_batch.jobs.runtime import Runtime, get_runtime
+from eczema_batch.jobs.states import JobState, NoState, Reported
 from eczema_batch.pipeline.classify import predict_proba
 from eczema_batch.pipeline.crop import crop_to_mask
 from eczema_batch.pipeline.retrieve import select_prompts
@@ -61,18 +61,13 @@ FLAG_EMPTY = "SegGPT found no lesion: the whole image was used"
 FLAG_NO_REFERENCES = "no reference images (manual masks) to prompt SegGPT: the whole image was used"
 
 
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 @dataclass
 class ChunkOutcome:
     job_id: int
-    state: str
+    #: the job's state after this attempt (NoState.LOST: another worker took the job over)
+    state: Reported
     images: int = 0
     failed: dict[int, str] = field(default_factory=dict)
-    #: counts of rows written per kind
-    written: dict[str, int] = field(default_factory=dict)
 
 
 def _decode_all(
@@ -311,7 +306,7 @@ class _Chunk:
 
     # -- write ---------------------------------------------------------------------------------
 
-    def write(self) -> dict[str, int]:
+    def write(self) -> None:
         s = self.session
         for row in self.writes["mask"]:
             row["png"] = row["png"].result()
@@ -344,7 +339,6 @@ class _Chunk:
         upsert(s, Prediction, self.writes["prediction"], keys=("image_id", "head_id"))
         for iid, reason in self.failed.items():
             s.execute(update(Image).where(Image.id == iid).values(decode_status=reason[:200]))
-        return {k: len(v) for k, v in self.writes.items()}
 
 
 def run_chunk(
@@ -366,7 +360,7 @@ def run_chunk(
     with factory() as session, session.begin():
         if not claim_job(session, job_id, owner=owner, lease_seconds=lease_seconds):
             job = session.get(Job, job_id)
-            return ChunkOutcome(job_id, state=job.state if job else "missing")
+            return ChunkOutcome(job_id, JobState(job.state) if job else NoState.MISSING)
     try:
         with heartbeat(factory, job_id, owner=owner, lease_seconds=lease_seconds) as lost:
             with factory() as session, session.begin():
@@ -385,17 +379,17 @@ def run_chunk(
                                                    note=_note(chunk.failed)):
                     # Another worker took the job over: let its results stand.
                     session.rollback()
-                    return ChunkOutcome(job_id, state="lost", images=len(chunk.ids))
-                written = chunk.write()
+                    return ChunkOutcome(job_id, NoState.LOST, images=len(chunk.ids))
+                chunk.write()
             log.info("job %d done: %d images, %d failed", job_id, len(chunk.ids), len(chunk.failed))
-            return ChunkOutcome(job_id, "done", len(chunk.ids), chunk.failed, written)
+            return ChunkOutcome(job_id, JobState.DONE, len(chunk.ids), chunk.failed)
     except Exception as exc:
         permanent = isinstance(exc, EczemaBatchError) and not _transient(exc)
         message = f"{type(exc).__name__}: {exc}"
         with factory() as session, session.begin():
             state = release_job(session, job_id, owner=owner, error=message, permanent=permanent)
         log.warning("job %d %s after error: %s", job_id, state, message.splitlines()[0])
-        if state == "failed" or isinstance(exc, EczemaBatchError):
+        if state == JobState.FAILED or isinstance(exc, EczemaBatchError):
             return ChunkOutcome(job_id, state, failed={})
         raise
 

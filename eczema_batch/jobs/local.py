@@ -1,4 +1,4 @@
-"""`eczema-batch run` in this process: plan, then run every job of the plan here, stage by stage.
+"""`eczema-batch run` in this process: run every job of a plan here, stage by stage.
 
 The same job code as a Celery worker runs (jobs.chunk.run_chunk), so the embedded default and a
 cluster produce the same catalogue.
@@ -6,73 +6,26 @@ cluster produce the same catalogue.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from eczema_batch.catalogue.models import Job, Run
-from eczema_batch.jobs.chunk import ChunkOutcome, run_chunk, worker_name
-from eczema_batch.jobs.config import RunConfig
-from eczema_batch.jobs.leases import utcnow
-from eczema_batch.jobs.plan import STAGES, Plan, Targets, plan_run
-from eczema_batch.jobs.runtime import resolve_targets, run_precision
+from eczema_batch.catalogue.models import Job
+from eczema_batch.clock import utcnow
+from eczema_batch.jobs.chunk import ChunkOutcome, run_chunk
+from eczema_batch.jobs.leases import worker_name
+from eczema_batch.jobs.plan import STAGES, Plan
+from eczema_batch.jobs.runs import RunSummary, finish_run, new_summary
+from eczema_batch.jobs.states import JobState
+from eczema_batch.progress import StageProgress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
 #: A transiently failing job is tried this many times in one local run before moving on.
 LOCAL_TRIES = 3
-
-
-@dataclass
-class RunSummary:
-    run_id: int
-    targets: Targets
-    jobs: int = 0
-    resumed: int = 0
-    #: stage -> images the run set out to do (those of resumed jobs included)
-    images: dict[str, int] = field(default_factory=dict)
-    done_jobs: int = 0
-    #: stage -> images this run's done jobs measured (images that could not be read left out)
-    measured: dict[str, int] = field(default_factory=dict)
-    failed_jobs: dict[int, str] = field(default_factory=dict)
-    failed_images: dict[int, str] = field(default_factory=dict)
-
-    @property
-    def has_head(self) -> bool:
-        return self.targets.head_id is not None
-
-    def add_done(self, stage: str, images: int, failed: dict[int, str]) -> None:
-        """Count a job of `stage` that ended done, with its `images` and those that `failed`."""
-        self.done_jobs += 1
-        self.measured[stage] = self.measured.get(stage, 0) + images - len(failed)
-        self.failed_images.update(failed)
-
-
-def start_run(
-    factory: sessionmaker[Session],
-    *,
-    config: RunConfig,
-    executor: str,
-    queue: str,
-    chunk_size: int,
-    study: str | None = None,
-    retry_failed: bool = False,
-    head_id: int | None = None,
-) -> Plan:
-    """Resolve the models, plan the work and commit it as jobs."""
-    # `auto` precision is settled here and stored with the run: every worker computes alike.
-    config = dataclasses.replace(config, precision=run_precision(config, queue=queue))
-    with factory() as session, session.begin():
-        targets = resolve_targets(session, config, head_id=head_id)
-        return plan_run(session, config=config, targets=targets, executor=executor, queue=queue,
-                        chunk_size=chunk_size, study=study, retry_failed=retry_failed)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -87,10 +40,12 @@ def _pid_alive(pid: int) -> bool:
 
 def expire_dead_local_leases(session: Session, job_ids: list[int]) -> int:
     """Expire leases held by processes of this host that no longer exist (a killed run)."""
+    # No state changes: the job stays running with a lease that has run out, which a claim
+    # takes over (running -> running).
     host = socket.gethostname()
     expired = 0
     rows = session.execute(
-        select(Job.id, Job.lease_owner).where(Job.id.in_(job_ids), Job.state == "running")
+        select(Job.id, Job.lease_owner).where(Job.id.in_(job_ids), Job.state == JobState.RUNNING)
     ).all()
     for job_id, owner in rows:
         owner_host, _, pid = (owner or "").rpartition(":")
@@ -104,14 +59,11 @@ def run_in_process(
     factory: sessionmaker[Session],
     plan: Plan,
     *,
-    progress: Progress | None = None,
+    progress: StageProgress | None = None,
 ) -> RunSummary:
     owner = worker_name()
     with factory() as session:
-        run = session.get_one(Run, plan.run_id)
-        targets = Targets(**run.settings["targets"])
-    summary = RunSummary(run_id=plan.run_id, targets=targets, jobs=plan.job_count,
-                         resumed=plan.resumed, images=dict(plan.images))
+        summary = new_summary(session, plan)
     with factory() as session, session.begin():
         expire_dead_local_leases(session, [j for ids in plan.jobs.values() for j in ids])
     for stage in STAGES:
@@ -126,28 +78,26 @@ def run_in_process(
             outcome = _run_with_retries(factory, job_id, owner)
             size = outcome.images or _job_size(factory, job_id)
             done += size
-            if outcome.state == "done":
+            if outcome.state == JobState.DONE:
                 summary.add_done(stage, size, outcome.failed)
-            elif outcome.state == "failed":
+            elif outcome.state == JobState.FAILED:
                 summary.failed_jobs[job_id] = _last_error(factory, job_id)
             if progress is not None:
                 progress(stage, done, total)
     with factory() as session, session.begin():
-        run = session.get_one(Run, plan.run_id)
-        run.state = "failed" if summary.failed_jobs else "done"
-        run.finished_at = utcnow()
+        finish_run(session, summary)
     return summary
 
 
 def _run_with_retries(factory: sessionmaker[Session], job_id: int, owner: str) -> ChunkOutcome:
-    outcome = ChunkOutcome(job_id, "pending")
+    outcome = ChunkOutcome(job_id, JobState.PENDING)
     for attempt in range(LOCAL_TRIES):
         try:
             outcome = run_chunk(job_id, factory=factory, owner=owner)
         except Exception as exc:  # released as pending by run_chunk; try again here
             log.warning("job %d attempt %d failed: %s", job_id, attempt + 1, exc)
             continue
-        if outcome.state != "pending":
+        if outcome.state != JobState.PENDING:
             return outcome
     return outcome
 

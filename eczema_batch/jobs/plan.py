@@ -26,9 +26,10 @@ from eczema_batch.catalogue.models import (
     Run,
     Study,
 )
+from eczema_batch.clock import utcnow
 from eczema_batch.errors import UsageError
 from eczema_batch.jobs.config import RunConfig
-from eczema_batch.jobs.leases import utcnow
+from eczema_batch.jobs.states import UNFINISHED, JobState, RunState, check_transition
 
 STAGES = ("embed", "measure")
 
@@ -138,7 +139,7 @@ def plan_run(
         reset = session.execute(reset_stmt.values(decode_status="ok")
                                 .execution_options(synchronize_session=False))
         settings["retried_images"] = getattr(reset, "rowcount", 0)
-    run = Run(executor=executor, settings=settings, state="running")
+    run = Run(executor=executor, settings=settings, state=RunState.RUNNING)
     session.add(run)
     session.flush()
     plan = Plan(run_id=run.id)
@@ -147,26 +148,27 @@ def plan_run(
     #: stage -> images in the unfinished jobs taken over (they count in the run's images)
     taken_over: dict[str, int] = {}
     resumable = session.scalars(
-        select(Job).where(Job.state.in_(("pending", "running"))).order_by(Job.id)
+        select(Job).where(Job.state.in_(UNFINISHED)).order_by(Job.id)
     ).all()
     for job in resumable:
-        old = _run_settings(session, job.run_id)
-        if _same_work(old, settings):
+        old = run_settings(session, job.run_id)
+        if same_work(old, settings):
             plan.jobs.setdefault(job.stage, []).append(job.id)
             plan.resumed += 1
             taken_over[job.stage] = taken_over.get(job.stage, 0) + len(job.image_ids)
             if job.stage == "measure":
                 covered.update(job.image_ids)
-        elif job.state == "pending":
-            job.state, job.last_error = "cancelled", f"superseded by run {run.id}"
-            job.updated_at = utcnow()
+        elif job.state == JobState.PENDING:
+            job.state = check_transition(job.state, JobState.CANCELLED)
+            job.last_error, job.updated_at = f"superseded by run {run.id}", utcnow()
     if retry_failed:
-        failed = session.scalars(select(Job).where(Job.state == "failed")).all()
+        failed = session.scalars(select(Job).where(Job.state == JobState.FAILED)).all()
         scope = (None if in_study is None
                  else set(session.scalars(select(Image.id).where(in_study))))
         for job in failed:
             if scope is None or scope.intersection(job.image_ids):
-                job.state, job.updated_at = "cancelled", utcnow()
+                job.state = check_transition(job.state, JobState.CANCELLED)
+                job.updated_at = utcnow()
 
     needs: dict[str, list[int]] = {"embed": [], "measure": []}
     if config.segmenter_mode != "none":
@@ -180,14 +182,16 @@ def plan_run(
     for stage in STAGES:
         plan.images[stage] = len(needs[stage]) + taken_over.get(stage, 0)
         for ids in _chunks(needs[stage], chunk_size):
-            job = Job(run_id=run.id, stage=stage, queue=queue, image_ids=ids, state="pending")
+            job = Job(run_id=run.id, stage=stage, queue=queue, image_ids=ids,
+                      state=JobState.PENDING)
             session.add(job)
             session.flush()
             plan.jobs.setdefault(stage, []).append(job.id)
     return plan
 
 
-def _run_settings(session: Session, run_id: int | None) -> dict[str, Any]:
+def run_settings(session: Session, run_id: int | None) -> dict[str, Any]:
+    """The settings run `run_id` was planned with ({} for none: a job without a run)."""
     if run_id is None:
         return {}
     run = session.get(Run, run_id)
@@ -199,5 +203,6 @@ _WORK_KEYS = ("segmenter_model", "embedder_model", "segmenter_mode", "prompts", 
               "exclude_same_patient")
 
 
-def _same_work(old: dict[str, Any], new: dict[str, Any]) -> bool:
+def same_work(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether runs planned with these settings compute the same results."""
     return all(old.get(k) == new.get(k) for k in _WORK_KEYS)

@@ -9,11 +9,12 @@ import datetime as dt
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from eczema_batch.catalogue.models import Image, Job, Study
-from eczema_batch.jobs.leases import utcnow
+from eczema_batch.clock import as_utc, utcnow
+from eczema_batch.jobs.states import JobState
 
 
 @dataclass(frozen=True)
@@ -81,13 +82,6 @@ def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    # SQLite returns naive datetimes; they are stored in UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=dt.UTC)
-    return value
-
-
 def job_status(session: Session, *, limit: int = 50) -> JobStatus:
     """Jobs by stage, queue and state; running jobs by worker; the newest `limit` failures."""
     status = JobStatus()
@@ -105,9 +99,10 @@ def job_status(session: Session, *, limit: int = 50) -> JobStatus:
     workers: dict[str, WorkerLoad] = {}
     for owner, heartbeat, expires in session.execute(
         select(Job.lease_owner, Job.heartbeat_at, Job.lease_expires_at)
-        .where(Job.state == "running")
+        .where(Job.state == JobState.RUNNING)
     ):
-        heartbeat, expires = _aware(heartbeat), _aware(expires)
+        heartbeat = as_utc(heartbeat) if heartbeat is not None else None
+        expires = as_utc(expires) if expires is not None else None
         seen = workers.get(owner or "?", WorkerLoad(owner or "?", 0, None, False))
         beats = [b for b in (seen.last_heartbeat, heartbeat) if b is not None]
         workers[seen.worker] = WorkerLoad(
@@ -120,7 +115,7 @@ def job_status(session: Session, *, limit: int = 50) -> JobStatus:
         FailedJob(id, stage, queue, attempts, error or "unknown error")
         for id, stage, queue, attempts, error in session.execute(
             select(Job.id, Job.stage, Job.queue, Job.attempts, Job.last_error)
-            .where(Job.state == "failed").order_by(Job.id.desc()).limit(limit)
+            .where(Job.state == JobState.FAILED).order_by(Job.id.desc()).limit(limit)
         )
     ]
     status.failed_images = [
@@ -133,6 +128,3 @@ def job_status(session: Session, *, limit: int = 50) -> JobStatus:
     ]
     return status
 
-
-def failed_image_count(session: Session) -> int:
-    return session.scalar(select(func.count(Image.id)).where(Image.decode_status != "ok")) or 0

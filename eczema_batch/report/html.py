@@ -21,7 +21,6 @@ file names are made of catalogue ids only.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from eczema_batch import __version__
 from eczema_batch.catalogue.models import Image
+from eczema_batch.clock import utcnow
 from eczema_batch.errors import RejectedFileError
 from eczema_batch.output import OutputFolder
 from eczema_batch.report.cohort import CohortReport, PatientReport
@@ -305,7 +305,7 @@ def _write_report(session: Session, report: CohortReport, folder: OutputFolder,
                   image_root: str | None, thumb_side: int, threads: int,
                   include_identifying_pixels: bool) -> HtmlReport:
     out_dir = folder.path
-    generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    generated = utcnow().strftime("%Y-%m-%d %H:%M UTC")
     result = HtmlReport(index=out_dir / "index.html")
     records = iter_image_records(session, head=report.head, study=report.study,
                                  patient=report.patient)

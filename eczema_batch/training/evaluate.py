@@ -15,7 +15,6 @@ many severity-labelled patients the head needs).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -40,6 +39,7 @@ from eczema_batch.pipeline.train import (
     check_class_counts,
     fit_head,
 )
+from eczema_batch.progress import Progress, StageProgress
 from eczema_batch.training.data import LabelledImages, References, labelled_images, references
 from eczema_batch.training.features import CropRequest, FeatureStore, ForwardCounts, Key
 from eczema_batch.training.report import (
@@ -49,8 +49,6 @@ from eczema_batch.training.report import (
     prediction_rows,
 )
 from eczema_batch.training.segmentation import segmentation_quality
-
-Progress = Callable[[str, int, int], None]
 
 DEFAULT_FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -106,7 +104,7 @@ def run_evaluation(
     config: RunConfig,
     settings: EvaluationSettings,
     study: str | None = None,
-    progress: Progress | None = None,
+    progress: StageProgress | None = None,
 ) -> EvaluationResult:
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -196,7 +194,7 @@ def _mode_features(
     data: LabelledImages,
     refs: References,
     splits: list[Split],
-    progress: Progress | None,
+    progress: StageProgress | None,
 ) -> tuple[list[list[Key]], dict[Key, np.ndarray], list[PromptUse], int]:
     """Per split, the feature key of every labelled image; the vectors; the prompt audit and
     the number of prompts that came from the image's own patient or the test fold (must be 0)."""
@@ -250,7 +248,7 @@ def _cross_validate(
     settings: EvaluationSettings,
     *,
     scaling: bool,
-    progress: Progress | None,
+    progress: StageProgress | None,
 ) -> dict[str, MethodPredictions]:
     n_classes = len(data.classes)
     train = settings.train
@@ -280,7 +278,7 @@ def _cross_validate(
     return out
 
 
-def _stage(progress: Progress | None, name: str) -> Callable[[int, int], None] | None:
+def _stage(progress: StageProgress | None, name: str) -> Progress | None:
     if progress is None:
         return None
     return lambda done, total: progress(name, done, total)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,20 +26,19 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Embedding, Image, Mask, mean_prompt_similarity
 from eczema_batch.catalogue.upsert import upsert
+from eczema_batch.clock import utcnow
 from eczema_batch.errors import EczemaBatchError, RejectedFileError
 from eczema_batch.imaging import decode_mask_png, encode_mask_png
 from eczema_batch.jobs import inputs
 from eczema_batch.jobs.chunk import FLAG_EMPTY, FLAG_NO_REFERENCES
 from eczema_batch.jobs.config import PROMPT_MAX_SIDE, QUERY_MAX_SIDE, RunConfig
-from eczema_batch.jobs.leases import utcnow
 from eczema_batch.jobs.plan import Targets
 from eczema_batch.jobs.runtime import Runtime, get_runtime
 from eczema_batch.pipeline.crop import crop_to_mask
 from eczema_batch.pipeline.retrieve import PromptSet, select_prompts
+from eczema_batch.progress import Progress
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int], None]
 Key = tuple[int, str]
 
 #: Images per compute batch: bounds the decoded pixels and full-size masks held at once.

@@ -8,7 +8,6 @@ same prompt-set cache as the cross-validation, which often needs the very same o
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,14 +15,13 @@ import numpy as np
 from eczema_batch.imaging import decode_mask_png
 from eczema_batch.jobs import inputs
 from eczema_batch.pipeline.evaluate import mask_overlap, mean_std
+from eczema_batch.progress import StageProgress
 from eczema_batch.training.data import References
 from eczema_batch.training.features import FeatureStore
 
-Progress = Callable[[str, int, int], None]
-
 
 def segmentation_quality(
-    store: FeatureStore, refs: References, *, progress: Progress | None = None
+    store: FeatureStore, refs: References, *, progress: StageProgress | None = None
 ) -> dict[str, Any]:
     ids = [int(i) for i in refs.image_ids]
     full = store.full_vectors(ids)
