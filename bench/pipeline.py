@@ -58,6 +58,7 @@ from eczema_batch.jobs.local import run_in_process
 from eczema_batch.jobs.runs import start_run
 from eczema_batch.pipeline import segment as segment_module
 from eczema_batch.pipeline.crop import crop_to_mask
+from eczema_batch.pipeline.device import resolve_device
 from eczema_batch.pipeline.embed import Embedder
 from eczema_batch.pipeline.loading import clear_model_cache, load_embedder, load_segmenter
 from eczema_batch.pipeline.reference import reference_embed, reference_segment
@@ -156,8 +157,7 @@ def naive(config: RunConfig, queries: list[Path], refs: list[Path], masks: list[
     assert config.model_dir is not None
     seg_path = Path(config.model_dir) / config.segmenter_model
     emb_path = Path(config.model_dir) / config.embedder_model
-    device = str(load_embedder(config.embedder_model, model_dir=config.model_dir,
-                               device=config.device).device)
+    device = str(resolve_device(config.device))
     refs, masks = refs[:FLOP_SAMPLE], masks[:FLOP_SAMPLE]
     start = time.perf_counter()
     r_pixels = [decode_path(p, max_pixels=DEFAULT_MAX_IMAGE_PIXELS).pixels for p in refs]
