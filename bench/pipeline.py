@@ -52,10 +52,12 @@ from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS, Settings
 from eczema_batch.imaging import decode_mask_png, decode_path
 from eczema_batch.ingest.service import ingest_study
 from eczema_batch.jobs import chunk as chunk_module
-from eczema_batch.jobs import inputs as inputs_module
-from eczema_batch.jobs.config import PROMPT_MAX_SIDE, QUERY_MAX_SIDE, RunConfig
 from eczema_batch.jobs.local import run_in_process
 from eczema_batch.jobs.runs import start_run
+from eczema_batch.measuring import pixels as pixels_module
+from eczema_batch.measuring import prompts as prompts_module
+from eczema_batch.measuring.config import PROMPT_MAX_SIDE, QUERY_MAX_SIDE, RunConfig
+from eczema_batch.pipeline import measure as measure_module
 from eczema_batch.pipeline import segment as segment_module
 from eczema_batch.pipeline.crop import crop_to_mask
 from eczema_batch.pipeline.device import resolve_device
@@ -203,13 +205,14 @@ class Stopwatch:
     def patched(self) -> Iterator[None]:
         """Time the stages of jobs.chunk without changing what they do."""
         targets: list[tuple[Any, str, str]] = [
-            (inputs_module, "load_pixels", "decode"),
+            (pixels_module, "load_pixels", "decode"),
+            (prompts_module, "load_pixels", "decode"),
             (chunk_module, "encode_mask_png", "PNG encode"),
-            (chunk_module, "crop_to_mask", "crop"),
+            (measure_module, "crop_to_mask", "crop"),
             (segment_module, "upsample_nearest", "mask upsample"),
             (Segmenter, "_segment_batch", "SegGPT batches"),
             (Embedder, "_embed_batch", "DINO batches"),
-            (chunk_module._Chunk, "_pixels", "wait for decode"),
+            (pixels_module.StudyPixels, "get", "wait for decode"),
             (chunk_module._Chunk, "write", "catalogue write"),
         ]
         saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]

@@ -135,11 +135,11 @@ def main() -> None:
     from eczema_batch.config import get_settings
     from eczema_batch.ingest.service import ingest_study
     from eczema_batch.jobs import follow
-    from eczema_batch.jobs.config import RunConfig
     from eczema_batch.jobs.local import run_in_process
     from eczema_batch.jobs.runs import start_run
-    from eczema_batch.jobs.runtime import get_runtime
     from eczema_batch.jobs.states import JobState
+    from eczema_batch.measuring.config import RunConfig
+    from eczema_batch.measuring.runtime import get_runtime
     from eczema_batch.pipeline.loading import clear_model_cache
     from eczema_batch.pipeline.tiny import make_tiny_models
     from eczema_batch.synth import write_synthetic_study

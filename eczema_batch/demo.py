@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from eczema_batch.catalogue.db import open_catalogue
 from eczema_batch.config import Settings
 from eczema_batch.errors import EczemaBatchError, ModelNotFoundError
-from eczema_batch.jobs.config import RunConfig
+from eczema_batch.measuring.config import RunConfig
 from eczema_batch.report.cohort import (
     CohortReport,
     build_report,
@@ -121,7 +121,7 @@ def _measure(factory: sessionmaker[Session], config: RunConfig, settings: Settin
 
 def _train(factory: sessionmaker[Session], config: RunConfig, result: DemoResult) -> bool:
     """Train a head unless one is active for these features; False (with the reason) if not."""
-    from eczema_batch.jobs.runtime import resolve_targets
+    from eczema_batch.measuring.runtime import resolve_targets
 
     with factory() as session, session.begin():
         if (head_id := resolve_targets(session, config).head_id) is not None:

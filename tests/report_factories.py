@@ -30,6 +30,7 @@ from eczema_batch.catalogue.models import (
     mean_prompt_similarity,
 )
 from eczema_batch.imaging import encode_mask_png
+from eczema_batch.pipeline.records import MaskKey
 from eczema_batch.severity import DEFAULT_CLASSES
 
 
@@ -105,9 +106,11 @@ def make_prediction(
         mask = np.zeros((image.height, image.width), dtype=bool)
         if mask_flag is None:
             mask[image.height // 4: image.height // 2, image.width // 4: image.width // 2] = True
+    prompt_ids = [1, 2][: len(similarities)]
     mask_row = Mask(
-        image_id=image.id, kind="predicted", variant=f"seggpt:{head.segmenter_model_id}:k2",
-        model_id=head.segmenter_model_id, prompt_ids=[1, 2][: len(similarities)],
+        image_id=image.id, kind="predicted",
+        variant=MaskKey.seggpt(head.segmenter_model_id, prompt_ids).variant,
+        model_id=head.segmenter_model_id, prompt_ids=prompt_ids,
         prompt_similarities=list(similarities),
         prompt_similarity=mean_prompt_similarity(similarities), width=image.width,
         height=image.height,

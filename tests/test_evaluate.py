@@ -28,7 +28,7 @@ from eczema_batch.catalogue.models import Image, Mask, Model, Visit
 from eczema_batch.cli import app
 from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS
 from eczema_batch.ingest.service import ingest_study
-from eczema_batch.jobs.config import RunConfig
+from eczema_batch.measuring.config import RunConfig
 from eczema_batch.pipeline.evaluate import (
     classification_report,
     expected_calibration_error,
@@ -41,10 +41,10 @@ from eczema_batch.pipeline.evaluate import (
     subsample_groups,
     weighted_f1,
 )
+from eczema_batch.pipeline.records import MaskKey
 from eczema_batch.pipeline.train import TrainSettings
 from eczema_batch.synth import write_synthetic_study
 from eczema_batch.training.evaluate import EvaluationResult, EvaluationSettings, run_evaluation
-from eczema_batch.training.features import prompt_variant
 from tests._model_fixtures import tiny_model_dir  # noqa: F401
 
 CLASSES = ("clear", "mild", "moderate", "severe")
@@ -174,11 +174,16 @@ def test_subsample_takes_whole_patients() -> None:
     assert len(subsample_groups(positions, groups, 0.01, seed=(0,))) == 3  # at least one patient
 
 
-def test_prompt_variant_is_the_prompt_set() -> None:
-    assert prompt_variant(3, [5, 2]) == prompt_variant(3, (2, 5))
-    assert prompt_variant(3, [5, 2]) != prompt_variant(4, [5, 2])
-    assert prompt_variant(3, [5, 2]) != prompt_variant(3, [5, 1])
-    assert prompt_variant(3, []) == "seggpt:3:pnone"
+def test_mask_key_is_the_segmenter_and_prompt_set() -> None:
+    def variant(segmenter_id: int, prompts: list[int]) -> str:
+        return MaskKey.seggpt(segmenter_id, prompts).variant
+
+    assert MaskKey.seggpt(3, [5, 2]) == MaskKey.seggpt(3, (2, 5))
+    assert variant(3, [5, 2]) == variant(3, [2, 5])
+    assert variant(3, [5, 2]) != variant(4, [5, 2])
+    assert variant(3, [5, 2]) != variant(3, [5, 1])
+    assert variant(3, []) == "seggpt:3:pnone"
+    assert MaskKey("none").variant == "none" and MaskKey("manual").variant == "manual"
 
 
 # --- end to end on both databases ---------------------------------------------------------------
@@ -272,7 +277,7 @@ def _check_prompts(factory: sessionmaker[Session], result: EvaluationResult) -> 
         assert patient[use.image_id] not in prompt_patients
         if use.test:
             assert not prompt_patients & test_patients[(use.repeat, use.fold)]
-        key = (use.image_id, prompt_variant(seg_id, use.prompt_ids))
+        key = (use.image_id, MaskKey.seggpt(seg_id, use.prompt_ids).variant)
         assert sorted(stored[key]) == sorted(use.prompt_ids)
 
 

@@ -28,7 +28,7 @@ from tests.report_factories import (
 )
 
 IDENTITY = ["head", "head_digest", "embedder", "embedder_digest", "segmenter",
-            "segmenter_digest"]
+            "segmenter_digest", "segmenter_precision"]
 P = ["p_clear", "p_mild", "p_moderate", "p_severe"]
 #: The contract with statisticians (README, "Reports and exports"): append, never rename.
 IMAGE_COLUMNS = ["study", "patient", "visit", "visit_number", "visit_date",
@@ -110,6 +110,7 @@ def test_visit_rows_by_hand(cohort: dict[str, int], tmp_path: Path) -> None:
     assert [r["review_status"] for r in p1] == ["pending", "none", "reviewed"]
     assert p1[0]["head"] == "head-test" and p1[0]["embedder"] == "tiny-dino"
     assert p1[0]["segmenter"] == "tiny-seggpt" and p1[0]["head_digest"] == "h" * 64
+    assert p1[0]["segmenter_precision"] == "unrecorded"  # made before precision was recorded
 
 
 def test_patient_rows_by_hand(cohort: dict[str, int]) -> None:

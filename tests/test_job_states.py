@@ -19,7 +19,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Job, Run
 from eczema_batch.jobs import states
-from eczema_batch.jobs.config import RunConfig
 from eczema_batch.jobs.leases import claim_job, finish_job, release_job
 from eczema_batch.jobs.local import expire_dead_local_leases
 from eczema_batch.jobs.plan import Targets, plan_run
@@ -35,6 +34,7 @@ from eczema_batch.jobs.states import (
     check_transition,
 )
 from eczema_batch.jobs.work import split_job
+from eczema_batch.measuring.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 LATER = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)

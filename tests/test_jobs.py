@@ -19,13 +19,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from eczema_batch.catalogue.models import Embedding, Image, Job, Mask, Run
 from eczema_batch.jobs import follow, work
 from eczema_batch.jobs.chunk import run_chunk
-from eczema_batch.jobs.config import RunConfig
 from eczema_batch.jobs.leases import MAX_ATTEMPTS, claim_job, finish_job, release_job, renew_lease
 from eczema_batch.jobs.local import run_in_process
 from eczema_batch.jobs.plan import Plan
 from eczema_batch.jobs.runs import start_run
-from eczema_batch.jobs.runtime import Runtime, get_runtime
 from eczema_batch.jobs.status import job_status
+from eczema_batch.measuring.config import RunConfig
+from eczema_batch.measuring.runtime import Runtime, get_runtime
 from tests._model_fixtures import tiny_model_dir  # noqa: F401
 
 WORK = {"segmenter_model": "tiny-seggpt", "embedder_model": "tiny-dino", "segmenter_mode": "seggpt",

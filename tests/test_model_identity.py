@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from eczema_batch.catalogue.models import (
     UNRECORDED_PRECISION,
     Embedding,
     Head,
+    Mask,
     Model,
     Prediction,
     Run,
@@ -30,11 +32,19 @@ from eczema_batch.cli import app
 from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS, get_settings
 from eczema_batch.errors import UsageError
 from eczema_batch.ingest.service import ingest_study
-from eczema_batch.jobs.config import RunConfig
-from eczema_batch.jobs.runtime import run_precision
+from eczema_batch.measuring.config import RunConfig
+from eczema_batch.measuring.runtime import run_precision
+from eczema_batch.pipeline.records import MaskKey
 from eczema_batch.synth import write_synthetic_study
 from tests._model_fixtures import tiny_model_dir  # noqa: F401
-from tests.report_factories import make_head
+from tests.report_factories import (
+    make_head,
+    make_image,
+    make_patient,
+    make_prediction,
+    make_study,
+    make_visit,
+)
 
 runner = CliRunner()
 MODELS = ("--segmenter-model", "tiny-seggpt", "--embedder-model", "tiny-dino")
@@ -119,7 +129,7 @@ def test_fp32_and_bf16_runs_keep_their_own_results_and_share_the_head(
         images = crops["fp32"]
         assert crops == {"fp32": images, "bf16": images}  # nothing overwritten
         # The head trained on fp32 features is the bf16 run's head too (the same weights). A head
-        # predicts an image once: the predictions stay those of the fp32 crops, and say so.
+        # predicts an image once, from the crop of the latest run: the bf16 run's, and says so.
         heads = [r.settings["targets"]["head_id"] for r in s.scalars(select(Run).order_by(Run.id))]
         assert heads == [None, trained["id"], trained["id"]]
         linked = dict(s.execute(
@@ -127,4 +137,49 @@ def test_fp32_and_bf16_runs_keep_their_own_results_and_share_the_head(
             .join(Embedding, Embedding.id == Prediction.embedding_id)
             .join(Model, Model.id == Embedding.model_id)
             .where(Prediction.head_id == trained["id"]).group_by(Model.precision)).all())
-        assert linked == {"fp32": images}
+        assert linked == {"bf16": images}
+
+
+def test_0005_keys_runs_masks_by_their_prompt_set_and_merges_what_evaluate_had(
+    db_url: str, factory: sessionmaker[Session]
+) -> None:
+    with factory() as s, s.begin():
+        study = make_study(s)
+        images = [make_image(s, make_visit(s, make_patient(s, study, code), dt.date(2026, 1, 5)))
+                  for code in ("P1", "P2")]
+        head = make_head(s)
+        prediction = make_prediction(s, images[0], head, [0.7, 0.1, 0.1, 0.1])
+        other = make_prediction(s, images[1], head, [0.1, 0.7, 0.1, 0.1])
+        ids = {"kept": prediction.id, "merged": other.id}
+        segmenter = s.get_one(Head, prediction.head_id).segmenter_model_id
+        # Both as `run` wrote them before revision 0005 ...
+        for p in (prediction, other):
+            crop = s.get_one(Embedding, p.embedding_id)
+            mask = s.get_one(Mask, crop.mask_id)
+            mask.variant = crop.variant = f"seggpt:{segmenter}:k2"
+        # ... and, for the second image, the same mask already stored by `evaluate`.
+        mask = s.get_one(Mask, s.get_one(Embedding, other.embedding_id).mask_id)
+        new_key = MaskKey.seggpt(segmenter, mask.prompt_ids).variant
+        evaluated = Mask(image_id=mask.image_id, kind="predicted", variant=new_key,
+                         model_id=mask.model_id, prompt_ids=mask.prompt_ids,
+                         prompt_similarities=mask.prompt_similarities, width=mask.width,
+                         height=mask.height, area_fraction=mask.area_fraction, png=mask.png)
+        s.add(evaluated)
+        s.flush()
+        evaluated_id = evaluated.id
+    _migrate(db_url, "0004")
+    _migrate(db_url, "head")
+    dispose_engines()
+    factory = open_catalogue(db_url)
+    with factory() as s:
+        for name, pid in ids.items():
+            p = s.get_one(Prediction, pid)
+            crop = s.get_one(Embedding, p.embedding_id)  # still linked
+            mask = s.get_one(Mask, crop.mask_id)
+            assert crop.variant == mask.variant == MaskKey.seggpt(segmenter,
+                                                                  mask.prompt_ids).variant
+            if name == "merged":
+                assert mask.id == evaluated_id
+        assert s.scalar(select(func.count()).select_from(Mask).where(
+            Mask.variant.like("%:k%"))) == 0
+        assert s.scalar(select(func.count()).select_from(Mask)) == 2

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from eczema_batch.catalogue.measurements import ImageRow
 from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS
 from eczema_batch.imaging import decode_mask_png, decode_path, encode_mask_png
-from eczema_batch.jobs.config import PROMPT_MAX_SIDE
-from eczema_batch.jobs.inputs import ImageRow
-from eczema_batch.jobs.prompts import PromptCache
+from eczema_batch.measuring.config import PROMPT_MAX_SIDE
+from eczema_batch.measuring.prompts import PromptCache
 from eczema_batch.pipeline.preprocess import nearest_exact
 
 SIZE = (448, 448)
@@ -105,8 +105,8 @@ def test_the_budget_is_each_workers_own_setting(monkeypatch: pytest.MonkeyPatch)
     from eczema_batch_workers.tasks import worker_overrides
 
     from eczema_batch.config import Settings
-    from eczema_batch.jobs.config import RunConfig
-    from eczema_batch.jobs.runtime import Runtime
+    from eczema_batch.measuring.config import RunConfig
+    from eczema_batch.measuring.runtime import Runtime
 
     monkeypatch.setenv("ECZEMA_BATCH_PROMPT_CACHE_MB", "3")
     settings = Settings()

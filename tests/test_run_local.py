@@ -218,3 +218,49 @@ def test_a_wrong_or_missing_device_is_refused_before_any_job(
     result = runner.invoke(app, ["run"])
     assert result.exit_code == 2 and "device 'gpu'" in result.stderr
     get_settings.cache_clear()
+
+
+def test_a_new_reference_re_segments_only_images_whose_prompts_change(
+    study: Path, factory: sessionmaker[Session], tiny_model_dir: Path  # noqa: F811
+) -> None:
+    # The README's rule: an image whose K nearest references change gets a new mask (and crop and
+    # prediction) on the next run; the others keep theirs; older masks stay under their keys.
+    run_cli(tiny_model_dir)
+    with factory() as session, session.begin():
+        before = {m.image_id: (m.id, tuple(sorted(m.prompt_ids))) for m in session.scalars(
+            select(Mask).where(Mask.kind == "predicted"))}
+        refs = set(session.scalars(select(Mask.image_id).where(Mask.kind == "manual")))
+        # A reviewer draws a manual mask on an image that had none: a new reference.
+        newcomer = min(set(before) - refs)
+        png = session.scalar(select(Mask.png).where(Mask.image_id == newcomer))
+        image = session.get_one(Image, newcomer)
+        session.add(Mask(image_id=newcomer, kind="manual", variant="", png=png,
+                         width=image.width, height=image.height, area_fraction=0.1))
+        full = {e.image_id: np.frombuffer(e.vector, "<f4") for e in session.scalars(
+            select(Embedding).where(Embedding.region == "full"))}
+    pool = sorted(refs | {newcomer})
+    expected = {}
+    for iid in before:
+        candidates = [r for r in pool if r != iid]
+        sims = {r: float(full[iid] @ full[r] / np.linalg.norm(full[iid]) / np.linalg.norm(
+            full[r])) for r in candidates}
+        expected[iid] = tuple(sorted(sorted(candidates, key=lambda r: (-sims[r], r))[:2]))
+    changed = {i for i in before if expected[i] != before[i][1]}
+    assert changed, "the new reference should be nearest to some image"
+    code, payload = run_cli(tiny_model_dir)
+    assert code == 0
+    assert payload["images"]["measure"] == len(changed)
+    with factory() as session:
+        masks = session.scalars(select(Mask).where(Mask.kind == "predicted")).all()
+        assert len(masks) == len(before) + len(changed)  # the older masks stay
+        for iid in before:
+            crop = session.scalars(select(Embedding).join(Mask, Mask.id == Embedding.mask_id)
+                                   .where(Embedding.image_id == iid, Embedding.region == "crop")
+                                   .order_by(Embedding.id.desc())).first()
+            assert crop is not None
+            mask = session.get_one(Mask, crop.mask_id)
+            assert tuple(sorted(mask.prompt_ids)) == expected[iid]
+            if iid not in changed:
+                assert mask.id == before[iid][0]
+    code, payload = run_cli(tiny_model_dir)
+    assert payload["jobs"] == 0

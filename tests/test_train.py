@@ -159,9 +159,9 @@ def test_train_then_run_predicts_with_the_active_head(
                                .where(Prediction.head_id == trained["id"])
                                .order_by(Prediction.image_id)).all()
         assert [r[0] for r in rows] == data.image_ids.tolist()
-        from eczema_batch.jobs import inputs
+        from eczema_batch.catalogue import measurements
 
-        vectors = inputs.vectors(session, data.image_ids.tolist(),
+        vectors = measurements.vectors(session, data.image_ids.tolist(),
                                  model_id=head.embedder_model_id, region="crop", variant="none")
     loaded = head_from_bytes(head.weights)
     expected = predict_proba(loaded, np.stack([vectors[i] for i in data.image_ids.tolist()]))

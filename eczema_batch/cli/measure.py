@@ -27,8 +27,8 @@ from eczema_batch.config import Settings
 from eczema_batch.errors import EczemaBatchError, UsageError
 
 if TYPE_CHECKING:  # the commands import these lazily: `--help` stays fast, torch-free
-    from eczema_batch.jobs.config import RunConfig
     from eczema_batch.jobs.runs import RunSummary
+    from eczema_batch.measuring.config import RunConfig
 
 
 def _run_on_queue(
@@ -117,9 +117,9 @@ def run(
 
     Example: ECZEMA_BATCH_BROKER_URL=redis://redis:6379/0 eczema-batch run --queue gpu --no-wait
     """
-    from eczema_batch.jobs.config import RunConfig
     from eczema_batch.jobs.local import run_in_process
     from eczema_batch.jobs.runs import start_run
+    from eczema_batch.measuring.config import RunConfig
 
     settings = _settings()
     if queue is None and no_wait:

@@ -97,7 +97,7 @@ def train(
 
     Example: eczema-batch train --segmenter seggpt --epochs 50 --lr 1e-4 --seed 0
     """
-    from eczema_batch.jobs.config import RunConfig
+    from eczema_batch.measuring.config import RunConfig
     from eczema_batch.training.train import train_head
 
     settings = _settings()
@@ -165,7 +165,7 @@ def evaluate(
 
     Example: eczema-batch evaluate --folds 5 --repeats 3 -o report.json --predictions oof.csv
     """
-    from eczema_batch.jobs.config import RunConfig
+    from eczema_batch.measuring.config import RunConfig
     from eczema_batch.output import output_file
     from eczema_batch.training.evaluate import EvaluationSettings, run_evaluation
     from eczema_batch.training.report import (

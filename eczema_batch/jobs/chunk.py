@@ -1,10 +1,10 @@
-"""Run one job: a chunk of image ids through every stage they still need, results in one commit.
+"""Run one job: a chunk of image ids through the method, results in one commit with its state.
 
-The chunk reads what it needs from the catalogue, computes with the pipeline (batched, models
-loaded once per process), and writes masks, embeddings and predictions with upserts keyed on
-(image, model identity) in the same transaction that marks the job done: a redelivered or
-re-claimed job changes nothing. An image that cannot be read fails alone, with its reason; the
-rest of the chunk completes. Logs carry ids, never file names.
+The chunk builds each image's record from the catalogue, runs `pipeline.measure` (batched,
+models loaded once per process) and saves what it made with `catalogue.measurements.save`, keyed
+on (image, model identity, mask key), in the same transaction that marks the job done: a
+redelivered or re-claimed job changes nothing. An image that cannot be read fails alone, with its
+reason; the rest of the chunk completes. Logs carry ids, never file names.
 """
 
 from __future__ import annotations
@@ -16,30 +16,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from eczema_batch.catalogue.models import (
-    Embedding,
-    Image,
-    Job,
-    Mask,
-    Prediction,
-    Run,
-    mean_prompt_similarity,
-)
-from eczema_batch.catalogue.upsert import upsert
-from eczema_batch.clock import utcnow
+from eczema_batch.catalogue import measurements as catalogue
+from eczema_batch.catalogue.models import Job, Run
 from eczema_batch.errors import (
     EczemaBatchError,
     ModelNotFoundError,
-    RejectedFileError,
     TransientError,
 )
-from eczema_batch.imaging import DecodedImage, decode_mask_png, encode_mask_png
-from eczema_batch.jobs import inputs
-from eczema_batch.jobs.config import PROMPT_MAX_SIDE, QUERY_MAX_SIDE, RunConfig
+from eczema_batch.imaging import encode_mask_png
 from eczema_batch.jobs.leases import (
     DEFAULT_LEASE_SECONDS,
     claim_job,
@@ -48,17 +34,14 @@ from eczema_batch.jobs.leases import (
     release_job,
     worker_name,
 )
-from eczema_batch.jobs.plan import Targets
-from eczema_batch.jobs.runtime import Runtime, get_runtime
 from eczema_batch.jobs.states import JobState, NoState, Reported
-from eczema_batch.pipeline.classify import predict_proba
-from eczema_batch.pipeline.crop import crop_to_mask
-from eczema_batch.pipeline.retrieve import select_prompts
+from eczema_batch.measuring.config import PROMPT_MAX_SIDE, QUERY_MAX_SIDE, RunConfig
+from eczema_batch.measuring.pixels import StudyPixels
+from eczema_batch.measuring.runtime import Runtime, get_runtime
+from eczema_batch.pipeline.measure import embed_whole, measure
+from eczema_batch.pipeline.records import Keyed, Method, NewMask, Query
 
 log = logging.getLogger(__name__)
-
-FLAG_EMPTY = "SegGPT found no lesion: the whole image was used"
-FLAG_NO_REFERENCES = "no reference images (manual masks) to prompt SegGPT: the whole image was used"
 
 
 @dataclass
@@ -70,275 +53,78 @@ class ChunkOutcome:
     failed: dict[int, str] = field(default_factory=dict)
 
 
-def _decode_all(
-    rows: list[inputs.ImageRow], *, max_pixels: int, max_side: int, pool: ThreadPoolExecutor
-) -> dict[int, Future[DecodedImage]]:
-    # Decoding runs in threads (Pillow and pydicom release the GIL) while the models compute.
-    return {
-        row.id: pool.submit(inputs.load_pixels, row, max_pixels=max_pixels, max_side=max_side)
-        for row in rows
-    }
+def method_of(config: RunConfig, targets: catalogue.Targets) -> Method:
+    return Method(mode=config.segmenter_mode, segmenter_id=targets.segmenter_id,
+                  k=config.prompts, batch_size=config.batch_size)
+
+
+def queries_of(session: Session, rows: Mapping[int, catalogue.ImageRow], config: RunConfig,
+               targets: catalogue.Targets) -> list[Query]:
+    """Each image with its study's references (all of them: in `run` an image may be prompted by
+    its own patient's other visits) and, in mode "manual", its manual mask."""
+    pools = {} if config.segmenter_mode == "none" else catalogue.reference_pools(
+        session, {r.study_id for r in rows.values()}, embedder_id=targets.embedder_id)
+    manual = (catalogue.manual_masks(session, rows) if config.segmenter_mode == "manual"
+              else {})
+    return [Query(iid, row.patient_id, (row.height, row.width), pools.get(row.study_id),
+                  manual.get(iid)) for iid, row in rows.items()]
 
 
 class _Chunk:
-    """The computation for one chunk; no commits here."""
+    """One chunk's computation and its save; no commits here."""
 
-    def __init__(self, session: Session, runtime: Runtime, config: RunConfig, targets: Targets,
-                 image_ids: list[int]) -> None:
+    def __init__(self, session: Session, runtime: Runtime, config: RunConfig,
+                 targets: catalogue.Targets, image_ids: list[int]) -> None:
         self.session, self.runtime, self.config, self.targets = session, runtime, config, targets
-        self.rows = inputs.image_rows(session, image_ids, image_root=config.image_root)
-        self.ids = [i for i in image_ids if i in self.rows]
+        rows = catalogue.image_rows(session, image_ids, image_root=config.image_root)
+        self.rows = {i: rows[i] for i in image_ids if i in rows}
+        self.ids = list(self.rows)
         self.failed: dict[int, str] = {}
-        #: image id -> the variant of mask and crop embedding this chunk uses for it
-        self.variant_of: dict[int, str] = {}
-        self.writes: dict[str, list[dict[str, Any]]] = {"full": [], "mask": [], "crop": [],
-                                                        "prediction": []}
-
-    def _pixels(self, futures: dict[int, Future[DecodedImage]], ids: list[int]
-                ) -> dict[int, DecodedImage]:
-        got = {}
-        for iid in ids:
-            if iid in self.failed:
-                continue
-            try:
-                got[iid] = futures[iid].result()
-            except RejectedFileError as exc:
-                self.failed[iid] = str(exc)
-                log.warning("image %d cannot be read: %s", iid, exc)
-        return got
-
-    # -- stage embed ---------------------------------------------------------------------------
+        self._save: Callable[[], None] = lambda: None
 
     def embed_full(self) -> None:
-        have = inputs.vectors(self.session, self.ids, model_id=self.targets.embedder_id,
-                              region="full")
-        todo = [self.rows[i] for i in self.ids if i not in have]
-        if not todo:
-            return
+        """Stage `embed`: the references' whole-image embeddings, for retrieval."""
+        store = catalogue.CatalogueStore(self.session, embedder_id=self.targets.embedder_id)
         with ThreadPoolExecutor(max_workers=self.config.decode_threads) as pool:
-            futures = _decode_all(todo, max_pixels=self.config.max_pixels,
-                                  max_side=PROMPT_MAX_SIDE, pool=pool)
-            self._embed_full([r.id for r in todo], self._pixels(futures, [r.id for r in todo]))
-
-    def _embed_full(self, ids: list[int], pixels: dict[int, DecodedImage]) -> dict[int, np.ndarray]:
-        ok = [i for i in ids if i in pixels]
-        if not ok:
-            return {}
-        embedder = self.runtime.embedder
-        matrix = embedder.embed([pixels[i].pixels for i in ok], batch_size=self.config.batch_size)
-        out = dict(zip(ok, matrix, strict=True))
-        for iid, vector in out.items():
-            self.writes["full"].append(self._embedding_row(iid, "full", "", None, vector))
-        return out
-
-    def _embedding_row(self, iid: int, region: str, variant: str, mask_id: int | None,
-                       vector: np.ndarray) -> dict[str, Any]:
-        return {"image_id": iid, "model_id": self.targets.embedder_id, "region": region,
-                "variant": variant, "mask_id": mask_id, "dim": int(vector.shape[0]),
-                "vector": np.asarray(vector, dtype="<f4").tobytes(), "created_at": utcnow()}
-
-    # -- stage measure -------------------------------------------------------------------------
+            pixels = StudyPixels(self.session, self.config, max_side=PROMPT_MAX_SIDE, pool=pool,
+                                 prompts=self.runtime.prompts, rows=dict(self.rows))
+            _, new = embed_whole(self.ids, self.runtime, store, pixels,
+                                 batch_size=self.config.batch_size, failed=self.failed)
+        self._save = lambda: self._write([], new)
 
     def measure(self) -> None:
+        """Stage `measure`: steps 1 to 5 for every image of the chunk."""
         config, targets = self.config, self.targets
-        seg_variant = config.mask_variant(targets.segmenter_id)
-        manual = inputs.manual_masks(self.session, self.ids)
-        variant_of = {
-            iid: ("manual" if config.segmenter_mode == "manual" and iid in manual else seg_variant)
-            for iid in self.ids
-        }
-        self.variant_of = variant_of
-        crops: dict[int, np.ndarray] = {}
-        for variant in set(variant_of.values()):
-            mine = [i for i in self.ids if variant_of[i] == variant]
-            found = inputs.vectors(self.session, mine, model_id=targets.embedder_id,
-                                   region="crop", variant=variant)
-            crops.update(found)
-        need_crop = [i for i in self.ids if i not in crops]
-        need_pred: list[int] = []
-        if targets.head_id is not None:
-            done = inputs.predicted_ids(self.session, self.ids, head_id=targets.head_id)
-            need_pred = [i for i in self.ids if i not in done]
-        if need_crop:
-            crops.update(self._crops(need_crop, variant_of, manual))
-        if targets.head_id is not None:
-            self._predict([i for i in need_pred if i in crops], crops)
+        store = catalogue.CatalogueStore(self.session, embedder_id=targets.embedder_id)
+        head = (self.runtime.head(self.session, targets.head_id)
+                if targets.head_id is not None else None)
+        queries = queries_of(self.session, self.rows, config, targets)
+        pngs: dict[Keyed, Future[bytes]] = {}
+        with ThreadPoolExecutor(max_workers=config.decode_threads) as pool:
 
-    def _crops(self, ids: list[int], variant_of: dict[int, str],
-               manual: dict[int, tuple[int, bytes]]) -> dict[int, np.ndarray]:
-        config = self.config
-        with ThreadPoolExecutor(max_workers=self.config.decode_threads) as pool:
-            futures = _decode_all([self.rows[i] for i in ids], max_pixels=config.max_pixels,
-                                  max_side=QUERY_MAX_SIDE, pool=pool)
-            full = inputs.vectors(self.session, ids, model_id=self.targets.embedder_id,
-                                  region="full")
-            pixels = self._pixels(futures, ids)
-            missing = [i for i in ids if i not in full and i in pixels]
-            full.update(self._embed_full(missing, pixels))
-            masks: dict[int, tuple[np.ndarray | None, int | None]] = {}
-            if config.segmenter_mode == "none":
-                masks = dict.fromkeys(pixels, (None, None))
-            else:
-                for iid in pixels:
-                    if variant_of[iid] == "manual":
-                        mid, png = manual[iid]
-                        masks[iid] = (decode_mask_png(png), mid)
-                seg_ids = [i for i in pixels if variant_of[i] != "manual"]
-                masks.update(self._segment(seg_ids, pixels, full, pool))
-        crop_pixels, crop_meta = [], []
-        for iid in ids:
-            if iid not in pixels:
-                continue
-            mask, mask_id = masks[iid]
-            if mask is None:
-                crop_pixels.append(pixels[iid].pixels)
-            else:
-                crop = crop_to_mask(pixels[iid].pixels, mask)
-                crop_pixels.append(crop.pixels)
-            crop_meta.append((iid, mask_id))
-        if not crop_pixels:
-            return {}
-        matrix = self.runtime.embedder.embed(crop_pixels, batch_size=config.batch_size)
-        out = {}
-        for (iid, mask_id), vector in zip(crop_meta, matrix, strict=True):
-            out[iid] = vector
-            self.writes["crop"].append(
-                self._embedding_row(iid, "crop", variant_of[iid], mask_id, vector)
-            )
-        return out
+            def encode(key: Keyed, new: NewMask) -> None:
+                # In the decode threads (zlib releases the GIL): a 12 MP mask takes 15-25 ms,
+                # which in this thread would cap a GPU worker near 50 images/s.
+                pngs[key] = pool.submit(encode_mask_png, new.mask)
 
-    def _segment(self, ids: list[int], pixels: dict[int, DecodedImage],
-                 full: dict[int, np.ndarray], pool: ThreadPoolExecutor
-                 ) -> dict[int, tuple[np.ndarray | None, int | None]]:
-        """Predicted masks (reused when already stored for this variant), written as rows."""
-        config, targets = self.config, self.targets
-        variant = config.mask_variant(targets.segmenter_id)
-        result: dict[int, tuple[np.ndarray | None, int | None]] = {}
-        stored = inputs.predicted_masks(self.session, ids, variant=variant)
-        for iid, (mid, png) in stored.items():
-            result[iid] = (decode_mask_png(png), mid)
-        todo = [i for i in ids if i not in stored and i in full]
-        if not todo:
-            return result
-        pools = inputs.reference_pools(self.session, {self.rows[i].study_id for i in todo},
-                                       embedder_id=targets.embedder_id)
-        prompts: dict[int, Any] = {}
-        for study_id in {self.rows[i].study_id for i in todo}:
-            mine = [i for i in todo if self.rows[i].study_id == study_id]
-            pool_ = pools.get(study_id)
-            if pool_ is None:
-                for iid in mine:
-                    prompts[iid] = None
-                continue
-            sets = select_prompts(
-                np.stack([full[i] for i in mine]), pool_.vectors,
-                query_ids=mine, reference_ids=[int(x) for x in pool_.ids], k=config.prompts,
-                query_groups=[self.rows[i].patient_id for i in mine]
-                if config.exclude_same_patient else None,
-                reference_groups=[int(x) for x in pool_.patients]
-                if config.exclude_same_patient else None,
-            )
-            prompts.update(dict(zip(mine, sets, strict=True)))
-        prompt_ids = sorted({p for s in prompts.values() if s is not None for p in s.ids})
-        ref_rows = inputs.image_rows(self.session, prompt_ids, image_root=config.image_root)
-        ref_masks = inputs.manual_masks(self.session, prompt_ids)
-        ref_pairs = self.runtime.prompts.pairs(
-            (row for rid, row in ref_rows.items() if rid in ref_masks),
-            {rid: png for rid, (_mid, png) in ref_masks.items()},
-            input_size=self.runtime.segmenter.input_size, max_pixels=config.max_pixels,
-            pool=pool,
-        )
-        queries, pairs, sizes, seg_ids = [], [], [], []
-        for iid in todo:
-            pset = prompts.get(iid)
-            usable = [] if pset is None else [
-                (ref_pairs[p], s) for p, s in zip(pset.ids, pset.similarities, strict=True)
-                if p in ref_pairs
-            ]
-            if not usable:
-                whole = np.ones((self.rows[iid].height, self.rows[iid].width), dtype=bool)
-                self._mask_row(iid, whole, [], [], FLAG_NO_REFERENCES, pool)
-                result[iid] = (None, None)
-                continue
-            queries.append(pixels[iid].pixels)
-            pairs.append([pair for pair, _ in usable])
-            sizes.append((self.rows[iid].height, self.rows[iid].width))
-            seg_ids.append((iid, [p for p in pset.ids if p in ref_pairs],  # type: ignore[union-attr]
-                            [float(s) for _, s in usable]))
-        if queries:
-            outputs = self.runtime.segmenter.segment(queries, pairs, out_sizes=sizes,
-                                                     batch_size=max(config.batch_size, 1))
-            for (iid, pids, sims), out in zip(seg_ids, outputs, strict=True):
-                flag = FLAG_EMPTY if not out.mask.any() else None
-                self._mask_row(iid, out.mask, pids, sims, flag, pool, area=out.area_fraction)
-                result[iid] = (None if flag else out.mask, None)
-        return result
+            pixels = StudyPixels(self.session, config, max_side=QUERY_MAX_SIDE, pool=pool,
+                                 prompts=self.runtime.prompts, rows=dict(self.rows))
+            results, new_full = measure(queries, method_of(config, targets), self.runtime,
+                                        store, pixels, head=head, on_new_mask=encode)
+        self.failed.update({m.image_id: m.error for m in results if m.error})
+        encoded = {k: f.result() for k, f in pngs.items()}
+        self._save = lambda: self._write(results, new_full, encoded)
 
-    def _mask_row(self, iid: int, mask: np.ndarray, prompt_ids: list[int], sims: list[float],
-                  flag: str | None, pool: ThreadPoolExecutor, area: float | None = None
-                  ) -> None:
-        # The PNG is encoded in the decode threads (zlib releases the GIL): a full-size 12 MP
-        # mask takes 15-25 ms, which in this thread would cap a GPU worker near 50 images/s.
-        # `write` waits for it.
-        self.writes["mask"].append({
-            "image_id": iid, "kind": "predicted",
-            "variant": self.config.mask_variant(self.targets.segmenter_id),
-            "model_id": self.targets.segmenter_id, "prompt_ids": prompt_ids,
-            "prompt_similarities": sims, "prompt_similarity": mean_prompt_similarity(sims),
-            "width": int(mask.shape[1]), "height": int(mask.shape[0]),
-            "area_fraction": float(mask.mean()) if area is None else area,
-            "png": pool.submit(encode_mask_png, mask),
-            "source_path": None, "flag": flag, "created_at": utcnow(),
-        })
-
-    def _predict(self, ids: list[int], crops: dict[int, np.ndarray]) -> None:
-        if not ids:
-            return
-        assert self.targets.head_id is not None
-        head = self.runtime.head(self.session, self.targets.head_id)
-        probs = predict_proba(head, np.stack([crops[i] for i in ids]))
-        for iid, p in zip(ids, probs, strict=True):
-            self.writes["prediction"].append({
-                "image_id": iid, "head_id": self.targets.head_id, "embedding_id": None,
-                "severity": int(np.argmax(p)), "probabilities": [float(x) for x in p],
-                "created_at": utcnow(),
-            })
-
-    # -- write ---------------------------------------------------------------------------------
+    def _write(self, results: list[Any], new_full: dict[int, Any],
+               pngs: dict[Keyed, bytes] | None = None) -> None:
+        catalogue.save(self.session, results, self.targets, new_full=new_full,
+                       pngs=(pngs or {}).get)
+        catalogue.mark_unreadable(self.session, self.failed)
 
     def write(self) -> None:
-        s = self.session
-        for row in self.writes["mask"]:
-            row["png"] = row["png"].result()
-        upsert(s, Embedding, self.writes["full"], keys=("image_id", "model_id", "region",
-                                                         "variant"))
-        upsert(s, Mask, self.writes["mask"], keys=("image_id", "kind", "variant"))
-        if self.writes["mask"]:
-            # Crop embeddings point at the mask they were cropped with.
-            variant = self.config.mask_variant(self.targets.segmenter_id)
-            ids = [r["image_id"] for r in self.writes["mask"]]
-            mask_ids = dict(s.execute(select(Mask.image_id, Mask.id).where(
-                Mask.image_id.in_(ids), Mask.kind == "predicted", Mask.variant == variant)).all())
-            for row in self.writes["crop"]:
-                if row["mask_id"] is None and row["variant"] == variant:
-                    row["mask_id"] = mask_ids.get(row["image_id"])
-        upsert(s, Embedding, self.writes["crop"], keys=("image_id", "model_id", "region",
-                                                         "variant"))
-        if self.writes["prediction"]:
-            # Link each prediction to the crop embedding of this run's variant (evaluation keeps
-            # crop embeddings of other prompt sets for the same image).
-            crop_ids = {(iid, variant): eid for iid, variant, eid in s.execute(
-                select(Embedding.image_id, Embedding.variant, Embedding.id).where(
-                    Embedding.image_id.in_([r["image_id"] for r in self.writes["prediction"]]),
-                    Embedding.model_id == self.targets.embedder_id, Embedding.region == "crop",
-                ))}
-            for row in self.writes["prediction"]:
-                row["embedding_id"] = crop_ids.get(
-                    (row["image_id"], self.variant_of.get(row["image_id"], ""))
-                )
-        upsert(s, Prediction, self.writes["prediction"], keys=("image_id", "head_id"))
         for iid, reason in self.failed.items():
-            s.execute(update(Image).where(Image.id == iid).values(decode_status=reason[:200]))
+            log.warning("image %d cannot be read: %s", iid, reason)
+        self._save()
 
 
 def run_chunk(
@@ -369,7 +155,7 @@ def run_chunk(
                 config = RunConfig.from_dict(run.settings)
                 if config_overrides:
                     config = dataclasses.replace(config, **config_overrides)
-                targets = Targets(**run.settings["targets"])
+                targets = catalogue.Targets(**run.settings["targets"])
                 chunk = _Chunk(session, runtime_for(config), config, targets, list(job.image_ids))
                 if job.stage == "embed":
                     chunk.embed_full()

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import and_, exists, select, update
 from sqlalchemy.orm import Session
 
+from eczema_batch.catalogue.measurements import Targets
 from eczema_batch.catalogue.models import (
     Embedding,
     Image,
@@ -28,19 +29,11 @@ from eczema_batch.catalogue.models import (
 )
 from eczema_batch.clock import utcnow
 from eczema_batch.errors import UsageError
-from eczema_batch.jobs.config import RunConfig
 from eczema_batch.jobs.states import UNFINISHED, JobState, RunState, check_transition
+from eczema_batch.measuring.config import RunConfig
+from eczema_batch.measuring.current import current_keys
 
 STAGES = ("embed", "measure")
-
-
-@dataclass(frozen=True)
-class Targets:
-    """The catalogue ids of what a run computes with."""
-
-    embedder_id: int
-    segmenter_id: int | None
-    head_id: int | None
 
 
 @dataclass
@@ -85,30 +78,31 @@ def images_needing_embed(session: Session, targets: Targets, study: str | None) 
 def images_needing_measure(
     session: Session, config: RunConfig, targets: Targets, study: str | None
 ) -> list[int]:
-    variant = config.mask_variant(targets.segmenter_id)
-
-    def has_crop(v: Any) -> Any:
-        return exists().where(
-            Embedding.image_id == Image.id,
-            Embedding.model_id == targets.embedder_id,
-            Embedding.region == "crop",
-            Embedding.variant == v,
-        )
-
-    if config.segmenter_mode == "manual":
-        crop_done = (has_manual_mask() & has_crop("manual")) | (
-            ~has_manual_mask() & has_crop(variant)
-        )
-    else:
-        crop_done = has_crop(variant)
-    needs = ~crop_done
+    """Images whose current result (measuring.current's rule) is not stored: no crop embedding
+    under its current mask key or, with a head, no prediction made from that crop."""
+    scope = _scope(study)
+    keys = current_keys(session, config, targets, scope)
+    in_scope = session.scalars(select(Image.id).where(scope).order_by(Image.id)).all()
+    crops = set(session.execute(
+        select(Embedding.image_id, Embedding.variant).join(Image, Image.id == Embedding.image_id)
+        .where(scope, Embedding.model_id == targets.embedder_id, Embedding.region == "crop")
+    ).all())
+    predicted: dict[int, str | None] = {}
     if targets.head_id is not None:
-        has_prediction = exists().where(
-            Prediction.image_id == Image.id, Prediction.head_id == targets.head_id
-        )
-        needs = needs | ~has_prediction
-    stmt = select(Image.id).where(_scope(study), needs).order_by(Image.id)
-    return list(session.scalars(stmt))
+        predicted = dict(session.execute(
+            select(Prediction.image_id, Embedding.variant)
+            .join(Image, Image.id == Prediction.image_id)
+            .outerjoin(Embedding, Embedding.id == Prediction.embedding_id)
+            .where(scope, Prediction.head_id == targets.head_id)
+        ).all())
+
+    def current(iid: int) -> bool:
+        key = keys.get(iid)
+        if key is None or (iid, key.variant) not in crops:
+            return False
+        return targets.head_id is None or predicted.get(iid, None) == key.variant
+
+    return [i for i in in_scope if not current(i)]
 
 
 def _chunks(ids: Sequence[int], size: int) -> list[list[int]]:
@@ -199,8 +193,7 @@ def run_settings(session: Session, run_id: int | None) -> dict[str, Any]:
 
 
 #: Settings that change what a job computes; the rest (batch size, device) only how fast.
-_WORK_KEYS = ("segmenter_model", "embedder_model", "segmenter_mode", "prompts", "targets",
-              "exclude_same_patient")
+_WORK_KEYS = ("segmenter_model", "embedder_model", "segmenter_mode", "prompts", "targets")
 
 
 def same_work(old: dict[str, Any], new: dict[str, Any]) -> bool:

@@ -14,10 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Run
 from eczema_batch.clock import utcnow
-from eczema_batch.jobs.config import RunConfig
 from eczema_batch.jobs.plan import Plan, Targets, plan_run
-from eczema_batch.jobs.runtime import resolve_targets, run_precision
 from eczema_batch.jobs.states import RunState
+from eczema_batch.measuring.config import RunConfig
+from eczema_batch.measuring.runtime import resolve_targets, run_precision
 
 
 @dataclass

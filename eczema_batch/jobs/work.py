@@ -28,10 +28,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from eczema_batch.catalogue.models import Job
 from eczema_batch.clock import as_utc, utcnow
 from eczema_batch.jobs.chunk import run_chunk
-from eczema_batch.jobs.config import RunConfig
 from eczema_batch.jobs.leases import DEFAULT_LEASE_SECONDS, TRANSIENT_ERRORS, worker_name
 from eczema_batch.jobs.plan import run_settings, same_work
-from eczema_batch.jobs.runtime import Runtime, get_runtime
 from eczema_batch.jobs.states import (
     UNFINISHED,
     JobState,
@@ -39,6 +37,8 @@ from eczema_batch.jobs.states import (
     Reported,
     check_transition,
 )
+from eczema_batch.measuring.config import RunConfig
+from eczema_batch.measuring.runtime import Runtime, get_runtime
 from eczema_batch.pipeline.device import free_device_memory, is_out_of_memory
 
 log = logging.getLogger(__name__)

@@ -102,13 +102,12 @@ class _MaskRow:
 
 
 def _masks(session: Session, image_ids: list[int], chosen: dict[int, int]) -> dict[int, _MaskRow]:
-    """The mask per image: the one its prediction was cropped with, else its newest predicted."""
+    """The mask per image: the one its prediction was cropped with, else its newest predicted
+    (`run` and `evaluate` share masks: one made from the same prompts is the same mask)."""
     rows = session.execute(
         select(Mask.image_id, Mask.id, Mask.png, Mask.model_id, Mask.prompt_ids,
                Mask.prompt_similarities, Mask.flag, Mask.variant)
-        .where(Mask.image_id.in_(image_ids), Mask.kind == "predicted",
-               # evaluation's per-fold masks (variant "...:p<prompt set>") are not results
-               ~Mask.variant.like("%:p%"))
+        .where(Mask.image_id.in_(image_ids), Mask.kind == "predicted")
         .order_by(Mask.id)
     )
     out: dict[int, _MaskRow] = {}

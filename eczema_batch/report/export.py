@@ -50,7 +50,7 @@ _FIXED = f".{DECIMALS}f"
 
 #: Appended to every level: which head scored the rows and the models its features came from.
 IDENTITY_COLUMNS = ("head", "head_digest", "embedder", "embedder_digest", "segmenter",
-                    "segmenter_digest")
+                    "segmenter_digest", "segmenter_precision")
 #: The level columns that hold text (names, labels, statuses): in CSV for a spreadsheet, a value of
 #: these that would start a formula is neutralised (report/spreadsheet.py). Every other column is a
 #: number, a date or a boolean eczema-batch formats itself; the identity columns are all text.
@@ -128,7 +128,8 @@ class _Rows:
             seg = self.refs.get(segmenter_id) if segmenter_id is not None else None
             cached = (head.name if head else None, head.digest if head else None,
                       emb.name if emb else None, emb.digest if emb else None,
-                      seg.name if seg else None, seg.digest if seg else None)
+                      seg.name if seg else None, seg.digest if seg else None,
+                      seg.precision if seg else None)
             self._identity_cache[segmenter_id] = cached
         return cached
 

@@ -66,6 +66,8 @@ _NO_HEAD = -1
 class ModelRef:
     name: str
     digest: str
+    #: fp32 | bf16 | fp16 | unrecorded (catalogue revision 0004)
+    precision: str = ""
 
 
 @dataclass(frozen=True)
@@ -161,8 +163,8 @@ def flag_reasons(record: ImageRecord, thresholds: ReviewThresholds) -> list[str]
 
 
 def model_refs(session: Session) -> dict[int, ModelRef]:
-    return {mid: ModelRef(name, digest)
-            for mid, name, digest in session.execute(select(Model.id, Model.name, Model.digest))}
+    return {mid: ModelRef(name, digest, precision) for mid, name, digest, precision in
+            session.execute(select(Model.id, Model.name, Model.digest, Model.precision))}
 
 
 def choose_head(session: Session, *, head_id: int | None = None) -> HeadInfo | None:

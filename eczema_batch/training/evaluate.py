@@ -22,8 +22,8 @@ import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.errors import UsageError
-from eczema_batch.jobs.config import SEGMENTER_MODES, RunConfig, SegmenterMode
-from eczema_batch.jobs.runtime import identify, resolve_targets
+from eczema_batch.measuring.config import SEGMENTER_MODES, RunConfig, SegmenterMode
+from eczema_batch.measuring.runtime import identify, resolve_targets
 from eczema_batch.pipeline.classify import predict_proba
 from eczema_batch.pipeline.evaluate import (
     BOOTSTRAP_REPLICATES,
@@ -33,6 +33,7 @@ from eczema_batch.pipeline.evaluate import (
     majority_proba,
     subsample_groups,
 )
+from eczema_batch.pipeline.records import Counts, Keyed, Measurement
 from eczema_batch.pipeline.train import (
     MIN_LABELS_PER_CLASS,
     TrainSettings,
@@ -41,7 +42,7 @@ from eczema_batch.pipeline.train import (
 )
 from eczema_batch.progress import Progress, StageProgress
 from eczema_batch.training.data import LabelledImages, References, labelled_images, references
-from eczema_batch.training.features import CropRequest, FeatureStore, ForwardCounts, Key
+from eczema_batch.training.features import FeatureRequest, FeatureStore, study_references
 from eczema_batch.training.report import (
     MethodPredictions,
     build_report,
@@ -118,12 +119,12 @@ def run_evaluation(
     _check_data(data, settings)
     splits = grouped_splits(data.labels, data.patient_ids, folds=settings.folds,
                             repeats=settings.repeats, seed=settings.seed)
-    counts = ForwardCounts()
+    counts = Counts()
     stores = {mode: FeatureStore(factory, replace(config, segmenter_mode=mode), targets[mode],
                                  counts=counts) for mode in settings.modes}
     leaks = 0
     audit: list[PromptUse] = []
-    features: dict[SegmenterMode, tuple[list[list[Key]], dict[Key, np.ndarray]]] = {}
+    features: dict[SegmenterMode, tuple[list[list[Keyed]], dict[Keyed, np.ndarray]]] = {}
     seg_quality: dict[str, Any] | None = None
     for mode in settings.modes:
         tick = time.perf_counter()
@@ -195,56 +196,62 @@ def _mode_features(
     refs: References,
     splits: list[Split],
     progress: StageProgress | None,
-) -> tuple[list[list[Key]], dict[Key, np.ndarray], list[PromptUse], int]:
+) -> tuple[list[list[Keyed]], dict[Keyed, np.ndarray], list[PromptUse], int]:
     """Per split, the feature key of every labelled image; the vectors; the prompt audit and
     the number of prompts that came from the image's own patient or the test fold (must be 0)."""
-    audit: list[PromptUse] = []
-    leaks = 0
+    patients = [int(p) for p in data.patient_ids]
     if mode == "none":
-        requests = [CropRequest(int(i), "none") for i in data.image_ids]
-        keys = [[r.key for r in requests] for _ in splits]
-    else:
-        manual = set(refs.image_ids.tolist()) if mode == "manual" else set()
-        full = store.full_vectors(
-            np.concatenate([data.image_ids, refs.image_ids]).tolist(),
-            progress=_stage(progress, f"{mode}: whole-image embeddings"),
-        )
-        patient_of_ref = dict(zip(refs.image_ids.tolist(), refs.patient_ids.tolist(),
-                                  strict=True))
-        requests, keys = [], []
-        for split in splits:
-            test_patients = set(data.patient_ids[split.test].tolist())
-            is_test = np.zeros(len(data), dtype=bool)
-            is_test[split.test] = True
-            # The pool: references of patients outside the test fold (training patients and
-            # patients with no labelled image at all).
-            pool = ~np.isin(refs.patient_ids, list(test_patients))
-            sets = store.prompt_sets(data.image_ids, data.patient_ids, data.study_ids,
-                                     refs.image_ids[pool], refs.patient_ids[pool],
-                                     refs.study_ids[pool], full)
-            split_requests = []
-            for pos, iid in enumerate(data.image_ids.tolist()):
-                if iid in manual:
-                    split_requests.append(CropRequest(iid, "manual"))
-                    continue
-                prompts = sets[iid]
-                split_requests.append(store.seggpt_request(iid, prompts))
-                audit.append(PromptUse(mode, split.repeat, split.fold, iid, bool(is_test[pos]),
-                                       prompts.ids))
-                forbidden = {int(data.patient_ids[pos])} | (test_patients if is_test[pos]
-                                                            else set())
-                leaks += sum(patient_of_ref[p] in forbidden for p in prompts.ids)
-            requests.extend(split_requests)
-            keys.append([r.key for r in split_requests])
-    vectors = store.crop_vectors(requests, progress=_stage(progress, f"{mode}: lesion crops"))
-    return keys, vectors, audit, leaks
+        requests = [FeatureRequest(int(i), p) for i, p in zip(data.image_ids, patients,
+                                                               strict=True)]
+        results = store.measure(requests, progress=_stage(progress, f"{mode}: lesion crops"))
+        same = [(m.image_id, m.key) for m in results]
+        return [same for _ in splits], _vectors(results), [], 0
+    full = store.full_vectors(
+        np.concatenate([data.image_ids, refs.image_ids]).tolist(),
+        progress=_stage(progress, f"{mode}: whole-image embeddings"),
+    )
+    manual = store.manual_masks(refs.image_ids.tolist()) if mode == "manual" else {}
+    requests = []
+    for split in splits:
+        # The pool: references of patients outside the test fold (training patients and
+        # patients with no labelled image at all); the method leaves out the query's own.
+        pool = ~np.isin(refs.patient_ids, data.patient_ids[split.test])
+        by_study = study_references(refs.image_ids[pool], refs.patient_ids[pool],
+                                    refs.study_ids[pool], full)
+        requests += [FeatureRequest(int(iid), patients[pos], by_study.get(int(study)),
+                                    manual.get(int(iid)))
+                     for pos, (iid, study) in enumerate(zip(data.image_ids, data.study_ids,
+                                                            strict=True))]
+    results = store.measure(requests, progress=_stage(progress, f"{mode}: lesion crops"))
+    patient_of_ref = dict(zip(refs.image_ids.tolist(), refs.patient_ids.tolist(), strict=True))
+    audit: list[PromptUse] = []
+    keys: list[list[Keyed]] = []
+    leaks = 0
+    for index, split in enumerate(splits):
+        mine = results[index * len(data) : (index + 1) * len(data)]
+        keys.append([(m.image_id, m.key) for m in mine])
+        is_test = np.zeros(len(data), dtype=bool)
+        is_test[split.test] = True
+        test_patients = set(data.patient_ids[split.test].tolist())
+        for pos, m in enumerate(mine):
+            if m.key.source != "seggpt":
+                continue
+            audit.append(PromptUse(mode, split.repeat, split.fold, m.image_id,
+                                   bool(is_test[pos]), m.prompts.ids))
+            forbidden = {patients[pos]} | (test_patients if is_test[pos] else set())
+            leaks += sum(patient_of_ref[p] in forbidden for p in m.prompts.ids)
+    return keys, _vectors(results), audit, leaks
+
+
+def _vectors(results: list[Measurement]) -> dict[Keyed, np.ndarray]:
+    return {(m.image_id, m.key): m.crop for m in results if m.crop is not None}
 
 
 def _cross_validate(
     data: LabelledImages,
     splits: list[Split],
-    keys: list[list[Key]],
-    vectors: dict[Key, np.ndarray],
+    keys: list[list[Keyed]],
+    vectors: dict[Keyed, np.ndarray],
     settings: EvaluationSettings,
     *,
     scaling: bool,

@@ -1,7 +1,7 @@
 """The trained heads in the catalogue: list them, and choose the one `eczema-batch run` uses.
 
-At most one head is active per feature kind, the key `jobs.runtime.resolve_targets` looks heads
-up by: the embedder identity and how crops are made (seggpt | none | manual).
+At most one head is active per feature kind, the key `measuring.runtime.resolve_targets` looks
+heads up by: the embedder identity and how crops are made (seggpt | none | manual).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Each reference image is segmented by SegGPT prompted with its K nearest references of *other*
 patients (leave-one-patient-out: its own patient's masks would be near-copies of the answer),
-and the mask is compared with its manual mask at full size (Dice, IoU). The masks go through the
-same prompt-set cache as the cross-validation, which often needs the very same ones.
+and the mask is compared with its manual mask at full size (Dice, IoU). The masks are measured
+like any other (`pipeline.measure`, keyed by prompt set): the cross-validation often needs the
+very same ones.
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from eczema_batch.imaging import decode_mask_png
-from eczema_batch.jobs import inputs
 from eczema_batch.pipeline.evaluate import mask_overlap, mean_std
 from eczema_batch.progress import StageProgress
 from eczema_batch.training.data import References
-from eczema_batch.training.features import FeatureStore
+from eczema_batch.training.features import FeatureRequest, FeatureStore, study_references
 
 
 def segmentation_quality(
@@ -25,25 +24,25 @@ def segmentation_quality(
 ) -> dict[str, Any]:
     ids = [int(i) for i in refs.image_ids]
     full = store.full_vectors(ids)
-    sets = store.prompt_sets(refs.image_ids, refs.patient_ids, refs.study_ids,
-                             refs.image_ids, refs.patient_ids, refs.study_ids, full)
-    requests = [store.seggpt_request(i, sets[i]) for i in ids]
+    by_study = study_references(refs.image_ids, refs.patient_ids, refs.study_ids, full)
+    requests = [FeatureRequest(iid, int(pid), by_study[int(study)])
+                for iid, pid, study in zip(ids, refs.patient_ids, refs.study_ids, strict=True)]
     if progress is not None:
         progress("segmentation quality", 0, len(ids))
-    predicted = store.predicted_masks(requests)
-    with store.factory() as session:
-        manual = inputs.manual_masks(session, ids)
+    results = store.measure(requests)
+    predicted = store.masks([(m.image_id, m.key) for m in results])
+    manual = store.manual_masks(ids)
     per_image: list[dict[str, Any]] = []
-    for r in requests:
-        overlap = mask_overlap(predicted[r.key], decode_mask_png(manual[r.image_id][1]))
-        per_image.append({"image_id": r.image_id, "prompts": list(r.prompt_ids), **overlap})
+    for m in results:
+        overlap = mask_overlap(predicted[(m.image_id, m.key)], manual[m.image_id].mask)
+        per_image.append({"image_id": m.image_id, "prompts": list(m.key.prompt_ids), **overlap})
     if progress is not None:
         progress("segmentation quality", len(ids), len(ids))
     dice = [float(p["dice"]) for p in per_image]
     iou = [float(p["iou"]) for p in per_image]
     return {
         "images": len(per_image),
-        "no_prompts": sum(1 for r in requests if not r.prompt_ids),
+        "no_prompts": sum(1 for m in results if not m.prompts.ids),
         "dice": {**mean_std(dice), "median": float(np.median(dice))},
         "iou": {**mean_std(iou), "median": float(np.median(iou))},
         "per_image": per_image,

@@ -1,7 +1,7 @@
 """`eczema-batch train`: fit the severity head on the study's labelled lesion-crop embeddings.
 
 The features are exactly those `eczema-batch run` computes and predicts from (same embedder,
-segmenter and crop variant), so the head is trained on what it will be applied to. This command
+segmenter and current mask key), so the head is trained on what it will be applied to. This command
 does not compute them: it is a seconds-long CPU step, while the embeddings are the run's work
 (batched on GPU workers, with jobs and leases); a missing embedding is an error that says to run
 `eczema-batch run` first.
@@ -16,20 +16,22 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from eczema_batch.catalogue.models import Event, Head, Model
+from eczema_batch.catalogue.measurements import Targets, vectors
+from eczema_batch.catalogue.models import Event, Head, Image, Model
 from eczema_batch.errors import UsageError
-from eczema_batch.jobs import inputs
-from eczema_batch.jobs.config import RunConfig
-from eczema_batch.jobs.runtime import resolve_targets, run_precision
+from eczema_batch.measuring.config import RunConfig
+from eczema_batch.measuring.current import current_keys
+from eczema_batch.measuring.runtime import resolve_targets, run_precision
 from eczema_batch.pipeline.classify import head_to_bytes, predict_proba
 from eczema_batch.pipeline.evaluate import scalar_metrics
+from eczema_batch.pipeline.records import MaskKey
 from eczema_batch.pipeline.train import (
     TrainSettings,
     check_class_counts,
     fit_head,
     state_digest,
 )
-from eczema_batch.training.data import labelled_images, references
+from eczema_batch.training.data import labelled_images
 from eczema_batch.training.heads import HeadSummary, activate_head, describe_head
 
 
@@ -37,23 +39,17 @@ class MissingFeaturesError(UsageError):
     """labelled images have no lesion-crop embedding yet: run `eczema-batch run` first"""
 
 
-def crop_variants(config: RunConfig, segmenter_id: int | None, image_ids: list[int],
-                  manual_ids: set[int]) -> dict[int, str]:
-    """The crop-embedding variant `eczema-batch run` stores for each image (jobs.plan's rule)."""
-    variant = config.mask_variant(segmenter_id)
-    if config.segmenter_mode != "manual":
-        return dict.fromkeys(image_ids, variant)
-    return {i: "manual" if i in manual_ids else variant for i in image_ids}
-
-
-def _features(session: Session, ids: list[int], variants: dict[int, str], embedder_id: int
-              ) -> dict[int, np.ndarray]:
+def crop_features(session: Session, config: RunConfig, targets: Targets, ids: list[int]
+                  ) -> tuple[dict[int, np.ndarray], dict[int, MaskKey]]:
+    """The crop embeddings `eczema-batch run` made for `ids` as they stand now (their current
+    mask keys: measuring.current's rule), and those keys."""
+    keys = current_keys(session, config, targets, Image.id.in_(ids))
     found: dict[int, np.ndarray] = {}
-    for variant in sorted(set(variants.values())):
-        mine = [i for i in ids if variants[i] == variant]
-        found.update(inputs.vectors(session, mine, model_id=embedder_id, region="crop",
-                                    variant=variant))
-    return found
+    for variant in sorted({k.variant for k in keys.values()}):
+        mine = [i for i in ids if i in keys and keys[i].variant == variant]
+        found.update(vectors(session, mine, model_id=targets.embedder_id, region="crop",
+                             variant=variant))
+    return found, keys
 
 
 @dataclass(frozen=True)
@@ -92,9 +88,7 @@ def train_head(
         check_class_counts(data.labels, data.classes)
         targets = resolve_targets(session, config, use_head=False)
         ids = [int(i) for i in data.image_ids]
-        manual = set(references(session, study=study).image_ids.tolist())
-        variants = crop_variants(config, targets.segmenter_id, ids, manual)
-        found = _features(session, ids, variants, targets.embedder_id)
+        found, keys = crop_features(session, config, targets, ids)
         missing = [i for i in ids if i not in found]
         if missing:
             raise MissingFeaturesError(
@@ -120,7 +114,7 @@ def train_head(
             segmenter_mode=config.segmenter_mode,
             settings={
                 **settings.as_dict(), "study": study, "prompts": config.prompts,
-                "feature_variants": sorted(set(variants.values())),
+                "feature_variants": sorted({keys[i].variant for i in ids}),
                 "in_dim": weights.in_dim,
                 "embedder": models[targets.embedder_id],
                 "segmenter": models.get(targets.segmenter_id) if targets.segmenter_id else None,

@@ -18,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from eczema_batch.catalogue.measurements import ImageRow
 from eczema_batch.errors import RejectedFileError
 from eczema_batch.imaging import decode_mask_png
-from eczema_batch.jobs import inputs
-from eczema_batch.jobs.config import PROMPT_MAX_SIDE
+from eczema_batch.measuring.config import PROMPT_MAX_SIDE
+from eczema_batch.measuring.files import load_pixels
 from eczema_batch.pipeline.preprocess import nearest_exact
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class PromptCache:
 
     def pairs(
         self,
-        refs: Iterable[inputs.ImageRow],
+        refs: Iterable[ImageRow],
         mask_pngs: dict[int, bytes],
         *,
         input_size: tuple[int, int],
@@ -59,7 +60,7 @@ class PromptCache:
     ) -> dict[int, PromptPair]:
         """image id -> prompt pair; a reference that cannot be read is left out, with a warning."""
         found: dict[int, PromptPair] = {}
-        todo: dict[int, tuple[_Key, inputs.ImageRow]] = {}
+        todo: dict[int, tuple[_Key, ImageRow]] = {}
         for row in refs:
             # A re-ingested mask has new bytes, hence a new key: never a stale pair.
             key = (row.id, hashlib.blake2b(mask_pngs[row.id], digest_size=16).digest(),
@@ -97,9 +98,9 @@ class PromptCache:
             self._bytes -= pixels.nbytes + mask.nbytes
 
 
-def _decode_pair(row: inputs.ImageRow, mask_png: bytes, input_size: tuple[int, int],
+def _decode_pair(row: ImageRow, mask_png: bytes, input_size: tuple[int, int],
                  max_pixels: int) -> PromptPair:
     # In a decode thread: Pillow releases the GIL while it decodes the photo and the PNG.
-    pixels = inputs.load_pixels(row, max_pixels=max_pixels, max_side=PROMPT_MAX_SIDE).pixels
+    pixels = load_pixels(row, max_pixels=max_pixels, max_side=PROMPT_MAX_SIDE).pixels
     mask = nearest_exact(decode_mask_png(mask_png), input_size)
     return pixels, mask

@@ -31,12 +31,10 @@ class RunConfig:
     model_dir: str | None = None
     image_root: str | None = None
     max_pixels: int = 200_000_000
-    #: never prompt with a reference of the image's own patient (evaluation does this)
-    exclude_same_patient: bool = False
     #: threads decoding images while the models compute (Pillow and pydicom release the GIL);
     #: a 12 MP JPEG takes ~11 ms even at reduced scale, so a fast GPU needs several
     decode_threads: int = 2
-    #: decoded reference images kept per process for SegGPT's prompts (jobs.prompts)
+    #: decoded reference images kept per process for SegGPT's prompts (measuring.prompts)
     prompt_cache_mb: int = 512
 
     def __post_init__(self) -> None:
@@ -75,9 +73,3 @@ class RunConfig:
     @property
     def model_path(self) -> Path | None:
         return Path(self.model_dir) if self.model_dir else None
-
-    def mask_variant(self, segmenter_id: int | None) -> str:
-        """The key of the masks (and crop embeddings) this configuration makes."""
-        if self.segmenter_mode == "none":
-            return "none"
-        return f"seggpt:{segmenter_id}:k{self.prompts}"

@@ -14,11 +14,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from eczema_batch.catalogue.identities import model_row_id, same_weights
+from eczema_batch.catalogue.measurements import Targets
 from eczema_batch.catalogue.models import Head
 from eczema_batch.errors import NoHeadError, UsageError
-from eczema_batch.jobs.config import RunConfig
-from eczema_batch.jobs.plan import Targets
-from eczema_batch.jobs.prompts import PromptCache
+from eczema_batch.measuring.config import RunConfig
+from eczema_batch.measuring.prompts import PromptCache
 from eczema_batch.pipeline.classify import SeverityHead, head_from_bytes
 from eczema_batch.pipeline.device import autocast_dtype, precision_name, resolve_device
 from eczema_batch.pipeline.embed import Embedder
