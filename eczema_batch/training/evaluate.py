@@ -45,6 +45,7 @@ from eczema_batch.training.features import CropRequest, FeatureStore, ForwardCou
 from eczema_batch.training.report import (
     DataSummary,
     EvaluationReport,
+    Forwards,
     MethodPredictions,
     ModelIdentities,
     ModelIdentity,
@@ -168,7 +169,7 @@ def run_evaluation(
         models=models, study=study, prompt_leaks=leaks,
         # Timings and forward counts differ between a cold and a warm cache; everything outside
         # `run` is a function of the catalogue, the models and the seed.
-        run=RunInfo(forwards=replace(counts), naive_forwards=naive,
+        run=RunInfo(forwards=Forwards.from_dict(counts.as_dict()), naive_forwards=naive,
                     seconds={k: round(v, 3) for k, v in timings.items()}),
     )
     rows = prediction_rows(data, results)

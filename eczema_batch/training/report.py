@@ -36,7 +36,6 @@ from eczema_batch.training.data import LabelledImages, References
 
 if TYPE_CHECKING:
     from eczema_batch.training.evaluate import EvaluationSettings
-    from eczema_batch.training.features import ForwardCounts
 
 BASELINES = ("majority", "logistic")
 #: the scalar metrics, in the order the report lists them (the fields of `Metrics`)
@@ -436,6 +435,27 @@ class ModelIdentities:
 
 
 @dataclass(frozen=True)
+class Forwards:
+    """Images through each model in this run: what the feature cache saved shows here."""
+
+    embedder_images: int
+    segmenter_queries: int
+    segmenter_prompt_pairs: int
+
+    @classmethod
+    def from_dict(cls, doc: Doc) -> Forwards:
+        # Also the feature store's counters (their as_dict()): the report keeps a frozen copy.
+        return cls(embedder_images=doc["embedder_images"],
+                   segmenter_queries=doc["segmenter_queries"],
+                   segmenter_prompt_pairs=doc["segmenter_prompt_pairs"])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"embedder_images": self.embedder_images,
+                "segmenter_queries": self.segmenter_queries,
+                "segmenter_prompt_pairs": self.segmenter_prompt_pairs}
+
+
+@dataclass(frozen=True)
 class NaiveForwards:
     """Model forwards a per-fold recomputation of every feature would need."""
 
@@ -457,8 +477,7 @@ class RunInfo:
     """What this run cost; unlike the rest of the report it differs between a cold and a warm
     feature cache."""
 
-    #: a snapshot of the feature store's counters
-    forwards: ForwardCounts
+    forwards: Forwards
     naive_forwards: NaiveForwards
     #: wall seconds per phase, rounded to ms; "total" for the whole evaluation
     seconds: Mapping[str, float]
@@ -469,9 +488,7 @@ class RunInfo:
 
     @classmethod
     def from_dict(cls, doc: Doc) -> RunInfo:
-        from eczema_batch.training.features import ForwardCounts  # torch: only when reading
-
-        return cls(forwards=ForwardCounts(**doc["forwards"]),
+        return cls(forwards=Forwards.from_dict(doc["forwards"]),
                    naive_forwards=NaiveForwards.from_dict(doc["naive_forwards"]),
                    seconds=dict(doc["seconds"]))
 
