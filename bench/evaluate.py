@@ -25,14 +25,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from eczema_batch.catalogue.db import dispose_engines, open_catalogue
 from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS
 from eczema_batch.ingest.service import ingest_study
 from eczema_batch.pipeline.tiny import make_tiny_models
 from eczema_batch.synth import write_synthetic_study
+from eczema_batch.training.report import EvaluationReport
 
 VISITS = 5
 IMAGES_PER_VISIT = 2
@@ -50,7 +51,14 @@ def prepare(workdir: Path, images: int, database_url: str) -> None:
     make_tiny_models(workdir / "models")
 
 
-def evaluate(workdir: Path, env: dict[str, str], name: str, extra: list[str]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Timed:
+    report: EvaluationReport
+    #: the whole command, process start-up and model loading included
+    wall_seconds: float
+
+
+def evaluate(workdir: Path, env: dict[str, str], name: str, extra: list[str]) -> Timed:
     out = workdir / f"{name}.json"
     command = [
         sys.executable, "-m", "eczema_batch", "evaluate", "--folds", "5", "--repeats", "3",
@@ -60,41 +68,39 @@ def evaluate(workdir: Path, env: dict[str, str], name: str, extra: list[str]) ->
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - started
-    report: dict[str, Any] = json.loads(out.read_text())
-    report["run"]["wall_seconds"] = wall
-    return report
+    return Timed(EvaluationReport.from_dict(json.loads(out.read_text())), wall)
 
 
-def print_figures(cold: dict[str, Any], warm: dict[str, Any], extra: list[str]) -> None:
-    naive = cold["run"]["naive_forwards"]
-    data = cold["data"]
+def print_figures(cold: Timed, warm: Timed, extra: list[str]) -> None:
+    report = cold.report
+    naive, data = report.run.naive_forwards, report.data
     print(f"evaluate --folds 5 --repeats 3 {' '.join(extra)}".rstrip())
-    print(f"  {data['images']} images, {data['patients']} patients, "
-          f"{data['references']} references, {data['splits']} splits, "
-          f"segmenter modes {', '.join(cold['results'])}")
+    print(f"  {data.images} images, {data.patients} patients, "
+          f"{data.references} references, {data.splits} splits, "
+          f"segmenter modes {', '.join(report.results)}")
     print(f"  {'run':<6}{'wall s':>9}{'embedder':>10}{'segmenter':>11}")
-    for label, report in (("cold", cold), ("warm", warm)):
-        f = report["run"]["forwards"]
-        print(f"  {label:<6}{report['run']['wall_seconds']:>9.1f}{f['embedder_images']:>10}"
-              f"{f['segmenter_queries']:>11}")
-    print(f"  {'naive':<6}{'':>9}{naive['embedder_images']:>10}{naive['segmenter_queries']:>11}")
-    f = cold["run"]["forwards"]
-    for model, key, naive_key in (("embedder", "embedder_images", "embedder_images"),
-                                  ("segmenter", "segmenter_queries", "segmenter_queries")):
-        ratio = naive[naive_key] / max(f[key], 1)
-        print(f"  cache cuts {model} forwards {ratio:.1f}x (cold run vs per-fold recomputation)")
-    total = naive["embedder_images"] + naive["segmenter_queries"]
-    done = f["embedder_images"] + f["segmenter_queries"]
+    for label, timed in (("cold", cold), ("warm", warm)):
+        f = timed.report.run.forwards
+        print(f"  {label:<6}{timed.wall_seconds:>9.1f}{f.embedder_images:>10}"
+              f"{f.segmenter_queries:>11}")
+    print(f"  {'naive':<6}{'':>9}{naive.embedder_images:>10}{naive.segmenter_queries:>11}")
+    f = report.run.forwards
+    for model, done, needed in (("embedder", f.embedder_images, naive.embedder_images),
+                                ("segmenter", f.segmenter_queries, naive.segmenter_queries)):
+        print(f"  cache cuts {model} forwards {needed / max(done, 1):.1f}x "
+              "(cold run vs per-fold recomputation)")
+    total = naive.embedder_images + naive.segmenter_queries
+    done = f.embedder_images + f.segmenter_queries
     print(f"  all forwards: {total} naive vs {done} cached = {total / max(done, 1):.1f}x")
-    print(f"  cold phases (s): {cold['run']['seconds']}")
-    for mode, methods in cold["results"].items():
-        f1 = {name: m["summary"]["weighted_f1"] for name, m in methods.items()}
-        scores = ", ".join(f"{n} {s['mean']:.3f}±{s['std']:.3f}" for n, s in f1.items())
+    print(f"  cold phases (s): {dict(report.run.seconds)}")
+    for mode, methods in report.results.items():
+        f1 = {name: m.summary.weighted_f1 for name, m in methods.items()}
+        scores = ", ".join(f"{n} {s.mean:.3f}±{s.std:.3f}" for n, s in f1.items())
         print(f"  weighted F1 ({mode}): {scores}")
-    if cold.get("segmentation"):
-        seg = cold["segmentation"]
-        print(f"  SegGPT vs manual masks: Dice {seg['dice']['mean']:.3f}, "
-              f"IoU {seg['iou']['mean']:.3f} ({seg['images']} references)")
+    seg = report.segmentation
+    if seg is not None:
+        print(f"  SegGPT vs manual masks: Dice {seg.dice.mean:.3f}, "
+              f"IoU {seg.iou.mean:.3f} ({seg.images} references)")
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import csv
 import json
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from eczema_batch.pipeline.records import MaskKey
 from eczema_batch.pipeline.train import TrainSettings
 from eczema_batch.synth import write_synthetic_study
 from eczema_batch.training.evaluate import EvaluationResult, EvaluationSettings, run_evaluation
+from eczema_batch.training.report import EvaluationReport, report_json
 from tests._model_fixtures import tiny_model_dir  # noqa: F401
 
 CLASSES = ("clear", "mild", "moderate", "severe")
@@ -199,6 +201,89 @@ def _numbers(report: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in report.items() if k != "run"}
 
 
+# --- the JSON document's layout, pinned --------------------------------------------------------
+# evaluation.json is read by users' scripts: its keys, their order and nesting and the kind of
+# each value are those the report had as a nested dict (the layout below was captured from that
+# version). One item stands for every item of a list; 0 an int, 0.0 a float, "" a string.
+
+_STAT = {"mean": 0.0, "std": 0.0, "n": 0}
+_METRICS = {"weighted_f1": 0.0, "accuracy": 0.0, "macro_f1": 0.0, "qwk": 0.0, "rps": 0.0,
+            "ece": 0.0}
+_METHOD = {
+    "summary": dict.fromkeys(_METRICS, _STAT),
+    "pooled": {
+        **_METRICS,
+        "per_class": [{"class": "", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}],
+        "confusion": [[0]],
+        "calibration": [{"low": 0.0, "high": 0.0, "count": 0, "confidence": 0.0,
+                         "accuracy": 0.0}],
+        "weighted_f1_ci95": [0.0],
+        "predictions": 0,
+    },
+    "folds": [{"repeat": 0, "fold": 0, "n_train": 0, "n_test": 0, **_METRICS}],
+}
+_MODES = ("seggpt", "none")
+_MODEL = {"name": "", "digest": ""}
+_LAYOUT = {
+    "settings": {"folds": 0, "repeats": 0, "segmenter": "", "fractions": [0.0], "seed": 0,
+                 "bootstrap": 0, "ablation": [""],
+                 "train": {"epochs": 0, "lr": 0.0, "hidden": 0, "dropout": 0.0, "seed": 0,
+                           "class_weights": "", "batch_size": 0}},
+    "data": {"images": 0, "patients": 0, "references": 0, "classes": [""], "class_counts": [0],
+             "splits": 0},
+    "results": {mode: dict.fromkeys(("head", "majority", "logistic"), _METHOD)
+                for mode in _MODES},
+    "comparison": {mode: {f"head_minus_{name}": {"weighted_f1": 0.0, "ci95": [0.0]}
+                          for name in ("majority", "logistic")} for mode in _MODES},
+    "ablation": [{"segmenter": "", "weighted_f1": _STAT, "weighted_f1_ci95": [0.0],
+                  "qwk": _STAT}],
+    "scaling": [{"fraction": 0.0, "train_patients": 0.0, "train_images": 0.0,
+                 "weighted_f1": _STAT, "accuracy": _STAT, "qwk": _STAT}],
+    "segmentation": {"images": 0, "no_prompts": 0, "dice": {**_STAT, "median": 0.0},
+                     "iou": {**_STAT, "median": 0.0},
+                     "per_image": [{"image_id": 0, "prompts": [0], "dice": 0.0, "iou": 0.0}]},
+    "models": {"embedder": _MODEL, "prompts": 0, "segmenter": _MODEL},
+    "study": None,
+    "prompt_leaks": 0,
+    "run": {
+        "forwards": {"embedder_images": 0, "segmenter_queries": 0, "segmenter_prompt_pairs": 0},
+        "naive_forwards": {"embedder_images": 0, "segmenter_queries": 0},
+        "seconds": {"features_seggpt": 0.0, "features_none": 0.0, "segmentation_quality": 0.0,
+                    "training": 0.0, "metrics": 0.0, "total": 0.0},
+    },
+}
+
+
+def _layout(document: Any) -> list[str]:
+    """'path: kinds' for every value in a JSON document, in document order; the items of a
+    list share the path `[]`. Null counts only where nothing else was found (an empty
+    calibration bin or an undefined kappa is null beside numbers)."""
+    kinds: dict[str, set[str]] = {}
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            kinds.setdefault(path, set()).add("object")
+            for key, item in value.items():
+                walk(item, f"{path}.{key}")
+        elif isinstance(value, list):
+            kinds.setdefault(path, set()).add("array")
+            for item in value:
+                walk(item, f"{path}[]")
+        else:
+            kind = "null" if value is None else type(value).__name__
+            kinds.setdefault(path, set()).add(kind)
+
+    walk(document, "")
+    return [f"{path}: {'|'.join(sorted(k - {'null'} or k))}" for path, k in kinds.items()]
+
+
+def _check_layout(report: EvaluationReport) -> None:
+    document = json.loads(report_json(report))
+    assert _layout(document) == _layout(_LAYOUT)
+    assert list(document) == list(_LAYOUT)
+    assert document == report.as_dict()
+
+
 @pytest.fixture
 def small_study(tmp_path: Path, factory: sessionmaker[Session]) -> Path:
     root = tmp_path / "study"
@@ -216,14 +301,15 @@ def test_evaluate_is_leak_free_cached_and_repeatable(
                                   train=TrainSettings(epochs=20))
     first = run_evaluation(factory, config=_config(tiny_model_dir), settings=settings)
     report = first.report
-    assert report["prompt_leaks"] == 0
-    forwards = report["run"]["forwards"]
-    naive = report["run"]["naive_forwards"]
-    assert 0 < forwards["segmenter_queries"] < naive["segmenter_queries"]
-    assert 0 < forwards["embedder_images"] < naive["embedder_images"]
-    assert set(report["results"]) == {"seggpt", "none"}
-    assert [p["fraction"] for p in report["scaling"]] == [0.5, 1.0]
-    assert report["segmentation"]["images"] == report["data"]["references"] == 14
+    assert report.prompt_leaks == 0
+    forwards, naive = report.run.forwards, report.run.naive_forwards
+    assert 0 < forwards.segmenter_queries < naive.segmenter_queries
+    assert 0 < forwards.embedder_images < naive.embedder_images
+    assert set(report.results) == {"seggpt", "none"}
+    assert [p.fraction for p in report.scaling] == [0.5, 1.0]
+    assert report.segmentation is not None
+    assert report.segmentation.images == report.data.references == 14
+    _check_layout(report)
     _check_prompts(factory, first)
 
     # The same command again: every feature from the cache, the same numbers to the bit.
@@ -242,7 +328,9 @@ def test_evaluate_is_leak_free_cached_and_repeatable(
     second = json.loads(json_file.read_text())
     assert second["run"]["forwards"] == {"embedder_images": 0, "segmenter_queries": 0,
                                          "segmenter_prompt_pairs": 0}
-    assert _numbers(second) == json.loads(json.dumps(_numbers(report)))
+    assert _numbers(second) == json.loads(json.dumps(_numbers(report.as_dict())))
+    # Read back, the document is the typed report again (run aside: it was another run).
+    assert replace(EvaluationReport.from_dict(second), run=report.run) == report
     with csv_file.open() as handle:
         rows = list(csv.DictReader(handle))
     assert rows == [{k: str(v) for k, v in row.items()} for row in first.predictions]
@@ -298,9 +386,10 @@ def test_trained_head_beats_the_majority_baseline(
     settings = EvaluationSettings(folds=5, repeats=1, fractions=(1.0,), bootstrap=100,
                                   ablation=False, train=TrainSettings(lr=1e-2, epochs=300))
     report = run_evaluation(factory, config=_config(tiny_model_dir), settings=settings).report
-    results = report["results"]["seggpt"]
+    results = report.results["seggpt"]
     head, majority = results["head"], results["majority"]
-    assert (head["summary"]["weighted_f1"]["mean"]
-            - majority["summary"]["weighted_f1"]["mean"]) >= 0.2
-    assert head["pooled"]["weighted_f1"] - majority["pooled"]["weighted_f1"] >= 0.2
-    assert report["comparison"]["seggpt"]["head_minus_majority"]["ci95"][0] > 0
+    head_mean, majority_mean = head.summary.weighted_f1.mean, majority.summary.weighted_f1.mean
+    assert head_mean is not None and majority_mean is not None
+    assert head_mean - majority_mean >= 0.2
+    assert head.pooled.metrics.weighted_f1 - majority.pooled.metrics.weighted_f1 >= 0.2
+    assert report.comparison["seggpt"]["head_minus_majority"].ci95.low > 0

@@ -216,9 +216,9 @@ def evaluate(
         for row in rows:
             table.add_row(*map(literal, row))
         err.print(table)
-    run_info = result.report["run"]
-    err.print(f"model forwards: {run_info['forwards']} (per-fold recomputation would need "
-              f"{run_info['naive_forwards']}); {run_info['seconds']['total']:.1f} s")
+    run = result.report.run
+    err.print(f"model forwards: {run.forwards.as_dict()} (per-fold recomputation would need "
+              f"{run.naive_forwards.as_dict()}); {run.total_seconds:.1f} s")
 
 
 @command(heads_app, "list")

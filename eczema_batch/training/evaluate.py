@@ -44,10 +44,17 @@ from eczema_batch.progress import Progress, StageProgress
 from eczema_batch.training.data import LabelledImages, References, labelled_images, references
 from eczema_batch.training.features import FeatureRequest, FeatureStore, study_references
 from eczema_batch.training.report import (
+    DataSummary,
+    EvaluationReport,
+    Forwards,
     MethodPredictions,
-    build_report,
+    ModelIdentities,
+    ModelIdentity,
+    RunInfo,
+    SegmentationQuality,
     naive_forwards,
     prediction_rows,
+    score_methods,
 )
 from eczema_batch.training.segmentation import segmentation_quality
 
@@ -92,7 +99,7 @@ class EvaluationSettings:
 
 @dataclass
 class EvaluationResult:
-    report: dict[str, Any]
+    report: EvaluationReport
     #: out-of-fold predictions of the head, one row per (segmenter mode, repeat, image)
     predictions: list[dict[str, Any]]
     #: the prompts of every segmented image in every fold
@@ -125,7 +132,7 @@ def run_evaluation(
     leaks = 0
     audit: list[PromptUse] = []
     features: dict[SegmenterMode, tuple[list[list[Keyed]], dict[Keyed, np.ndarray]]] = {}
-    seg_quality: dict[str, Any] | None = None
+    seg_quality: SegmentationQuality | None = None
     for mode in settings.modes:
         tick = time.perf_counter()
         keys, vectors, mode_audit, mode_leaks = _mode_features(
@@ -148,19 +155,24 @@ def run_evaluation(
     }
     timings["training"] = time.perf_counter() - tick
     tick = time.perf_counter()
-    report = build_report(data, refs, splits, results, settings=settings.as_dict(),
-                          bootstrap=settings.bootstrap, seed=settings.seed,
-                          segmentation=seg_quality)
+    scores = score_methods(data, results, segmenter=settings.segmenter,
+                           fractions=settings.fractions, bootstrap=settings.bootstrap,
+                           seed=settings.seed)
+    data_summary = DataSummary.of(data, refs, splits)
     timings["metrics"] = time.perf_counter() - tick
-    report["models"] = _model_identities(config, settings.modes)
-    report["study"] = study
-    report["prompt_leaks"] = leaks
+    models = _model_identities(config, settings.modes)
     naive = naive_forwards(data, refs, splits, settings.modes, seg_mode is not None)
     timings["total"] = time.perf_counter() - started
-    # Timings and forward counts differ between a cold and a warm cache; everything outside
-    # "run" is a function of the catalogue, the models and the seed.
-    report["run"] = {"forwards": counts.as_dict(), "naive_forwards": naive,
-                     "seconds": {k: round(v, 3) for k, v in timings.items()}}
+    report = EvaluationReport(
+        settings=settings, data=data_summary, results=scores.results,
+        comparison=scores.comparison, ablation=scores.ablation, scaling=scores.scaling,
+        segmentation=seg_quality,
+        models=models, study=study, prompt_leaks=leaks,
+        # Timings and forward counts differ between a cold and a warm cache; everything outside
+        # `run` is a function of the catalogue, the models and the seed.
+        run=RunInfo(forwards=Forwards.from_dict(counts.as_dict()), naive_forwards=naive,
+                    seconds={k: round(v, 3) for k, v in timings.items()}),
+    )
     rows = prediction_rows(data, results)
     return EvaluationResult(report=report, predictions=rows, prompt_audit=audit)
 
@@ -291,12 +303,11 @@ def _stage(progress: StageProgress | None, name: str) -> Progress | None:
     return lambda done, total: progress(name, done, total)
 
 
-def _model_identities(config: RunConfig, modes: tuple[SegmenterMode, ...]) -> dict[str, Any]:
+def _model_identities(config: RunConfig, modes: tuple[SegmenterMode, ...]) -> ModelIdentities:
     embedder = identify(config.embedder_model, kind="embedder", model_dir=config.model_dir)
-    out: dict[str, Any] = {"embedder": {"name": embedder.name, "digest": embedder.digest},
-                           "prompts": config.prompts}
+    segmenter = None
     if any(m != "none" for m in modes):
         seg = identify(config.segmenter_model, kind="segmenter", model_dir=config.model_dir)
-        out["segmenter"] = {"name": seg.name, "digest": seg.digest}
-    return out
-
+        segmenter = ModelIdentity(name=seg.name, digest=seg.digest)
+    return ModelIdentities(embedder=ModelIdentity(name=embedder.name, digest=embedder.digest),
+                           prompts=config.prompts, segmenter=segmenter)

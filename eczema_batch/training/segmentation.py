@@ -9,19 +9,18 @@ very same ones.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from eczema_batch.pipeline.evaluate import mask_overlap, mean_std
 from eczema_batch.progress import StageProgress
 from eczema_batch.training.data import References
 from eczema_batch.training.features import FeatureRequest, FeatureStore, study_references
+from eczema_batch.training.report import MaskScore, OverlapStat, SegmentationQuality
 
 
 def segmentation_quality(
     store: FeatureStore, refs: References, *, progress: StageProgress | None = None
-) -> dict[str, Any]:
+) -> SegmentationQuality:
     ids = [int(i) for i in refs.image_ids]
     full = store.full_vectors(ids)
     by_study = study_references(refs.image_ids, refs.patient_ids, refs.study_ids, full)
@@ -32,18 +31,21 @@ def segmentation_quality(
     results = store.measure(requests)
     predicted = store.masks([(m.image_id, m.key) for m in results])
     manual = store.manual_masks(ids)
-    per_image: list[dict[str, Any]] = []
+    per_image = []
     for m in results:
         overlap = mask_overlap(predicted[(m.image_id, m.key)], manual[m.image_id].mask)
-        per_image.append({"image_id": m.image_id, "prompts": list(m.key.prompt_ids), **overlap})
+        per_image.append(MaskScore(m.image_id, m.prompts.ids, float(overlap["dice"]),
+                                   float(overlap["iou"])))
     if progress is not None:
         progress("segmentation quality", len(ids), len(ids))
-    dice = [float(p["dice"]) for p in per_image]
-    iou = [float(p["iou"]) for p in per_image]
-    return {
-        "images": len(per_image),
-        "no_prompts": sum(1 for m in results if not m.prompts.ids),
-        "dice": {**mean_std(dice), "median": float(np.median(dice))},
-        "iou": {**mean_std(iou), "median": float(np.median(iou))},
-        "per_image": per_image,
-    }
+    return SegmentationQuality(
+        images=len(per_image),
+        no_prompts=sum(1 for m in results if not m.prompts.ids),
+        dice=_overlap([p.dice for p in per_image]),
+        iou=_overlap([p.iou for p in per_image]),
+        per_image=tuple(per_image),
+    )
+
+
+def _overlap(values: list[float]) -> OverlapStat:
+    return OverlapStat.from_dict({**mean_std(values), "median": float(np.median(values))})
