@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import datetime as dt
+import json
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from sqlalchemy import insert, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Job, Run
+from eczema_batch.errors import TransientError
 from eczema_batch.jobs import states
 from eczema_batch.jobs.leases import claim_job, finish_job, release_job
 from eczema_batch.jobs.local import expire_dead_local_leases
@@ -34,7 +36,7 @@ from eczema_batch.jobs.states import (
     check_transition,
 )
 from eczema_batch.jobs.work import split_job
-from eczema_batch.measuring.config import RunConfig
+from eczema_batch.measuring.config import RunConfig, RunSettings
 
 REPO = Path(__file__).resolve().parents[1]
 LATER = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
@@ -302,3 +304,16 @@ def test_no_bare_state_strings_in_the_job_code() -> None:
     found = [hit for path in SCANNED
              for hit in bare_states(path.read_text(), str(path.relative_to(REPO)))]
     assert found == [], "use JobState / RunState / NoState (eczema_batch/jobs/states.py)"
+
+
+def test_run_settings_read_back_what_was_written_and_refuse_what_they_do_not_know() -> None:
+    config = RunConfig(segmenter_model="tiny-seggpt", embedder_model="tiny-dino", prompts=3)
+    written = RunSettings(config, Targets(embedder_id=1, segmenter_id=2, head_id=None),
+                          study="trial", retried_images=4)
+    doc = json.loads(json.dumps(written.as_json()))  # as the catalogue's JSON column keeps it
+    assert RunSettings.from_json(doc) == written
+    # A key older versions wrote is read and ignored ...
+    assert RunSettings.from_json({**doc, "exclude_same_patient": False}) == written
+    # ... one this version never knew gives the job back, for a worker that does.
+    with pytest.raises(TransientError, match="run 9 was planned by a newer.*reference_sets"):
+        RunSettings.from_json({**doc, "reference_sets": {}}, run_id=9)

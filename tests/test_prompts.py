@@ -114,5 +114,5 @@ def test_the_budget_is_each_workers_own_setting(monkeypatch: pytest.MonkeyPatch)
     config = RunConfig.from_settings(settings)
     assert Runtime(config).prompts.budget == 3 * 2**20
     # A run planned elsewhere with another budget still uses this worker's.
-    planned = RunConfig.from_dict({**config.as_dict(), "prompt_cache_mb": 4096})
+    planned = RunConfig(**{**config.as_dict(), "prompt_cache_mb": 4096})
     assert RunConfig(**{**planned.as_dict(), **worker_overrides(settings)}).prompt_cache_mb == 3

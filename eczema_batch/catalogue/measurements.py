@@ -155,15 +155,23 @@ class CatalogueStore:
         return vectors(self.session, image_ids, model_id=self.embedder_id, region="full")
 
     def crop_vectors(self, keys: Sequence[Keyed]) -> dict[Keyed, np.ndarray]:
-        by_variant = {k[1].variant: k[1] for k in keys}
+        if not keys:
+            return {}
+        # One query for the lot: with prompt-set keys nearly every image has its own variant.
+        by_variant = {k.variant: k for _, k in keys}
         wanted = set(keys)
+        rows = self.session.execute(
+            select(Embedding.image_id, Embedding.variant, Embedding.vector).where(
+                Embedding.image_id.in_({iid for iid, _ in keys}),
+                Embedding.model_id == self.embedder_id, Embedding.region == "crop",
+                Embedding.variant.in_(list(by_variant)),
+            )
+        )
         found: dict[Keyed, np.ndarray] = {}
-        for variant, key in by_variant.items():
-            ids = [iid for iid, k in keys if k == key]
-            for iid, vector in vectors(self.session, ids, model_id=self.embedder_id,
-                                       region="crop", variant=variant).items():
-                if (iid, key) in wanted:
-                    found[(iid, key)] = vector
+        for iid, variant, blob in rows:
+            k = (iid, by_variant[variant])
+            if k in wanted:
+                found[k] = np.frombuffer(blob, dtype="<f4")
         return found
 
     def masks(self, keys: Sequence[Keyed]) -> dict[Keyed, StoredMask]:

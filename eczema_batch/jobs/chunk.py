@@ -35,7 +35,12 @@ from eczema_batch.jobs.leases import (
     worker_name,
 )
 from eczema_batch.jobs.states import JobState, NoState, Reported
-from eczema_batch.measuring.config import PROMPT_MAX_SIDE, QUERY_MAX_SIDE, RunConfig
+from eczema_batch.measuring.config import (
+    PROMPT_MAX_SIDE,
+    QUERY_MAX_SIDE,
+    RunConfig,
+    RunSettings,
+)
 from eczema_batch.measuring.pixels import StudyPixels
 from eczema_batch.measuring.runtime import Runtime, get_runtime
 from eczema_batch.pipeline.measure import embed_whole, measure
@@ -152,10 +157,10 @@ def run_chunk(
             with factory() as session, session.begin():
                 job = session.get_one(Job, job_id)
                 run = session.get_one(Run, job.run_id)
-                config = RunConfig.from_dict(run.settings)
+                stored = RunSettings.from_json(run.settings, run_id=run.id)
+                config, targets = stored.config, stored.targets
                 if config_overrides:
                     config = dataclasses.replace(config, **config_overrides)
-                targets = catalogue.Targets(**run.settings["targets"])
                 chunk = _Chunk(session, runtime_for(config), config, targets, list(job.image_ids))
                 if job.stage == "embed":
                     chunk.embed_full()

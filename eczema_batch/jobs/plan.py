@@ -11,7 +11,7 @@ those planned with another configuration are cancelled (their images are planned
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import and_, exists, select, update
@@ -30,7 +30,7 @@ from eczema_batch.catalogue.models import (
 from eczema_batch.clock import utcnow
 from eczema_batch.errors import UsageError
 from eczema_batch.jobs.states import UNFINISHED, JobState, RunState, check_transition
-from eczema_batch.measuring.config import RunConfig
+from eczema_batch.measuring.config import RunConfig, RunSettings
 from eczema_batch.measuring.current import current_keys
 
 STAGES = ("embed", "measure")
@@ -123,7 +123,7 @@ def plan_run(
     """Write the run and its jobs (the caller commits)."""
     if study is not None and session.scalar(select(Study.id).where(Study.name == study)) is None:
         raise UsageError(f"no study named {study!r}: `eczema-batch status` lists the studies")
-    settings = {**config.as_dict(), "targets": asdict(targets), "study": study}
+    retried: int | None = None
     # With --study, only that study's failures are retried: another study's stay as they are.
     in_study = None if study is None else _in_study(study)
     if retry_failed:
@@ -132,7 +132,8 @@ def plan_run(
             reset_stmt = reset_stmt.where(in_study)
         reset = session.execute(reset_stmt.values(decode_status="ok")
                                 .execution_options(synchronize_session=False))
-        settings["retried_images"] = getattr(reset, "rowcount", 0)
+        retried = getattr(reset, "rowcount", 0)
+    settings = RunSettings(config, targets, study, retried).as_json()
     run = Run(executor=executor, settings=settings, state=RunState.RUNNING)
     session.add(run)
     session.flush()

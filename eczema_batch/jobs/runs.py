@@ -16,7 +16,7 @@ from eczema_batch.catalogue.models import Run
 from eczema_batch.clock import utcnow
 from eczema_batch.jobs.plan import Plan, Targets, plan_run
 from eczema_batch.jobs.states import RunState
-from eczema_batch.measuring.config import RunConfig
+from eczema_batch.measuring.config import RunConfig, RunSettings
 from eczema_batch.measuring.runtime import resolve_targets, run_precision
 
 
@@ -68,7 +68,8 @@ def start_run(
 def new_summary(session: Session, plan: Plan) -> RunSummary:
     """An empty summary of `plan`'s run, with the targets the run was planned for."""
     run = session.get_one(Run, plan.run_id)
-    return RunSummary(run_id=plan.run_id, targets=Targets(**run.settings["targets"]),
+    return RunSummary(run_id=plan.run_id,
+                      targets=RunSettings.from_json(run.settings, run_id=run.id).targets,
                       jobs=plan.job_count, resumed=plan.resumed, images=dict(plan.images))
 
 

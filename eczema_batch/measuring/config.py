@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from eczema_batch.catalogue.measurements import Targets
 from eczema_batch.config import Settings, parse_device
-from eczema_batch.errors import UsageError
+from eczema_batch.errors import TransientError, UsageError
 
 SegmenterMode = Literal["seggpt", "none", "manual"]
 SEGMENTER_MODES: tuple[SegmenterMode, ...] = ("seggpt", "none", "manual")
@@ -65,11 +66,45 @@ class RunConfig:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in values.items() if k in known})
-
     @property
     def model_path(self) -> Path | None:
         return Path(self.model_dir) if self.model_dir else None
+
+
+#: Keys older versions wrote into a run's settings that no longer mean anything (read and ignored).
+_RETIRED_KEYS = frozenset({"exclude_same_patient"})
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run stores in `runs.settings` (JSON, flat), written and read back only here."""
+
+    config: RunConfig
+    targets: Targets
+    study: str | None = None
+    #: images `--retry-failed` gave another chance
+    retried_images: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        doc = {**self.config.as_dict(), "targets": asdict(self.targets), "study": self.study}
+        if self.retried_images is not None:
+            doc["retried_images"] = self.retried_images
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], *, run_id: int | None = None) -> RunSettings:
+        """Read back; keys this version does not know are an error, not silently dropped: a
+        newer planner may have meant something this worker would not do."""
+        config_keys = set(RunConfig.__dataclass_fields__)
+        unknown = set(doc) - config_keys - {"targets", "study", "retried_images"} - _RETIRED_KEYS
+        if unknown:
+            raise TransientError(
+                f"run {run_id} was planned by a newer eczema-batch (settings this one does not "
+                f"know: {', '.join(sorted(unknown))}): upgrade this worker"
+            )
+        return cls(
+            config=RunConfig(**{k: v for k, v in doc.items() if k in config_keys}),
+            targets=Targets(**doc["targets"]),
+            study=doc.get("study"),
+            retried_images=doc.get("retried_images"),
+        )

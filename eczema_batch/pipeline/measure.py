@@ -10,6 +10,7 @@ folders); what it returns says which results are new, for the caller to save. Th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -109,6 +110,23 @@ def mask_key(query: Query, prompts: PromptSet, method: Method) -> MaskKey:
     return MaskKey.seggpt(method.segmenter_id, prompts.ids)
 
 
+@dataclass
+class _Item:
+    """One (image, mask key) while `measure` runs: all that is known of it, in one place."""
+
+    query: Query
+    prompts: PromptSet
+    #: the crop embedding, found in the store or made now
+    crop: np.ndarray | None = None
+    new_crop: bool = False
+    #: the mask the crop is cut with; None: the whole image (no mask, or SegGPT found nothing)
+    cut_with: np.ndarray | None = None
+    #: the stored mask it is cut with (manual, or SegGPT's from an earlier call)
+    mask_id: int | None = None
+    new_mask: NewMask | None = None
+    probabilities: np.ndarray | None = None
+
+
 def measure(queries: Sequence[Query], method: Method, models: Models, store: Store,
             pixels: Pixels, *, head: SeverityHead | None = None, counts: Counts | None = None,
             on_new_mask: Callable[[Keyed, NewMask], None] | None = None,
@@ -120,8 +138,7 @@ def measure(queries: Sequence[Query], method: Method, models: Models, store: Sto
     alone: its Measurement carries the reason, the others complete. `on_new_mask` sees each
     mask as soon as it is made (a caller encodes its PNG in a thread while the models go on).
     """
-    from eczema_batch.pipeline.classify import predict_proba  # torch: only when a head is used
-
+    counts = counts if counts is not None else Counts()
     #: image id -> why it cannot be read
     failed: dict[int, str] = {}
     # 1. Whole-image embeddings, of the images that retrieval will prompt.
@@ -131,101 +148,94 @@ def measure(queries: Sequence[Query], method: Method, models: Models, store: Sto
     # 2. Prompts: each query's K nearest references, hence its mask key.
     prompt_sets = choose_prompts(queries, full, method)
     keys = [mask_key(q, p, method) for q, p in zip(queries, prompt_sets, strict=True)]
-    unique: dict[Keyed, tuple[Query, PromptSet]] = {}
+    items: dict[Keyed, _Item] = {}
     for q, p, key in zip(queries, prompt_sets, keys, strict=True):
-        unique.setdefault((q.image_id, key), (q, p))
-    crops = store.crop_vectors(list(unique))
-    todo = [k for k in unique if k not in crops and k[0] not in failed]
+        items.setdefault((q.image_id, key), _Item(q, p))
+    for k, crop in store.crop_vectors(list(items)).items():
+        items[k].crop = crop
+    todo = {k: it for k, it in items.items() if it.crop is None and k[0] not in failed}
     pixels.prefetch(k[0] for k in todo)
-    # 3. Masks: the manual one, SegGPT's from an earlier call, or SegGPT now.
+    # 3. Masks: the manual one, SegGPT's from an earlier call, or SegGPT's now.
     stored = store.masks([k for k in todo if k[1].source == "seggpt"])
-    masks: dict[Keyed, np.ndarray | None] = {}
-    mask_ids: dict[Keyed, int | None] = {}
-    new_masks: dict[Keyed, NewMask] = {}
-    to_segment: list[Keyed] = []
-    for k in todo:
-        query, prompt_set = unique[k]
-        if k[1].source == "none":
-            masks[k], mask_ids[k] = None, None
-        elif k[1].source == "manual":
-            assert query.manual_mask is not None
-            masks[k], mask_ids[k] = query.manual_mask.mask, query.manual_mask.id
+    to_segment = []
+    for k, it in todo.items():
+        if k[1].source == "manual":
+            assert it.query.manual_mask is not None
+            it.cut_with, it.mask_id = it.query.manual_mask.mask, it.query.manual_mask.id
+        elif k[1].source != "seggpt":
+            continue
         elif k in stored:
             found = stored[k].mask
-            masks[k], mask_ids[k] = (found if found.any() else None), stored[k].id
-        elif not prompt_set.ids:
-            whole = np.ones(query.size, dtype=bool)
-            new_masks[k] = NewMask(whole, 1.0, FLAG_NO_REFERENCES)
-            masks[k], mask_ids[k] = None, None
+            it.cut_with, it.mask_id = (found if found.any() else None), stored[k].id
+        elif not it.prompts.ids:
+            it.new_mask = NewMask(np.ones(it.query.size, dtype=bool), 1.0, FLAG_NO_REFERENCES)
         else:
             to_segment.append(k)
     got = _pixels_of(list(dict.fromkeys(k[0] for k in todo)), pixels, failed)
-    to_segment = [k for k in to_segment if k[0] in got]
-    if to_segment:
-        segmenter = models.segmenter
-        pairs = pixels.pairs(sorted({p for k in to_segment for p in unique[k][1].ids}),
-                             segmenter.input_size)
-        usable = {k: [p for p in unique[k][1].ids if p in pairs] for k in to_segment}
-        for k in [k for k in to_segment if not usable[k]]:
-            # Every prompt image became unreadable since it was chosen.
-            new_masks[k] = NewMask(np.ones(unique[k][0].size, dtype=bool), 1.0,
-                                   FLAG_NO_REFERENCES)
-            masks[k], mask_ids[k] = None, None
-        to_segment = [k for k in to_segment if usable[k]]
-        results = segmenter.segment(
-            [got[k[0]] for k in to_segment], [[pairs[p] for p in usable[k]] for k in to_segment],
-            out_sizes=[unique[k][0].size for k in to_segment],
-            batch_size=max(method.batch_size, 1)) if to_segment else []
-        if counts is not None:
-            counts.segmenter_queries += len(to_segment)
-            counts.segmenter_prompt_pairs += sum(len(usable[k]) for k in to_segment)
-        for k, result in zip(to_segment, results, strict=True):
-            empty = not result.mask.any()
-            new_masks[k] = NewMask(result.mask, result.area_fraction,
-                                   FLAG_EMPTY if empty else None)
-            if on_new_mask is not None:
-                on_new_mask(k, new_masks[k])
-            masks[k], mask_ids[k] = (None if empty else result.mask), None
+    _segment({k: todo[k] for k in to_segment if k[0] in got}, got, models, pixels, method,
+             counts, on_new_mask)
     # 4. The lesion crop (the whole image where there is no mask), embedded.
     to_crop = [k for k in todo if k[0] in got]
     if to_crop:
-        images = [_lesion(got[k[0]], masks[k]) for k in to_crop]
-        matrix = models.embedder.embed(images, batch_size=method.batch_size)
-        if counts is not None:
-            counts.embedder_images += len(to_crop)
-        new_crops = dict(zip(to_crop, matrix, strict=True))
-    else:
-        new_crops = {}
+        matrix = models.embedder.embed([_lesion(got[k[0]], todo[k].cut_with) for k in to_crop],
+                                       batch_size=method.batch_size)
+        counts.embedder_images += len(to_crop)
+        for k, vector in zip(to_crop, matrix, strict=True):
+            todo[k].crop, todo[k].new_crop = vector, True
     # 5. Severity: the head's class probabilities.
-    ready = {**crops, **new_crops}
-    probabilities: dict[Keyed, np.ndarray] = {}
+    ready = [(it, it.crop) for it in items.values() if it.crop is not None]
     if head is not None and ready:
-        order = list(ready)
-        probabilities = dict(zip(order, predict_proba(head, np.stack([ready[k] for k in order])),
-                                 strict=True))
-    out = []
-    for q, p, key in zip(queries, prompt_sets, keys, strict=True):
-        k = (q.image_id, key)
-        if q.image_id in failed:
-            out.append(Measurement(q.image_id, key, p, error=failed[q.image_id]))
-            continue
-        out.append(Measurement(
-            q.image_id, key, p, mask_id=mask_ids.get(k), new_mask=new_masks.get(k),
-            crop=ready[k], new_crop=k in new_crops, probabilities=probabilities.get(k)))
-    return _first_owns_new(out), new_full
+        from eczema_batch.pipeline.classify import predict_proba  # torch: only with a head
+
+        probabilities = predict_proba(head, np.stack([crop for _, crop in ready]))
+        for (it, _), p in zip(ready, probabilities, strict=True):
+            it.probabilities = p
+    out, seen = [], set()
+    for q, key in zip(queries, keys, strict=True):
+        # Queries that share (image, key) share one result; the first carries what is new, so
+        # the caller stores it once.
+        out.append(_measurement(q, key, items[(q.image_id, key)], failed,
+                                new=(q.image_id, key) not in seen))
+        seen.add((q.image_id, key))
+    return out, new_full
+
+
+def _segment(items: dict[Keyed, _Item], got: dict[int, np.ndarray], models: Models,
+             pixels: Pixels, method: Method, counts: Counts,
+             on_new_mask: Callable[[Keyed, NewMask], None] | None) -> None:
+    """Step 3 proper: SegGPT for `items`, each with the prompts of its key that can be read."""
+    if not items:
+        return
+    segmenter = models.segmenter
+    pairs = pixels.pairs(sorted({p for it in items.values() for p in it.prompts.ids}),
+                         segmenter.input_size)
+    usable = {k: [p for p in it.prompts.ids if p in pairs] for k, it in items.items()}
+    for k in [k for k in items if not usable[k]]:
+        # Every prompt image became unreadable since it was chosen.
+        lost = items.pop(k)
+        lost.new_mask = NewMask(np.ones(lost.query.size, dtype=bool), 1.0, FLAG_NO_REFERENCES)
+    results = segmenter.segment(
+        [got[k[0]] for k in items], [[pairs[p] for p in usable[k]] for k in items],
+        out_sizes=[it.query.size for it in items.values()],
+        batch_size=max(method.batch_size, 1)) if items else []
+    counts.segmenter_queries += len(items)
+    counts.segmenter_prompt_pairs += sum(len(usable[k]) for k in items)
+    for (k, it), result in zip(items.items(), results, strict=True):
+        empty = not result.mask.any()
+        it.new_mask = NewMask(result.mask, result.area_fraction, FLAG_EMPTY if empty else None)
+        it.cut_with = None if empty else result.mask
+        if on_new_mask is not None:
+            on_new_mask(k, it.new_mask)
 
 
 def _lesion(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return image if mask is None else crop_to_mask(image, mask).pixels
 
 
-def _first_owns_new(measurements: list[Measurement]) -> list[Measurement]:
-    """Queries that share (image, key) share one result; only the first carries what is new,
-    so the caller stores it once."""
-    seen: set[Keyed] = set()
-    for m in measurements:
-        k = (m.image_id, m.key)
-        if k in seen:
-            m.new_mask, m.new_crop = None, False
-        seen.add(k)
-    return measurements
+def _measurement(query: Query, key: MaskKey, item: _Item, failed: dict[int, str], *,
+                 new: bool) -> Measurement:
+    if query.image_id in failed:
+        return Measurement(query.image_id, key, item.prompts, error=failed[query.image_id])
+    return Measurement(query.image_id, key, item.prompts, mask_id=item.mask_id,
+                       new_mask=item.new_mask if new else None, crop=item.crop,
+                       new_crop=item.new_crop and new, probabilities=item.probabilities)

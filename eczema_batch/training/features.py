@@ -27,7 +27,7 @@ from eczema_batch.errors import EczemaBatchError
 from eczema_batch.measuring.config import PROMPT_MAX_SIDE, QUERY_MAX_SIDE, RunConfig
 from eczema_batch.measuring.pixels import StudyPixels
 from eczema_batch.measuring.runtime import Runtime, get_runtime
-from eczema_batch.pipeline.measure import embed_whole, measure
+from eczema_batch.pipeline.measure import choose_prompts, embed_whole, mask_key, measure
 from eczema_batch.pipeline.records import (
     Counts,
     Keyed,
@@ -97,28 +97,46 @@ class FeatureStore:
 
     def measure(self, requests: Sequence[FeatureRequest], *, progress: Progress | None = None
                 ) -> list[Measurement]:
-        """Steps 2 to 4 for every request, in batches that commit as they go."""
-        out: list[Measurement] = []
-        for start in range(0, len(requests), BATCH_IMAGES):
-            batch = requests[start : start + BATCH_IMAGES]
+        """Steps 2 to 4 for every request, in batches that commit as they go.
+
+        Most splits prompt an image with the same references: each (image, mask key) is
+        measured once and its Measurement returned for every request that has that key.
+        """
+        keys = self._keys(requests)
+        first: dict[Keyed, FeatureRequest] = {}
+        for k, request in zip(keys, requests, strict=True):
+            first.setdefault(k, request)
+        unique = list(first.values())
+        found: dict[Keyed, Measurement] = {}
+        for start in range(0, len(unique), BATCH_IMAGES):
+            batch = unique[start : start + BATCH_IMAGES]
             with self.factory() as session, session.begin(), ThreadPoolExecutor(
                     max_workers=DECODE_THREADS) as pool:
                 rows = catalogue.image_rows(session, {r.image_id for r in batch},
                                             image_root=self.config.image_root)
-                queries = [Query(r.image_id, r.patient_id,
-                                 (rows[r.image_id].height, rows[r.image_id].width),
-                                 r.references, r.manual_mask) for r in batch]
                 store = catalogue.CatalogueStore(session, embedder_id=self.targets.embedder_id)
                 pixels = StudyPixels(session, self.config, max_side=QUERY_MAX_SIDE, pool=pool,
                                      prompts=self.runtime.prompts, rows=rows)
-                results, new_full = measure(queries, self.method, self.runtime, store, pixels,
-                                            counts=self.counts)
+                results, new_full = measure(_queries(batch, rows), self.method, self.runtime,
+                                            store, pixels, counts=self.counts)
                 catalogue.save(session, results, self.targets, new_full=new_full)
             _stop_on({m.image_id: m.error for m in results if m.error})
-            out.extend(results)
+            found.update(((m.image_id, m.key), m) for m in results)
             if progress is not None:
-                progress(start + len(batch), len(requests))
-        return out
+                progress(start + len(batch), len(unique))
+        return [found[k] for k in keys]
+
+    def _keys(self, requests: Sequence[FeatureRequest]) -> list[Keyed]:
+        """Each request's (image, mask key): step 2 on the stored whole-image embeddings."""
+        ids = {r.image_id for r in requests}
+        with self.factory() as session:
+            rows = catalogue.image_rows(session, ids, image_root=self.config.image_root)
+            full = catalogue.CatalogueStore(session, embedder_id=self.targets.embedder_id
+                                            ).full_vectors(list(ids))
+        queries = _queries(requests, rows)
+        prompts = choose_prompts(queries, full, self.method)
+        return [(q.image_id, mask_key(q, p, self.method))
+                for q, p in zip(queries, prompts, strict=True)]
 
     def masks(self, keys: Sequence[Keyed]) -> dict[Keyed, np.ndarray]:
         """The stored masks of `keys` (the masks `measure` made or found), decoded."""
@@ -129,6 +147,12 @@ class FeatureStore:
     def manual_masks(self, ids: Sequence[int]) -> dict[int, StoredMask]:
         with self.factory() as session:
             return catalogue.manual_masks(session, ids)
+
+
+def _queries(requests: Sequence[FeatureRequest], rows: dict[int, catalogue.ImageRow]
+             ) -> list[Query]:
+    return [Query(r.image_id, r.patient_id, (rows[r.image_id].height, rows[r.image_id].width),
+                  r.references, r.manual_mask) for r in requests]
 
 
 def _stop_on(failed: dict[int, str]) -> None:
