@@ -2,10 +2,11 @@
 
 An image's current result is the one made from the prompts that retrieval picks now, among its
 study's present references (images with a manual mask), with the run's models and K. When the
-reference set changes (a manual mask is added, replaced or removed), an image whose K nearest
-references change gets a new mask key: the next `run` segments it again and replaces its
-prediction; an image whose prompts stay the same keeps its mask, crop and prediction. Older masks
-stay in the catalogue under their keys, where `evaluate` (or a later run) may find them again.
+reference set changes (a manual mask is added, or a reference can no longer be read; ingest never
+replaces a manual mask), an image whose K nearest references change gets a new mask key: the next
+`run` segments it again and replaces its prediction; an image whose prompts stay the same keeps
+its mask, crop and prediction. Older masks stay in the catalogue under their keys, where
+`evaluate` (or a later run) may find them again.
 """
 
 from __future__ import annotations
