@@ -33,7 +33,7 @@ from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS
 from eczema_batch.ingest.service import ingest_study
 from eczema_batch.pipeline.tiny import make_tiny_models
 from eczema_batch.synth import write_synthetic_study
-from eczema_batch.training.report import EvaluationReport
+from eczema_batch.training.results import EvaluationReport
 
 VISITS = 5
 IMAGES_PER_VISIT = 2

@@ -46,7 +46,8 @@ from eczema_batch.pipeline.records import MaskKey
 from eczema_batch.pipeline.train import TrainSettings
 from eczema_batch.synth import write_synthetic_study
 from eczema_batch.training.evaluate import EvaluationResult, EvaluationSettings, run_evaluation
-from eczema_batch.training.report import EvaluationReport, report_json
+from eczema_batch.training.report import report_json
+from eczema_batch.training.results import EvaluationReport
 from tests._model_fixtures import tiny_model_dir  # noqa: F401
 
 CLASSES = ("clear", "mild", "moderate", "severe")

@@ -44,17 +44,19 @@ from eczema_batch.progress import Progress, StageProgress
 from eczema_batch.training.data import LabelledImages, References, labelled_images, references
 from eczema_batch.training.features import FeatureRequest, FeatureStore, study_references
 from eczema_batch.training.report import (
+    MethodPredictions,
+    naive_forwards,
+    prediction_rows,
+    score_methods,
+)
+from eczema_batch.training.results import (
     DataSummary,
     EvaluationReport,
     Forwards,
-    MethodPredictions,
     ModelIdentities,
     ModelIdentity,
     RunInfo,
     SegmentationQuality,
-    naive_forwards,
-    prediction_rows,
-    score_methods,
 )
 from eczema_batch.training.segmentation import segmentation_quality
 

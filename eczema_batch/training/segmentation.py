@@ -15,7 +15,7 @@ from eczema_batch.pipeline.evaluate import mask_overlap, mean_std
 from eczema_batch.progress import StageProgress
 from eczema_batch.training.data import References
 from eczema_batch.training.features import FeatureRequest, FeatureStore, study_references
-from eczema_batch.training.report import MaskScore, OverlapStat, SegmentationQuality
+from eczema_batch.training.results import MaskScore, OverlapStat, SegmentationQuality
 
 
 def segmentation_quality(
