@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import re
 from collections import Counter, defaultdict
 from datetime import date
@@ -20,11 +21,14 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import NearestCentroid
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from typer.testing import CliRunner
 
+from eczema_batch.cli import app
 from eczema_batch.errors import UsageError
 from eczema_batch.synth import (
     BODY_SITES,
     MANIFEST_FIELDS,
+    TRUTH_FIELDS,
     Format,
     SynthSummary,
     Trend,
@@ -32,6 +36,7 @@ from eczema_batch.synth import (
     render_image,
     write_synthetic_study,
 )
+from eczema_batch.synth.render import skin_colour
 
 SEED = 3
 PLAN_DEFAULTS: dict[str, Any] = {
@@ -46,10 +51,24 @@ PLAN_DEFAULTS: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SynthSummary]:
-    """40 patients x 4 visits x 2 images = 320 pictures, written once for the module."""
+    """40 patients x 4 visits x 2 images = 320 pictures, written once for the module, with its
+    truth beside it in ../truth."""
     root = tmp_path_factory.mktemp("synth") / "study"
-    summary = write_synthetic_study(root, patients=40, visits=4, seed=SEED)
+    summary = write_synthetic_study(
+        root, patients=40, visits=4, seed=SEED, truth=root.parent / "truth"
+    )
     return root, summary
+
+
+def _truth(truth: Path) -> list[dict[str, str]]:
+    with (truth / "truth.csv").open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _mask(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        assert img.mode == "L"
+        return np.asarray(img)
 
 
 def _manifest(root: Path) -> list[dict[str, str]]:
@@ -324,3 +343,114 @@ def test_large_pictures_keep_their_lesion() -> None:
     assert abs(mask.mean() - small_mask.mean()) < 0.02
     assert abs(float(rgb.mean()) - float(small_rgb.mean())) < 4.0
     assert Format.DICOM.is_dicom and not Format.PNG.is_dicom
+
+
+def test_truth_masks_cover_every_image(study: tuple[Path, SynthSummary]) -> None:
+    root, summary = study
+    truth = root.parent / "truth"
+    assert summary.truth == truth
+    rows = _manifest(root)
+    expected = {f"{r['path'].rsplit('.', 1)[0]}.mask.png" for r in rows} | {"truth.csv"}
+    assert {p.relative_to(truth).as_posix() for p in truth.rglob("*") if p.is_file()} == expected
+    for r in rows:
+        mask = _mask(truth / f"{r['path'].rsplit('.', 1)[0]}.mask.png")
+        assert mask.shape == (240, 320) and set(np.unique(mask)) <= {0, 255}
+        if r["mask"]:  # the study's manual mask is the truth
+            assert np.array_equal(mask, _mask(root / r["mask"])), r["path"]
+
+
+def test_truth_table(study: tuple[Path, SynthSummary]) -> None:
+    root, _ = study
+    truth = root.parent / "truth"
+    assert (truth / "truth.csv").read_text(encoding="utf-8").splitlines()[0] == ",".join(
+        TRUTH_FIELDS
+    )
+    rows = _truth(truth)
+    manifest = _manifest(root)
+    assert [r["path"] for r in rows] == [m["path"] for m in manifest]
+    for r, m in zip(rows, manifest, strict=True):
+        assert [r[k] for k in ("patient", "visit_date", "body_site")] == [
+            m[k] for k in ("patient", "visit_date", "body_site")
+        ]
+        assert int(r["severity"]) in range(4)
+        if m["severity"]:
+            assert r["severity"] == m["severity"]
+    by_patient: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for r in rows:
+        by_patient[r["patient"]].append(r)
+    change: dict[str, list[float]] = defaultdict(list)
+    for images in by_patient.values():
+        assert len({(r["trend"], r["tone"]) for r in images}) == 1  # one course, one skin
+        levels = [int(r["severity"]) for r in images]
+        change[images[0]["trend"]].append(float(np.mean(levels[-2:]) - np.mean(levels[:2])))
+    assert set(change) == {t.value for t in Trend}
+    assert np.mean(change["improving"]) < -1.0 and max(change["improving"]) <= 0
+    assert np.mean(change["worsening"]) > 1.0 and min(change["worsening"]) >= 0
+    assert abs(np.mean(change["stable"])) < 0.5
+
+
+def test_all_six_skin_types_occur() -> None:
+    specs = plan_study(patients=12, visits=1, seed=SEED, **PLAN_DEFAULTS)
+    types = Counter(s.patient.fitzpatrick for s in specs if s.site_index == 0)
+    assert types == dict.fromkeys(("I", "II", "III", "IV", "V", "VI"), 2)
+    # the painted skin darkens with the type
+    lightness = {s.patient.fitzpatrick: float(skin_colour(s.patient.tone).sum()) for s in specs}
+    order = sorted(lightness, key=lightness.__getitem__, reverse=True)
+    assert order == ["I", "II", "III", "IV", "V", "VI"]
+
+
+@pytest.mark.parametrize("inside", [".", "truth", "S001/truth"])
+def test_truth_inside_the_study_is_refused(tmp_path: Path, inside: str) -> None:
+    root = tmp_path / "study"
+    with pytest.raises(UsageError, match="--truth must be outside the study folder"):
+        write_synthetic_study(root, patients=2, visits=1, truth=root / inside)
+    assert not root.exists()
+
+
+def test_truth_folder_must_be_new_or_empty(tmp_path: Path) -> None:
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "truth" / "old.csv").write_text("keep me")
+    with pytest.raises(UsageError, match="is not empty: choose a new folder"):
+        write_synthetic_study(tmp_path / "s", patients=1, visits=1, truth=tmp_path / "truth")
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(UsageError, match="must not be inside --truth"):
+        write_synthetic_study(tmp_path / "t" / "s", patients=1, visits=1, truth=tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
+def test_truth_is_seeded_and_written_by_processes_too(tmp_path: Path) -> None:
+    kwargs: dict[str, Any] = {"patients": 4, "visits": 2, "seed": 5, "dicom_fraction": 0.5}
+    write_synthetic_study(tmp_path / "one", truth=tmp_path / "one-truth", **kwargs)
+    write_synthetic_study(tmp_path / "two", truth=tmp_path / "two-truth", workers=2, **kwargs)
+    write_synthetic_study(tmp_path / "plain", **kwargs)
+    assert _hashes(tmp_path / "one-truth") == _hashes(tmp_path / "two-truth")
+    assert len(_hashes(tmp_path / "one-truth")) == 4 * 2 * 2 + 1
+    # writing the truth changes nothing in the study
+    assert _hashes(tmp_path / "one") == _hashes(tmp_path / "two") == _hashes(tmp_path / "plain")
+
+
+def test_cli_writes_the_truth(tmp_path: Path) -> None:
+    runner = CliRunner()
+    study, truth = tmp_path / "s", tmp_path / "s-truth"
+    args = [
+        "synth",
+        str(study),
+        "--patients",
+        "2",
+        "--visits",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "48",
+    ]
+    result = runner.invoke(app, [*args, "--truth", str(truth / "x"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["truth"] == str(truth / "x")
+    assert len(_truth(truth / "x")) == 8 == len(list((truth / "x").rglob("*.mask.png")))
+    refused = runner.invoke(
+        app, ["synth", str(tmp_path / "new"), "--truth", str(tmp_path / "new" / "t")]
+    )
+    assert refused.exit_code == 2
+    assert "--truth must be outside the study folder" in refused.stderr
+    assert not (tmp_path / "new").exists()

@@ -235,11 +235,16 @@ def synth(
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same files.")] = 0,
     width: Annotated[int, typer.Option(min=32, help="Image width in pixels.")] = 320,
     height: Annotated[int, typer.Option(min=32, help="Image height in pixels.")] = 240,
+    truth: Annotated[
+        Path | None,
+        typer.Option(help="New folder, outside the study, for the known truth: truth.csv and "
+                     "every image's true lesion mask."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Write a synthetic study (photos, DICOM, masks, manifest) to try the tool.
 
-    Example: eczema-batch synth ./demo-study --patients 12 --visits 4 --seed 0
+    Example: eczema-batch synth ./demo-study --patients 12 --visits 4 --seed 0 --truth ./demo-truth
     """
     from eczema_batch.synth import write_synthetic_study
 
@@ -250,9 +255,11 @@ def synth(
         seed=seed,
         images_per_visit=images_per_visit,
         size=(width, height),
+        truth=truth,
     )
     payload = {
         "folder": str(summary.root),
+        "truth": str(summary.truth) if summary.truth is not None else None,
         "patients": summary.patients,
         "visits": summary.visits,
         "images": summary.images,
@@ -268,6 +275,9 @@ def synth(
             f"({summary.references} with manual masks, {summary.dicom} DICOM) to "
             f"{literal(summary.root)}"
         )
+        if summary.truth is not None:
+            err.print(f"wrote the truth (truth.csv, every image's lesion mask) to "
+                      f"{literal(summary.truth)}")
         err.print(f"next: eczema-batch ingest {literal(summary.root)}")
 
 

@@ -6,6 +6,10 @@
     root/S001/2024-01-15/left-arm.jpg         photograph (JPEG, PNG, or DICOM as img-<site>.dcm)
     root/S001/2024-01-15/left-arm.mask.png    manual lesion mask (0/255) on the reference images
 
+With `truth`, the known truth (every image's painted lesion mask, its severity, the patient's
+trend and Fitzpatrick skin type) goes to a separate folder (see `eczema_batch.synth.truth`); the
+study folder stays what a real study is.
+
 Patients (subject codes, never names) each improve, stay stable or worsen over their visits, so
 trends show in reports. Pictures are skin of varied tones with a lesion whose extent, redness and
 roughness grow with the severity class 0..3, so a model can learn severity from pixels; a manual
@@ -33,18 +37,27 @@ from eczema_batch.errors import UsageError
 from eczema_batch.synth.dicom import write_dicom
 from eczema_batch.synth.plan import BODY_SITES, Format, ImageSpec, Trend, plan_study
 from eczema_batch.synth.render import Painter, paint
+from eczema_batch.synth.truth import (
+    TRUTH_FIELDS,
+    check_truth_folder,
+    truth_text,
+    write_truth_mask,
+    write_truth_table,
+)
 
 __all__ = [
     "BODY_SITES",
     "MANIFEST_FIELDS",
     "Format",
     "ImageSpec",
+    "TRUTH_FIELDS",
     "SynthSummary",
     "Trend",
     "manifest_text",
     "paint",
     "plan_study",
     "render_image",
+    "truth_text",
     "write_synthetic_study",
 ]
 
@@ -66,6 +79,7 @@ class SynthSummary:
     references: int  # images with a manual mask
     dicom: int
     labels: dict[int, int]  # severity class -> count (all four classes, zeros included)
+    truth: Path | None = None  # the truth folder, when one was written
 
 
 def render_image(
@@ -81,8 +95,15 @@ def render_image(
     return painting.rgb, painting.mask
 
 
-def _write_images(root: Path, specs: Sequence[ImageSpec], seed: int, size: tuple[int, int]) -> int:
-    """Paint and write `specs` under `root`; returns how many were written."""
+def _write_images(
+    root: Path,
+    specs: Sequence[ImageSpec],
+    seed: int,
+    size: tuple[int, int],
+    truth: Path | None = None,
+) -> int:
+    """Paint and write `specs` under `root` (and their true masks under `truth`, if given);
+    returns how many were written."""
     painter = Painter(size)
     folders: set[str] = set()
     for spec in specs:
@@ -105,6 +126,8 @@ def _write_images(root: Path, specs: Sequence[ImageSpec], seed: int, size: tuple
             mask = painting.mask.astype(np.uint8)
             mask *= 255
             Image.fromarray(mask, mode="L").save(root / spec.mask_path, "PNG")
+        if truth is not None:
+            write_truth_mask(truth, spec, painting.mask)
     return len(specs)
 
 
@@ -144,6 +167,7 @@ def _check(
     size: tuple[int, int],
     visit_interval_days: int,
     workers: int,
+    truth: Path | None,
 ) -> None:
     for name, value in (
         ("patients", patients),
@@ -165,6 +189,8 @@ def _check(
         raise UsageError(f"{root} is not a folder")
     if root.is_dir() and any(root.iterdir()):
         raise UsageError(f"{root} is not empty: choose a new folder")
+    if truth is not None:
+        check_truth_folder(truth, root)
 
 
 def write_synthetic_study(
@@ -182,6 +208,7 @@ def write_synthetic_study(
     visit_interval_days: int = 28,
     manifest: bool = True,
     workers: int = 1,
+    truth: Path | None = None,
 ) -> SynthSummary:
     """Write a synthetic study of `patients` x `visits` x `images_per_visit` photographs.
 
@@ -189,11 +216,15 @@ def write_synthetic_study(
     that every severity class has some), `dicom_fraction` are DICOM (half uncompressed, half JPEG
     baseline), `png_fraction` PNG (at most what DICOM leaves), the rest JPEG.
 
+    `truth`, a new or empty folder outside `root`, receives the known truth: truth.csv and the
+    painted lesion mask of every image (`eczema_batch.synth.truth`).
+
     `workers` > 1 paints in that many processes (spawned: a calling script needs the usual
     ``if __name__ == "__main__":`` guard) and writes the same files. Raises UsageError on bad
-    arguments or when `root` exists and is not empty; nothing is written then.
+    arguments or when `root` or `truth` exists and is not empty; nothing is written then.
     """
     root = Path(root)
+    truth = Path(truth) if truth is not None else None
     size = (int(size[0]), int(size[1]))
     _check(
         root,
@@ -209,6 +240,7 @@ def write_synthetic_study(
         size=size,
         visit_interval_days=visit_interval_days,
         workers=workers,
+        truth=truth,
     )
     specs = plan_study(
         patients=patients,
@@ -224,18 +256,20 @@ def write_synthetic_study(
     root.mkdir(parents=True, exist_ok=True)
     workers = min(workers, len(specs), os.cpu_count() or 1)
     if workers <= 1:
-        _write_images(root, specs, seed, size)
+        _write_images(root, specs, seed, size, truth)
     else:
         # spawn: safe whatever threads the caller runs (fork would copy their locks)
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             futures = [
-                pool.submit(_write_images, root, chunk, seed, size)
+                pool.submit(_write_images, root, chunk, seed, size, truth)
                 for chunk in _chunks(specs, workers * 4)
             ]
             for future in futures:
                 future.result()
     if manifest:
         (root / "manifest.csv").write_text(manifest_text(specs), encoding="utf-8", newline="")
+    if truth is not None:
+        write_truth_table(truth, specs)
     labels = dict.fromkeys(range(4), 0)
     for spec in specs:
         labels[spec.severity] += 1
@@ -247,4 +281,5 @@ def write_synthetic_study(
         references=sum(spec.reference for spec in specs),
         dicom=sum(spec.format.is_dicom for spec in specs),
         labels=labels,
+        truth=truth,
     )

@@ -27,6 +27,10 @@ BODY_PART = {
     "hands": "HAND",
 }
 
+#: Fitzpatrick skin types, light to deep; a patient's type is the sixth of the tone range its
+#: tone falls in, and tones are spread in strata over patients, so 6k patients hold every type
+FITZPATRICK = ("I", "II", "III", "IV", "V", "VI")
+
 #: chance that one image of a visit is a class above or below the visit's severity
 SITE_DEVIATION = 0.15
 
@@ -59,6 +63,11 @@ class Patient:
     trend: Trend
     tone: float  # skin tone, 0 (light) .. 1 (deep)
     sites: tuple[tuple[str, str], ...]  # (body site, file stem) photographed at every visit
+
+    @property
+    def fitzpatrick(self) -> str:
+        """The Fitzpatrick skin type (I..VI) of the painted tone."""
+        return FITZPATRICK[min(int(self.tone * len(FITZPATRICK)), len(FITZPATRICK) - 1)]
 
 
 @dataclass(frozen=True)
