@@ -32,11 +32,13 @@ from eczema_batch.synth import (
     Format,
     SynthSummary,
     Trend,
+    camera_conditions,
     plan_study,
     render_image,
     write_synthetic_study,
 )
 from eczema_batch.synth.render import skin_colour
+from eczema_batch.synth.truth import truth_mask_path
 
 SEED = 3
 PLAN_DEFAULTS: dict[str, Any] = {
@@ -454,3 +456,23 @@ def test_cli_writes_the_truth(tmp_path: Path) -> None:
     assert refused.exit_code == 2
     assert "--truth must be outside the study folder" in refused.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_each_visit_has_its_own_camera(study: tuple[Path, SynthSummary]) -> None:
+    """Light, exposure and JPEG quality change between visits; a visit's pictures share them."""
+    specs = plan_study(patients=40, visits=4, seed=SEED, **PLAN_DEFAULTS)
+    by_visit = {(s.patient.index, s.visit_index): camera_conditions(s, SEED) for s in specs}
+    assert all(
+        camera_conditions(s, SEED) == by_visit[(s.patient.index, s.visit_index)] for s in specs
+    )
+    gains = np.array([c.gains for c in by_visit.values()])
+    assert gains[:, 1].min() < 0.92 and gains[:, 1].max() > 1.06  # exposure varies
+    warmth = gains[:, 0] / gains[:, 2]
+    assert warmth.min() < 0.95 and warmth.max() > 1.05  # cool and warm light both occur
+    assert len({c.jpeg_quality for c in by_visit.values()}) > 5
+    assert any(c.blur >= 0.1 for c in by_visit.values())
+    # the truth under the camera: the painting is what the camera saw, not the photograph
+    spec = specs[0]
+    _, mask = render_image(spec, seed=SEED, size=(320, 240))
+    root, _ = study
+    assert np.array_equal(mask, _mask(root.parent / "truth" / truth_mask_path(spec)) == 255)

@@ -13,8 +13,9 @@ study folder stays what a real study is.
 Patients (subject codes, never names) each improve, stay stable or worsen over their visits, so
 trends show in reports. Pictures are skin of varied tones with a lesion whose extent, redness and
 roughness grow with the severity class 0..3, so a model can learn severity from pixels; a manual
-mask is exactly the painted lesion. Everything is seeded: the same arguments give byte-identical
-files. Nothing here is real patient data.
+mask is exactly the painted lesion. Each visit's pictures are taken under their own light,
+exposure, focus, noise and JPEG quality (`eczema_batch.synth.camera`). Everything is seeded: the
+same arguments give byte-identical files. Nothing here is real patient data.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from eczema_batch.errors import UsageError
+from eczema_batch.synth.camera import Conditions, photograph, visit_conditions
 from eczema_batch.synth.dicom import write_dicom
 from eczema_batch.synth.plan import BODY_SITES, Format, ImageSpec, Trend, plan_study
 from eczema_batch.synth.render import Painter, paint
@@ -48,11 +50,13 @@ from eczema_batch.synth.truth import (
 __all__ = [
     "BODY_SITES",
     "MANIFEST_FIELDS",
+    "TRUTH_FIELDS",
+    "Conditions",
     "Format",
     "ImageSpec",
-    "TRUTH_FIELDS",
     "SynthSummary",
     "Trend",
+    "camera_conditions",
     "manifest_text",
     "paint",
     "plan_study",
@@ -63,9 +67,6 @@ __all__ = [
 
 #: manifest.csv header, in order
 MANIFEST_FIELDS = ("path", "patient", "visit_date", "body_site", "severity", "mask")
-
-#: JPEG quality of the .jpg photographs
-JPEG_QUALITY = 90
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,23 @@ def render_image(
         severity=spec.severity,
         tone=spec.patient.tone,
     )
-    return painting.rgb, painting.mask
+    conditions = camera_conditions(spec, seed)
+    return _photograph(spec, seed, painting.rgb, conditions), painting.mask
+
+
+def camera_conditions(spec: ImageSpec, seed: int) -> Conditions:
+    """The camera conditions of `spec`'s visit (one random stream per visit, shared by its
+    pictures)."""
+    return visit_conditions(np.random.default_rng([seed, 3, spec.patient.index, spec.visit_index]))
+
+
+def _photograph(
+    spec: ImageSpec, seed: int, rgb: NDArray[np.uint8], conditions: Conditions
+) -> NDArray[np.uint8]:
+    """The painted `rgb` as the camera took it at `spec`'s visit (its own noise stream, so the
+    painting's stream stays what it was)."""
+    rng = np.random.default_rng([seed, 4, spec.patient.index, spec.visit_index, spec.site_index])
+    return photograph(rgb, conditions, rng)
 
 
 def _write_images(
@@ -110,18 +127,20 @@ def _write_images(
         painting = painter.paint(
             np.random.default_rng(spec.seed(seed)), severity=spec.severity, tone=spec.patient.tone
         )
+        conditions = camera_conditions(spec, seed)
+        rgb = _photograph(spec, seed, painting.rgb, conditions)
         target = root / spec.path
         if spec.folder not in folders:
             target.parent.mkdir(parents=True, exist_ok=True)
             folders.add(spec.folder)
         if spec.format.is_dicom:
-            write_dicom(target, painting.rgb, spec, seed)
+            write_dicom(target, rgb, spec, seed)
         else:
-            image = Image.fromarray(painting.rgb, mode="RGB")
+            image = Image.fromarray(rgb, mode="RGB")
             if spec.format is Format.PNG:
                 image.save(target, "PNG", compress_level=1)
             else:
-                image.save(target, "JPEG", quality=JPEG_QUALITY)
+                image.save(target, "JPEG", quality=conditions.jpeg_quality)
         if spec.mask_path is not None:
             mask = painting.mask.astype(np.uint8)
             mask *= 255

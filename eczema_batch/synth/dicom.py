@@ -28,7 +28,7 @@ from pydicom.valuerep import VR
 
 from eczema_batch.synth.plan import BODY_PART, Format, ImageSpec
 
-#: JPEG quality inside DICOM (as for the .jpg files)
+#: JPEG quality inside DICOM (fixed; the .jpg files vary by visit, see camera.QUALITY)
 JPEG_QUALITY = 90
 
 

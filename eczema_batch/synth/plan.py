@@ -46,7 +46,7 @@ class Trend(StrEnum):
 class Format(StrEnum):
     """How one picture is stored."""
 
-    JPEG = "jpeg"  # .jpg, quality 90
+    JPEG = "jpeg"  # .jpg, quality per visit (camera.QUALITY)
     PNG = "png"  # .png
     DICOM = "dicom"  # .dcm, VL Photographic Image, uncompressed RGB
     DICOM_JPEG = "dicom-jpeg"  # .dcm, VL Photographic Image, JPEG baseline
