@@ -20,8 +20,6 @@ same arguments give byte-identical files. Nothing here is real patient data.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -42,6 +40,7 @@ from eczema_batch.synth.render import Painter, paint
 from eczema_batch.synth.truth import (
     TRUTH_FIELDS,
     check_truth_folder,
+    csv_text,
     truth_text,
     write_truth_mask,
     write_truth_table,
@@ -157,22 +156,11 @@ def _chunks(specs: Sequence[ImageSpec], parts: int) -> Iterable[Sequence[ImageSp
 
 
 def manifest_text(specs: Iterable[ImageSpec]) -> str:
-    """manifest.csv for `specs` (paths relative to the study root, POSIX, "\\n" line ends)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(MANIFEST_FIELDS)
-    for spec in specs:
-        writer.writerow(
-            [
-                spec.path,
-                spec.patient.code,
-                spec.visit_date.isoformat(),
-                spec.body_site,
-                spec.severity,
-                spec.mask_path or "",
-            ]
-        )
-    return out.getvalue()
+    """manifest.csv for `specs` (paths relative to the study root)."""
+    return csv_text(MANIFEST_FIELDS, (
+        (spec.path, spec.patient.code, spec.visit_date.isoformat(), spec.body_site,
+         spec.severity, spec.mask_path or "")
+        for spec in specs))
 
 
 def _check(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,24 +34,21 @@ def truth_mask_path(spec: ImageSpec) -> str:
     return f"{spec.path.rsplit('.', 1)[0]}.mask.png"
 
 
-def truth_text(specs: Iterable[ImageSpec]) -> str:
-    """truth.csv for `specs` (POSIX paths, "\\n" line ends)."""
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A CSV document with `header` (POSIX paths, "\\n" line ends: the same bytes everywhere)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(TRUTH_FIELDS)
-    for spec in specs:
-        writer.writerow(
-            [
-                spec.path,
-                spec.patient.code,
-                spec.visit_date.isoformat(),
-                spec.body_site,
-                spec.severity,
-                spec.patient.trend.value,
-                spec.patient.fitzpatrick,
-            ]
-        )
+    writer.writerow(header)
+    writer.writerows(rows)
     return out.getvalue()
+
+
+def truth_text(specs: Iterable[ImageSpec]) -> str:
+    """truth.csv for `specs`."""
+    return csv_text(TRUTH_FIELDS, (
+        (spec.path, spec.patient.code, spec.visit_date.isoformat(), spec.body_site,
+         spec.severity, spec.patient.trend.value, spec.patient.fitzpatrick)
+        for spec in specs))
 
 
 def check_truth_folder(truth: Path, root: Path) -> None:
