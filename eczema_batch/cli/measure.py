@@ -262,20 +262,22 @@ def models_list(
     Example: eczema-batch models list --model-dir ./models
     """
     from eczema_batch.errors import ModelNotFoundError
+    from eczema_batch.pipeline.derived import list_derived
     from eczema_batch.pipeline.loading import find_weights, weights_digest
-    from eczema_batch.pipeline.registry import list_specs
+    from eczema_batch.pipeline.registry import get_spec, list_specs
 
     settings = _settings()
     folder = model_dir or settings.model_dir
     rows: list[dict[str, Any]] = []
-    for spec in list_specs():
+    derived = [get_spec(d.name, model_dir=folder) for d in list_derived(folder)]
+    for spec in [*list_specs(), *derived]:
         try:
             found = find_weights(spec, model_dir=folder)
             where, digest = str(found), weights_digest(found)[:12]
         except ModelNotFoundError:
             where, digest = "not found", ""
         rows.append({"name": spec.name, "kind": spec.kind, "tiny": spec.tiny,
-                     "weights": where, "digest": digest})
+                     "weights": where, "digest": digest, "description": spec.description})
     if as_json:
         _emit_json(rows)
         return

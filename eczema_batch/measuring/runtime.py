@@ -41,7 +41,7 @@ class WeightsIdentity:
 
 
 def identify(name: str, *, kind: str, model_dir: str | None) -> WeightsIdentity:
-    spec = get_spec(name)
+    spec = get_spec(name, model_dir=model_dir)
     if spec.kind != kind:
         raise UsageError(f"model {name!r} is a {spec.kind}, not a {kind}")
     folder = find_weights(spec, model_dir=model_dir)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from eczema_batch.errors import ModelNotFoundError, UsageError
+from eczema_batch.pipeline.derived import read_identity
 from eczema_batch.pipeline.device import autocast_dtype, precision_name, resolve_device
 from eczema_batch.pipeline.embed import Embedder
 from eczema_batch.pipeline.registry import Kind, ModelSpec, get_spec, list_specs
@@ -208,9 +209,14 @@ def _prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
-def _identity_config(spec: ModelSpec, dtype: torch.dtype, **extra: Any) -> dict[str, Any]:
+def _identity_config(spec: ModelSpec, dtype: torch.dtype, folder: Path, **extra: Any
+                     ) -> dict[str, Any]:
     import transformers
 
+    derived = read_identity(folder)
+    if derived is not None:  # what it was trained from is part of what made a result
+        extra["derived_from"] = {"base": derived.base, "base_digest": derived.base_digest,
+                                 "method": derived.method}
     return {
         "kind": spec.kind,
         "family": spec.family,
@@ -225,8 +231,8 @@ def _identity_config(spec: ModelSpec, dtype: torch.dtype, **extra: Any) -> dict[
     }
 
 
-def _spec_of_kind(name: str, kind: Kind) -> ModelSpec:
-    spec = get_spec(name)
+def _spec_of_kind(name: str, kind: Kind, model_dir: Path | str | None) -> ModelSpec:
+    spec = get_spec(name, model_dir=model_dir)
     if spec.kind != kind:
         names = ", ".join(s.name for s in list_specs(kind=kind))
         raise UsageError(f"model {name!r} is a {spec.kind}; the {kind}s are: {names}")
@@ -246,20 +252,21 @@ def load_embedder(
     `image_size` overrides the input size of timm models (timm resamples the position embedding);
     transformers ViTs run at their config's size.
     """
-    spec = _spec_of_kind(name, "embedder")
+    spec = _spec_of_kind(name, "embedder", model_dir)
     if image_size is not None and spec.family != "timm":
         raise UsageError(f"image_size can only be changed for timm models, not {name!r}")
     folder = find_weights(spec, model_dir=model_dir)
     torch_device = resolve_device(device)
     dtype = autocast_dtype(torch_device, precision)
-    return _load_embedder(name, str(folder.resolve()), str(torch_device), dtype, image_size)
+    return _load_embedder(spec, str(folder.resolve()), str(torch_device), dtype, image_size)
 
 
 @lru_cache(maxsize=8)
 def _load_embedder(
-    name: str, folder_name: str, device_name: str, dtype: torch.dtype, image_size: int | None
+    spec: ModelSpec, folder_name: str, device_name: str, dtype: torch.dtype,
+    image_size: int | None
 ) -> Embedder:
-    spec = get_spec(name)
+    name = spec.name
     folder = Path(folder_name)
     device = torch.device(device_name)
     digest = weights_digest(folder)
@@ -283,6 +290,7 @@ def _load_embedder(
         config=_identity_config(
             spec,
             dtype,
+            folder,
             dim=dim,
             input_size=list(size),
             attn_implementation=attn,
@@ -311,20 +319,21 @@ def load_segmenter(
     attention: Attention = "sdpa",
 ) -> Segmenter:
     """The SegGPT segmenter registered as `name`, loaded once per process."""
-    spec = _spec_of_kind(name, "segmenter")
+    spec = _spec_of_kind(name, "segmenter", model_dir)
     if attention not in ("sdpa", "eager"):
         raise UsageError(f"attention {attention!r} is not one of sdpa, eager")
     folder = find_weights(spec, model_dir=model_dir)
     torch_device = resolve_device(device)
     dtype = autocast_dtype(torch_device, precision)
-    return _load_segmenter(name, str(folder.resolve()), str(torch_device), dtype, attention)
+    return _load_segmenter(spec, str(folder.resolve()), str(torch_device), dtype, attention)
 
 
 @lru_cache(maxsize=4)
 def _load_segmenter(
-    name: str, folder_name: str, device_name: str, dtype: torch.dtype, attention: Attention
+    spec: ModelSpec, folder_name: str, device_name: str, dtype: torch.dtype,
+    attention: Attention
 ) -> Segmenter:
-    spec = get_spec(name)
+    name = spec.name
     folder = Path(folder_name)
     device = torch.device(device_name)
     digest = weights_digest(folder)
@@ -344,6 +353,7 @@ def _load_segmenter(
         config=_identity_config(
             spec,
             dtype,
+            folder,
             input_size=list(size),
             attn_implementation=attn,
             model_class=type(model).__name__,

@@ -8,6 +8,7 @@ is never used in place of a real one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from eczema_batch.errors import UsageError
@@ -58,13 +59,29 @@ def register_spec(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
-def get_spec(name: str) -> ModelSpec:
-    """The spec registered under exactly `name`."""
+def get_spec(name: str, *, model_dir: Path | str | None = None) -> ModelSpec:
+    """The spec registered under exactly `name`, else the derived model `name` in `model_dir`.
+
+    A derived model (an adapted embedder, a tuned segmenter: `pipeline.derived`) has its base
+    model's spec under its own name.
+    """
+    if name in _SPECS:
+        return _SPECS[name]
+    from eczema_batch.pipeline.derived import derived_spec
+
+    spec = derived_spec(name, model_dir, _registered)
+    if spec is not None:
+        return spec
+    known = ", ".join(sorted(_SPECS))
+    where = f" nor in {model_dir}" if model_dir is not None else ""
+    raise UsageError(f"unknown model {name!r}{where}; known models: {known}")
+
+
+def _registered(name: str) -> ModelSpec:
     try:
         return _SPECS[name]
     except KeyError:
-        known = ", ".join(sorted(_SPECS))
-        raise UsageError(f"unknown model {name!r}; known models: {known}") from None
+        raise UsageError(f"a derived model's base {name!r} is not a registered model") from None
 
 
 def list_specs(*, kind: Kind | None = None, include_tiny: bool = True) -> list[ModelSpec]:
