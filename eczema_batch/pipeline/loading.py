@@ -407,3 +407,25 @@ def _load_timm(
 
     attn = "sdpa" if getattr(model.blocks[0].attn, "fused_attn", False) else "eager"
     return model, features, int(model.num_features), (size, size), attn
+
+
+def load_trainable_backbone(
+    name: str, *, model_dir: Path | str | None = None
+) -> tuple[torch.nn.Module, ModelSpec, str]:
+    """A fresh, trainable float32 copy of the registered transformers ViT embedder `name` (on
+    the CPU, not cached), its spec and weights digest: the start of an adaptation."""
+    spec = _spec_of_kind(name, "embedder", model_dir)
+    if spec.family != "hf-vit":
+        raise UsageError(
+            f"model {name!r} is a {spec.family} model: only transformers ViT embedders "
+            "(dino-vitb16, tiny-dino) can be adapted"
+        )
+    folder = find_weights(spec, model_dir=model_dir)
+    if read_identity(folder) is not None:
+        raise UsageError(
+            f"model {name!r} is itself a derived model: adapt its base model instead"
+        )
+    model, _attn = _load_transformers(spec, folder)
+    model.train()
+    model.requires_grad_(True)
+    return model, spec, weights_digest(folder)
