@@ -46,11 +46,11 @@ def colour_augmentations(colour: Colour) -> list[Any]:
     if colour == "planckian":
         return [
             K.RandomPlanckianJitter(mode="blackbody", p=0.8),
-            K.ColorJiggle(brightness=0.4, contrast=0.4, p=0.8),
+            K.ColorJitter(brightness=0.4, contrast=0.4, p=0.8),
         ]
     if colour == "standard":  # DINO's DataAugmentationDINO
         return [
-            K.ColorJiggle(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8),
+            K.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8),
             K.RandomGrayscale(p=0.2),
             K.RandomSolarize(thresholds=0.0, additions=0.0, p=0.2),
         ]
