@@ -34,7 +34,8 @@ def models_adapt_embedder(
         min=2, help="Images per step, each cut into 2 global and several local crops "
         "(default 64).")] = None,
     lr: Annotated[float | None, typer.Option(
-        help="Peak learning rate of the head (default: 5e-4; 2e-3 for tiny models).")] = None,
+        help="Peak learning rate of the head (default: 5e-4 x batch size / 256, DINO's rule; "
+        "2e-3 for tiny models).")] = None,
     colour: Annotated[str, typer.Option(
         help="planckian (illuminant, brightness and contrast only: redness is kept) or "
         "standard (DINO's hue/saturation jitter, grayscale, solarisation).")] = "planckian",

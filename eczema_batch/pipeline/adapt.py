@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,7 +108,7 @@ def defaults_for(*, image_size: int, tiny: bool, **overrides: Any) -> AdaptSetti
         }
     else:
         values = {
-            "epochs": 30, "batch_size": 64, "lr": 5e-4, "min_lr": 1e-6, "warmup_epochs": 3,
+            "epochs": 30, "batch_size": 64, "lr": None, "min_lr": 1e-6, "warmup_epochs": 3,
             "backbone_lr_scale": 0.1, "weight_decay": 0.04, "weight_decay_end": 0.4,
             "momentum_teacher": 0.996, "warmup_teacher_temp": 0.04, "teacher_temp": 0.07,
             "warmup_teacher_temp_epochs": 10, "out_dim": 16384, "head_hidden": 2048,
@@ -116,6 +117,8 @@ def defaults_for(*, image_size: int, tiny: bool, **overrides: Any) -> AdaptSetti
             "local_size": image_size * 3 // 7, "local_crops": 6,
         }
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if not tiny and overrides.get("lr") is None:  # DINO's linear scaling rule
+        values["lr"] = 5e-4 * values["batch_size"] / 256
     settings = AdaptSettings(**values)
     if settings.epochs < 1 or settings.batch_size < 2:
         raise UsageError("--epochs must be at least 1 and --batch-size at least 2")
@@ -155,7 +158,12 @@ class _Student(nn.Module):
 
 def square_image(image: np.ndarray, size: int) -> torch.Tensor:
     """uint8 (H, W, 3) -> uint8 (3, size, size), a plain antialiased resize (the method's)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    with warnings.catch_warnings():  # read only: every step below makes a new tensor
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+    if tensor.shape[-2:] == (size, size):
+        return tensor[0]
+    tensor = tensor.float()
     resized = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True,
                             align_corners=False)
     return resized.round().clamp(0, 255).to(torch.uint8)[0]
@@ -285,6 +293,7 @@ def adapt_embedder(
             chosen = order[step * batch:(step + 1) * batch]
             pixels = torch.stack([square_image(images[int(i)], settings.source_size)
                                   for i in chosen]).to(device).float().div_(255.0)
+            # (uint8 over the bus: a quarter of the bytes of floats)
             for group in optimizer.param_groups:
                 group["lr"] = lr_schedule[it] * (settings.backbone_lr_scale
                                                  if group["backbone"] else 1.0)
