@@ -104,6 +104,18 @@ def test_the_head_normalises_its_bottleneck_and_fixes_the_last_layers_norm() -> 
     assert not g.requires_grad
 
 
+def test_defaults_suit_the_base_model() -> None:
+    tiny = defaults_for(image_size=32, tiny=True)
+    assert (tiny.global_size, tiny.local_size, tiny.out_dim) == (32, 16, 256)
+    real = defaults_for(image_size=224, tiny=False)
+    assert (real.global_size, real.local_size, real.local_crops) == (224, 96, 6)
+    assert real.lr == pytest.approx(5e-4 * 64 / 256)  # DINO's linear scaling rule
+    assert defaults_for(image_size=224, tiny=False, batch_size=128).lr == pytest.approx(2.5e-4)
+    assert defaults_for(image_size=224, tiny=False, lr=1e-5, epochs=None).lr == 1e-5
+    assert real.teacher_temp == 0.07 and real.warmup_teacher_temp == 0.04
+    assert real.colour == tiny.colour == "planckian"
+
+
 # --- colour ------------------------------------------------------------------------------------
 
 #: a lesion's red, as a float RGB in [0, 1]

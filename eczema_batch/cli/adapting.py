@@ -35,7 +35,7 @@ def models_adapt_embedder(
         "(default 64).")] = None,
     lr: Annotated[float | None, typer.Option(
         help="Peak learning rate of the head (default: 5e-4 x batch size / 256, DINO's rule; "
-        "2e-3 for tiny models).")] = None,
+        "5e-4 for tiny models).")] = None,
     colour: Annotated[str, typer.Option(
         help="planckian (illuminant, brightness and contrast only: redness is kept) or "
         "standard (DINO's hue/saturation jitter, grayscale, solarisation).")] = "planckian",
