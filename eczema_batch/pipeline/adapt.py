@@ -272,6 +272,8 @@ def adapt_embedder(
     wd_schedule = cosine_schedule(settings.weight_decay, settings.weight_decay_end, total_steps)
     momentum_schedule = cosine_schedule(settings.momentum_teacher, 1.0, total_steps)
 
+    # fp16 (GPUs without bf16) needs loss scaling; for bf16 and fp32 the scaler does nothing
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_curve: list[float] = []
     start_epoch = 0
     state = _load_checkpoint(checkpoint_dir, fingerprint)
@@ -279,6 +281,7 @@ def adapt_embedder(
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
         loss_fn.center.copy_(state["center"].to(device))
         loss_curve = list(state["loss_curve"])
         start_epoch = int(state["epoch"])
@@ -312,12 +315,14 @@ def adapt_embedder(
                 raise UsageError(f"the DINO loss became {loss.item()} at epoch {epoch + 1}: "
                                  "try a lower learning rate")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(student.parameters(), CLIP_GRAD)
             if epoch < settings.freeze_last_layer:
                 for param in student.head.last_layer.parameters():
                     param.grad = None
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             with torch.no_grad():
                 m = float(momentum_schedule[it])
                 for p_s, p_t in zip(student.parameters(), teacher.parameters(), strict=True):
@@ -343,7 +348,8 @@ def adapt_embedder(
             _save_checkpoint(checkpoint_dir, {
                 "fingerprint": fingerprint, "epoch": epoch + 1,
                 "student": student.state_dict(), "teacher": teacher.state_dict(),
-                "optimizer": optimizer.state_dict(), "center": loss_fn.center.cpu(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "center": loss_fn.center.cpu(),
                 "loss_curve": loss_curve,
             })
         if on_epoch_end is not None:
