@@ -281,7 +281,8 @@ def adapt_embedder(
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         loss_fn.center.copy_(state["center"].to(device))
         loss_curve = list(state["loss_curve"])
         start_epoch = int(state["epoch"])
