@@ -29,7 +29,7 @@ QUALITY = (78, 95)
 #: share of the visits whose framing shows background at one edge, and that edge's width range
 #: (a share of the picture's side): the lesion sits in the middle, the band never reaches it
 BACKGROUND_CHANCE = 0.6
-BACKGROUND_WIDTH = (0.04, 0.14)
+BACKGROUND_WIDTH = (0.03, 0.09)
 #: what is behind the patient (sRGB): a grey wall, a blue and a green drape, a white sheet
 BACKGROUNDS = ((150.0, 150.0, 146.0), (70.0, 110.0, 160.0), (80.0, 130.0, 110.0),
                (225.0, 228.0, 230.0))
