@@ -45,7 +45,9 @@ from eczema_batch.severity import DEFAULT_CLASSES
 
 Level = Literal["image", "visit", "patient"]
 LEVELS: tuple[Level, ...] = ("image", "visit", "patient")
-FORMATS = ("csv", "json", "dicom-seg")
+#: csv and json: rows of a level; dicom-seg: the masks (report/dicomseg.py); adam: a CDISC ADaM
+#: dataset of the visit endpoints (report/adam.py).
+FORMATS = ("csv", "json", "dicom-seg", "adam")
 #: Decimals of probabilities, scores and slopes (a millionth of a class is noise).
 DECIMALS = 6
 _FIXED = f".{DECIMALS}f"

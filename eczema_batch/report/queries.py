@@ -369,6 +369,7 @@ def visit_scores_select(
         (j.sites() if sites else null()).label("sites"),
         func.max(Mask.model_id).label("segmenter_id"),
         func.avg(j.lesion_area).label("area"),
+        func.count(j.lesion_area).label("n_area"),
         *[func.avg(j.effective(k)).label(f"p{k}") for k in range(j.n_classes)],
     ).group_by(Image.visit_id)
     v = per_visit.subquery("per_visit")
@@ -388,7 +389,7 @@ def visit_scores_select(
         Visit.visit_date, func.coalesce(v.c.n_images, zero), func.coalesce(v.c.n_scored, zero),
         func.coalesce(v.c.n_flagged, zero), func.coalesce(v.c.n_reviewed, zero),
         v.c.worst, v.c.sites, v.c.segmenter_id, patients.c.code_source, Visit.date_source,
-        v.c.area, *[v.c[f"p{k}"] for k in range(j.n_classes)],
+        v.c.area, func.coalesce(v.c.n_area, zero), *[v.c[f"p{k}"] for k in range(j.n_classes)],
     ]
     return (
         select(*columns)
@@ -418,15 +419,16 @@ def iter_patient_visits(
         visits, segmenters = [], {}
         for row in rows:
             (study_name, code, pid, vid, label, vdate, n_images, n_scored, n_flagged, n_reviewed,
-             worst, joined_sites, segmenter_id, code_source, date_source, area) = row[:16]
+             worst, joined_sites, segmenter_id, code_source, date_source, area,
+             n_area) = row[:17]
             if vid is None:  # a patient without visits: listed, with nothing to score
                 continue
             visits.append(VisitScore(
                 vid, label, vdate if vdate is None or type(vdate) is date else _as_date(vdate),
                 n_images, n_scored, n_flagged, n_reviewed,
-                tuple(row[16:]) if n_scored else None, worst,
+                tuple(row[17:]) if n_scored else None, worst,
                 _sites(joined_sites), date_source=date_source,
-                lesion_area=None if area is None else float(area),
+                lesion_area=None if area is None else float(area), n_area=n_area,
             ))
             segmenters[vid] = segmenter_id
         yield PatientVisits(PatientKey(study_name, code, pid), visits, segmenters, code_source)
