@@ -141,6 +141,8 @@ def test_dataset_matches_its_dictionary(written: Path) -> None:
     assert list(variables) == list(rows[0]) and REQUIRED <= set(variables)
     assert spec["dataset"] == "ADECZ" and len(spec["dataset"]) <= MAX_NAME
     assert spec["records"] == len(rows) == 15
+    assert spec["head"]["digest"] == "h" * 64 and spec["head"]["segmenter"]["name"] == (
+        "tiny-seggpt")
     for name, v in variables.items():
         assert name.isupper() and len(name) <= MAX_NAME and name[0].isalpha(), name
         assert 0 < len(v["label"]) <= MAX_LABEL and v["label"].isascii(), name

@@ -261,8 +261,7 @@ def export(
     unless --verbatim (for R or pandas).
 
     With --format adam, DIR receives adecz.csv, adecz.xpt (SAS transport v5) and
-    adam-dictionary.json: one record per subject, parameter (ECZSCORE, ECZCLASS, ECZAREA) and
-    visit.
+    adam-dictionary.json: a record per subject, parameter and visit.
 
     Example: eczema-batch export --level visit --format csv -o visits.csv
     """

@@ -38,6 +38,7 @@ from eczema_batch.output import OutputFolder
 from eczema_batch.report.export import fixed
 from eczema_batch.report.queries import (
     HeadInfo,
+    ModelRef,
     ReviewThresholds,
     check_scope,
     choose_head,
@@ -240,6 +241,11 @@ def build_adam(
     return AdamDataset(records, head, classes)
 
 
+def _model(ref: ModelRef | None) -> dict[str, str] | None:
+    return None if ref is None else {"name": ref.name, "digest": ref.digest,
+                                     "precision": ref.precision}
+
+
 def dictionary(dataset: AdamDataset) -> dict[str, Any]:
     """What `adam-dictionary.json` holds: the dataset, its variables and its parameters."""
     lengths = dataset.lengths()
@@ -249,7 +255,13 @@ def dictionary(dataset: AdamDataset) -> dict[str, Any]:
         "files": {"csv": CSV_NAME, "xpt": XPT_NAME},
         "keys": ["STUDYID", "USUBJID", "PARAMCD", "AVISITN"],
         "records": len(dataset.records),
-        "head": None if head is None else {"name": head.name, "digest": head.digest},
+        # A transport file records no encoding: its text is UTF-8 (subject codes are ASCII).
+        "encoding": "utf-8",
+        # What made the numbers, as the identity columns of the other exports say.
+        "head": None if head is None else {
+            "name": head.name, "digest": head.digest,
+            "embedder": _model(head.embedder), "segmenter": _model(head.segmenter),
+        },
         "classes": list(dataset.classes),
         "variables": [
             {"name": v.name, "label": v.label, "type": v.type, "length": lengths[v.name],
