@@ -251,3 +251,15 @@ def test_csv_text_is_spreadsheet_safe_and_xpt_verbatim(factory: sessionmaker[Ses
     assert set(frame["USUBJID"]) == {"=1+1-P1"}
     assert _adam(out, "--verbatim").exit_code == 0
     assert {r["STUDYID"] for r in _csv(out / CSV_NAME)} == {"=1+1"}
+
+
+def test_a_value_too_long_for_a_transport_file_is_refused_not_cut(
+        factory: sessionmaker[Session], tmp_path: Path) -> None:
+    with factory() as s, s.begin():
+        head = make_head(s)
+        visit = make_visit(s, make_patient(s, make_study(s, name="S" * 199), "P1"), D0)
+        make_prediction(s, make_image(s, visit), head, [0.0, 1.0, 0.0, 0.0])
+    out = tmp_path / "adam"
+    result = _adam(out)
+    assert result.exit_code == 2
+    assert "USUBJID of subject 'P1' is 202 bytes" in result.stderr and not out.exists()
