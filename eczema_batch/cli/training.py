@@ -38,6 +38,16 @@ SegmenterModelOption = Annotated[
 EmbedderModelOption = Annotated[
     str | None, typer.Option(help="Embedder model name (ECZEMA_BATCH_EMBEDDER_MODEL).")
 ]
+SegmenterModelsOption = Annotated[
+    list[str] | None, typer.Option(
+        "--segmenter-model", help="Segmenter model name (ECZEMA_BATCH_SEGMENTER_MODEL); give it "
+        "twice or more to compare segmenters on the same folds and patients.")
+]
+EmbedderModelsOption = Annotated[
+    list[str] | None, typer.Option(
+        "--embedder-model", help="Embedder model name (ECZEMA_BATCH_EMBEDDER_MODEL); give it "
+        "twice or more to compare embedders on the same folds and patients.")
+]
 ModelDirOption = Annotated[
     Path | None, typer.Option(help="Folder of model weights (ECZEMA_BATCH_MODEL_DIR).")
 ]
@@ -143,8 +153,8 @@ def evaluate(
     no_ablation: Annotated[
         bool, typer.Option("--no-ablation", help="Skip the with/without segmentation ablation.")
     ] = False,
-    segmenter_model: SegmenterModelOption = None,
-    embedder_model: EmbedderModelOption = None,
+    segmenter_model: SegmenterModelsOption = None,
+    embedder_model: EmbedderModelsOption = None,
     model_dir: ModelDirOption = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the whole report as JSON to FILE.")
@@ -163,6 +173,10 @@ def evaluate(
     data-scaling curve and SegGPT's Dice/IoU against manual masks. Masks and embeddings are
     cached in the catalogue: repeating the command reuses them and gives the same numbers.
 
+    Patients whose labels or masks trained a derived model in use are never scored (they still
+    train the heads). Give --embedder-model (or --segmenter-model) more than once to compare
+    models side by side: the same folds and patients, the difference with a paired interval.
+
     Example: eczema-batch evaluate --folds 5 --repeats 3 -o report.json --predictions oof.csv
     """
     from eczema_batch.measuring.config import RunConfig
@@ -178,11 +192,21 @@ def evaluate(
         fraction_values = tuple(float(f) for f in fractions.split(",") if f.strip())
     except ValueError:
         raise UsageError(f"--fractions {fractions!r}: give numbers such as 0.2,0.5,1.0") from None
+    # None: the configured model (settings, environment)
+    none: list[str | None] = [None]
+    embedders: list[str | None] = [*embedder_model] if embedder_model else none
+    segmenters: list[str | None] = [*segmenter_model] if segmenter_model else none
+    if len(embedders) > 1 and len(segmenters) > 1:
+        raise UsageError("compare embedders or segmenters, one kind at a time: give "
+                         "--embedder-model or --segmenter-model once")
     settings = _settings()
-    config = RunConfig.from_settings(
-        settings, segmenter_mode=segmenter, segmenter_model=segmenter_model,
-        embedder_model=embedder_model, model_dir=str(model_dir) if model_dir else None,
-    )
+    configs = [
+        RunConfig.from_settings(
+            settings, segmenter_mode=segmenter, segmenter_model=seg, embedder_model=emb,
+            model_dir=str(model_dir) if model_dir else None,
+        )
+        for emb in embedders for seg in segmenters
+    ]
     eval_settings = EvaluationSettings(
         folds=folds, repeats=repeats, segmenter=segmenter,  # type: ignore[arg-type]
         fractions=fraction_values, seed=seed, bootstrap=bootstrap, ablation=not no_ablation,
@@ -197,8 +221,8 @@ def evaluate(
                 err.print(f"  {name}", highlight=False)
             update(done, total)
 
-        result = run_evaluation(_catalogue(settings), config=config, settings=eval_settings,
-                                study=study, progress=on_progress)
+        result = run_evaluation(_catalogue(settings), config=configs[0], settings=eval_settings,
+                                study=study, progress=on_progress, compare=configs[1:])
     if predictions is not None:
         with output_file(predictions) as out:
             write_predictions_csv(result.predictions, out, verbatim=verbatim)

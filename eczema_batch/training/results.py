@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from eczema_batch.pipeline.evaluate import mean_std
+from eczema_batch.training.leakage import LeakageReport
 
 if TYPE_CHECKING:
     from eczema_batch.pipeline.evaluate import Split
@@ -418,6 +419,87 @@ class ModelIdentities:
 
 
 @dataclass(frozen=True)
+class MethodF1:
+    """One method's weighted F1 under one configuration: over folds, and pooled with its
+    patient-bootstrap interval."""
+
+    weighted_f1: Stat
+    pooled: float
+    pooled_ci95: Interval
+
+    @classmethod
+    def from_dict(cls, doc: Doc) -> MethodF1:
+        return cls(weighted_f1=Stat.from_dict(doc["weighted_f1"]), pooled=doc["pooled"],
+                   pooled_ci95=Interval.of(doc["pooled_ci95"]))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"weighted_f1": self.weighted_f1.as_dict(), "pooled": self.pooled,
+                "pooled_ci95": self.pooled_ci95.as_list()}
+
+
+@dataclass(frozen=True)
+class ConfigurationScore:
+    """One compared configuration (its models) and its head's and probe's weighted F1."""
+
+    models: ModelIdentities
+    #: "head", "logistic" -> its weighted F1
+    methods: Mapping[str, MethodF1]
+
+    @classmethod
+    def from_dict(cls, doc: Doc) -> ConfigurationScore:
+        return cls(models=ModelIdentities.from_dict(doc["models"]),
+                   methods={k: MethodF1.from_dict(v) for k, v in doc["methods"].items()})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"models": self.models.as_dict(),
+                "methods": {k: v.as_dict() for k, v in self.methods.items()}}
+
+
+@dataclass(frozen=True)
+class ModelDifference:
+    """Configuration `of` minus configuration `minus` (the first), per method, paired."""
+
+    of: int
+    minus: int
+    methods: Mapping[str, Comparison]
+
+    @classmethod
+    def from_dict(cls, doc: Doc) -> ModelDifference:
+        return cls(of=doc["of"], minus=doc["minus"],
+                   methods={k: Comparison.from_dict(v) for k, v in doc["methods"].items()})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"of": self.of, "minus": self.minus,
+                "methods": {k: v.as_dict() for k, v in self.methods.items()}}
+
+
+@dataclass(frozen=True)
+class ModelComparison:
+    """Several embedders or segmenters on the same folds, seeds and patients.
+
+    Every configuration is cross-validated on the same splits under `segmenter` mode; the
+    differences are pooled weighted F1 of a later configuration minus the first's, with a 95%
+    interval from the same patient-bootstrap resamples for both (paired).
+    """
+
+    segmenter: str
+    configurations: tuple[ConfigurationScore, ...]
+    differences: tuple[ModelDifference, ...]
+
+    @classmethod
+    def from_dict(cls, doc: Doc) -> ModelComparison:
+        return cls(segmenter=doc["segmenter"],
+                   configurations=tuple(ConfigurationScore.from_dict(c)
+                                        for c in doc["configurations"]),
+                   differences=tuple(ModelDifference.from_dict(d) for d in doc["differences"]))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"segmenter": self.segmenter,
+                "configurations": [c.as_dict() for c in self.configurations],
+                "differences": [d.as_dict() for d in self.differences]}
+
+
+@dataclass(frozen=True)
 class Forwards:
     """Images through each model in this run: what the feature cache saved shows here."""
 
@@ -510,9 +592,13 @@ class EvaluationReport:
     #: prompts from the image's own patient or the test fold: must be 0
     prompt_leaks: int
     run: RunInfo
+    #: who was left out of scoring and why; None (absent in JSON) when no model was derived
+    leakage: LeakageReport | None = None
+    #: several embedders or segmenters side by side; None (absent in JSON) with one of each
+    model_comparison: ModelComparison | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "settings": self.settings.as_dict(),
             "data": self.data.as_dict(),
             "results": {mode: {name: m.as_dict() for name, m in methods.items()}
@@ -525,8 +611,14 @@ class EvaluationReport:
             "models": self.models.as_dict(),
             "study": self.study,
             "prompt_leaks": self.prompt_leaks,
-            "run": self.run.as_dict(),
         }
+        # Absent, not null, when not used: the document of a plain evaluation is unchanged.
+        if self.leakage is not None:
+            out["leakage"] = self.leakage.as_dict()
+        if self.model_comparison is not None:
+            out["model_comparison"] = self.model_comparison.as_dict()
+        out["run"] = self.run.as_dict()
+        return out
 
     @classmethod
     def from_dict(cls, doc: Doc) -> EvaluationReport:
@@ -545,6 +637,9 @@ class EvaluationReport:
             study=doc["study"],
             prompt_leaks=doc["prompt_leaks"],
             run=RunInfo.from_dict(doc["run"]),
+            leakage=None if "leakage" not in doc else LeakageReport.from_dict(doc["leakage"]),
+            model_comparison=None if "model_comparison" not in doc
+            else ModelComparison.from_dict(doc["model_comparison"]),
         )
 
 
