@@ -63,6 +63,7 @@ from eczema_batch.training.results import (
     Forwards,
     ModelIdentities,
     ModelIdentity,
+    NaiveForwards,
     RunInfo,
     SegmentationQuality,
 )
@@ -207,6 +208,10 @@ def run_evaluation(
     data_summary = DataSummary.of(data, refs, splits)
     timings["metrics"] = time.perf_counter() - tick
     naive = naive_forwards(data, refs, splits, settings.modes, seg_mode is not None)
+    for _ in others:  # each compared configuration: the main mode, no segmentation quality
+        more = naive_forwards(data, refs, splits, (settings.segmenter,), False)
+        naive = NaiveForwards(embedder_images=naive.embedder_images + more.embedder_images,
+                              segmenter_queries=naive.segmenter_queries + more.segmenter_queries)
     timings["total"] = time.perf_counter() - started
     report = EvaluationReport(
         settings=settings, data=data_summary, results=scores.results,

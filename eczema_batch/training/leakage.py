@@ -192,9 +192,10 @@ def exclusion(session: Session, models: Sequence[UsedModel], data: LabelledImage
     labelled = {int(p): int(n) for p, n in zip(*np.unique(data.patient_ids, return_counts=True),
                                                  strict=True)}
     excluded = sorted(
-        (ExcludedPatient(study=ref.study, subject=ref.subject,
-                         labelled_images=labelled[ids[ref]], models=tuple(names)), ids[ref])
-        for ref, names in trained_by.items() if ref in ids and ids[ref] in labelled
+        ((ExcludedPatient(study=ref.study, subject=ref.subject,
+                          labelled_images=labelled[ids[ref]], models=tuple(names)), ids[ref])
+         for ref, names in trained_by.items() if ref in ids and ids[ref] in labelled),
+        key=lambda pair: (pair[0].study, pair[0].subject),
     )
     excluded_ids = frozenset(pid for _, pid in excluded)
     evaluated = set(labelled)
