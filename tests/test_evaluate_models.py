@@ -130,7 +130,7 @@ def test_a_tuned_segmenter_never_scores_the_patients_whose_masks_trained_it(
     assert [(e.subject, e.models) for e in leakage.excluded] == [
         (r.subject, ("seggpt-tuned",)) for r in trained]
     assert sum(e.labelled_images for e in leakage.excluded) == 48 - len(result.predictions) == 12
-    assert (leakage.scored_patients, leakage.not_in_catalogue) == (6, 0)
+    assert (leakage.scored_patients, leakage.not_evaluated) == (6, 0)
     assert leakage.adapted_on_unlabelled == ()
     document = json.loads(report_json(report))
     assert list(document)[-3:] == ["prompt_leaks", "leakage", "run"]
@@ -192,6 +192,11 @@ def test_embedders_side_by_side_paired_on_the_same_patients(
         assert (same.methods[name].ci95.low, same.methods[name].ci95.high) == (0.0, 0.0)
         assert again.methods[name] == first.methods[name]
     assert moved.methods["logistic"].weighted_f1 != 0.0  # other weights, other features
+    # Each embedder picks its own prompts: Dice on the same references, paired too.
+    assert report.segmentation is not None and first.dice == report.segmentation.dice
+    assert all(c.dice is not None and c.dice.n == 14 for c in comparison.configurations)
+    assert moved.dice is not None and same.dice is not None
+    assert (same.dice.difference, same.dice.ci95.low, same.dice.ci95.high) == (0.0, 0.0, 0.0)
 
 
 def test_a_comparison_scores_only_patients_no_compared_model_trained(
@@ -210,6 +215,11 @@ def test_a_comparison_scores_only_patients_no_compared_model_trained(
     assert comparison is not None
     assert [c.models.segmenter.name for c in comparison.configurations  # type: ignore[union-attr]
             ] == ["tiny-seggpt", "seggpt-tuned"]
+    # The tuned copy has the base's weights: the same masks, on the references of 7 patients.
+    difference = comparison.differences[0].dice
+    assert difference is not None and difference.difference == pytest.approx(0.0, abs=1e-9)
+    assert report.segmentation is not None
+    assert comparison.configurations[1].dice == report.segmentation.dice
     with pytest.raises(UsageError, match="--segmenter none uses no segmenter"):
         run_evaluation(factory, config=_config(model_dir),
                        compare=[_config(model_dir, segmenter="seggpt-tuned")],

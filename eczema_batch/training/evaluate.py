@@ -183,6 +183,8 @@ def run_evaluation(
     }
     timings["training"] = time.perf_counter() - tick
     compared: list[dict[str, MethodPredictions]] = [results[settings.segmenter]]
+    # Each configuration's masks against the manual ones, on the same references.
+    compared_quality = [seg_quality if settings.segmenter != "none" else None]
     for index, (other, other_target) in enumerate(zip(others, other_targets, strict=True)):
         tick = time.perf_counter()
         store = FeatureStore(factory, other, other_target, counts=counts)
@@ -193,6 +195,9 @@ def run_evaluation(
         leaks += other_leaks
         compared.append(_cross_validate(data, splits, keys, vectors, settings, scaling=False,
                                         progress=progress))
+        compared_quality.append(
+            segmentation_quality(store, refs, scored=scored_refs)
+            if settings.segmenter != "none" and scored_refs.any() else None)
         timings[f"compare_{index + 2}"] = time.perf_counter() - tick
     tick = time.perf_counter()
     scores = score_methods(data, results, segmenter=settings.segmenter,
@@ -204,12 +209,14 @@ def run_evaluation(
         comparison = compare_models(
             data, compared,
             [_model_identities(c, (settings.segmenter,)) for c in (config, *others)],
-            segmenter=settings.segmenter, bootstrap=settings.bootstrap, seed=settings.seed)
+            segmenter=settings.segmenter, bootstrap=settings.bootstrap, seed=settings.seed,
+            segmentation=compared_quality, refs=refs)
     data_summary = DataSummary.of(data, refs, splits)
     timings["metrics"] = time.perf_counter() - tick
     naive = naive_forwards(data, refs, splits, settings.modes, seg_mode is not None)
-    for _ in others:  # each compared configuration: the main mode, no segmentation quality
-        more = naive_forwards(data, refs, splits, (settings.segmenter,), False)
+    for _ in others:  # each compared configuration: the main mode and segmentation quality
+        more = naive_forwards(data, refs, splits, (settings.segmenter,),
+                              settings.segmenter != "none")
         naive = NaiveForwards(embedder_images=naive.embedder_images + more.embedder_images,
                               segmenter_queries=naive.segmenter_queries + more.segmenter_queries)
     timings["total"] = time.perf_counter() - started

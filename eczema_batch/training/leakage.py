@@ -114,8 +114,9 @@ class LeakageReport:
 
     derived: tuple[DerivedModelUse, ...]
     excluded: tuple[ExcludedPatient, ...]
-    #: supervised patients this catalogue (or the evaluated study) does not hold
-    not_in_catalogue: int
+    #: supervised patients with no labelled image evaluated here (another study or catalogue,
+    #: or no label): nothing of theirs is scored
+    not_evaluated: int
     #: labelled patients scored (in the test folds)
     scored_patients: int
     #: derived models that saw patients' images without labels (self-supervised adaptation)
@@ -125,14 +126,14 @@ class LeakageReport:
     def from_dict(cls, doc: Doc) -> LeakageReport:
         return cls(derived=tuple(DerivedModelUse.from_dict(d) for d in doc["derived"]),
                    excluded=tuple(ExcludedPatient.from_dict(e) for e in doc["excluded"]),
-                   not_in_catalogue=doc["not_in_catalogue"],
+                   not_evaluated=doc["not_evaluated"],
                    scored_patients=doc["scored_patients"],
                    adapted_on_unlabelled=tuple(doc["adapted_on_unlabelled"]))
 
     def as_dict(self) -> dict[str, Any]:
         return {"derived": [d.as_dict() for d in self.derived],
                 "excluded": [e.as_dict() for e in self.excluded],
-                "not_in_catalogue": self.not_in_catalogue,
+                "not_evaluated": self.not_evaluated,
                 "scored_patients": self.scored_patients,
                 "adapted_on_unlabelled": list(self.adapted_on_unlabelled)}
 
@@ -148,9 +149,9 @@ class LeakageReport:
             out.append(f"{len(self.excluded)} patient(s) ({images} labelled images) not scored: "
                        "their labels or masks trained a model used here (they still train the "
                        "heads and prompt SegGPT)")
-        if self.not_in_catalogue:
-            out.append(f"{self.not_in_catalogue} patient(s) that trained these models are not "
-                       "among the evaluated patients")
+        if self.not_evaluated:
+            out.append(f"{self.not_evaluated} patient(s) that trained these models have no "
+                       "labelled image evaluated here")
         for name in self.adapted_on_unlabelled:
             out.append(f"{name} was adapted on unlabelled images of the evaluated patients "
                        "(allowed: no label or mask; its scores include those patients)")
@@ -204,7 +205,7 @@ def exclusion(session: Session, models: Sequence[UsedModel], data: LabelledImage
     report = LeakageReport(
         derived=tuple(DerivedModelUse.of(m, i) for m, i in derived.values()),
         excluded=tuple(e for e, _ in excluded),
-        not_in_catalogue=len(trained_by) - len(excluded),
+        not_evaluated=len(trained_by) - len(excluded),
         scored_patients=len(evaluated - excluded_ids),
         adapted_on_unlabelled=adapted,
     )

@@ -41,6 +41,7 @@ from eczema_batch.training.results import (
     EvaluationReport,
     FoldRow,
     Interval,
+    MeanDifference,
     MethodF1,
     MethodReport,
     MethodScores,
@@ -50,6 +51,7 @@ from eczema_batch.training.results import (
     ModelDifference,
     ModelIdentities,
     NaiveForwards,
+    OverlapStat,
     PooledReport,
     ScalingPoint,
     SegmentationQuality,
@@ -171,6 +173,8 @@ def compare_models(
     segmenter: str,
     bootstrap: int,
     seed: int,
+    segmentation: Sequence[SegmentationQuality | None] = (),
+    refs: References | None = None,
 ) -> ModelComparison:
     """Each configuration's weighted F1 and every later one minus the first, paired.
 
@@ -184,8 +188,10 @@ def compare_models(
                                  methods[name].pooled()[1].argmax(axis=1),
                                  n_classes=len(data.classes))
                for name in COMPARED_METHODS} for methods in results]
+    seg = list(segmentation) or [None] * len(results)
     configurations = tuple(
-        ConfigurationScore(models=identities, methods={
+        ConfigurationScore(models=identities, dice=_dice(seg[index]), iou=_iou(seg[index]),
+                           methods={
             name: MethodF1(
                 weighted_f1=Stat.of([r.metrics.weighted_f1
                                      for r in _fold_rows(data, methods[name])]),
@@ -198,10 +204,40 @@ def compare_models(
             name: Comparison(weighted_f1=pooled[index][name] - pooled[0][name],
                              ci95=Interval.of(percentile_interval(reps[index][name]
                                                                   - reps[0][name])))
-            for name in COMPARED_METHODS})
+            for name in COMPARED_METHODS},
+            dice=_dice_difference(seg[index], seg[0], refs, bootstrap=bootstrap, seed=seed))
         for index in range(1, len(results)))
     return ModelComparison(segmenter=segmenter, configurations=configurations,
                            differences=differences)
+
+
+def _dice(seg: SegmentationQuality | None) -> OverlapStat | None:
+    return None if seg is None else seg.dice
+
+
+def _iou(seg: SegmentationQuality | None) -> OverlapStat | None:
+    return None if seg is None else seg.iou
+
+
+def _dice_difference(of: SegmentationQuality | None, minus: SegmentationQuality | None,
+                     refs: References | None, *, bootstrap: int, seed: int
+                     ) -> MeanDifference | None:
+    """Mean Dice of `of` minus `minus` on the same references; patients resampled (paired)."""
+    if of is None or minus is None or refs is None:
+        return None
+    theirs = {p.image_id: p.dice for p in minus.per_image}
+    ids = [p.image_id for p in of.per_image]
+    if not ids or set(ids) != set(theirs):
+        return None
+    difference = np.array([p.dice - theirs[p.image_id] for p in of.per_image])
+    patient = dict(zip(refs.image_ids.tolist(), refs.patient_ids.tolist(), strict=True))
+    groups = np.array([patient[i] for i in ids])
+    replicates = patient_bootstrap(
+        difference, difference, groups,
+        metric=lambda values, _, weight: float(np.average(values, weights=weight)),
+        replicates=bootstrap, seed=seed)
+    return MeanDifference(difference=float(difference.mean()),
+                          ci95=Interval.of(percentile_interval(replicates)))
 
 
 def _scaling(data: LabelledImages, scaled: list[tuple[float, MethodPredictions]],
@@ -394,14 +430,22 @@ def _model_comparison_tables(comparison: ModelComparison) -> list[Table]:
         [[_configuration_label(comparison, i), c.models.embedder.name,
           c.models.segmenter.name if c.models.segmenter is not None else "-", name,
           _pm(m.weighted_f1), f"{m.pooled:.3f} {_ci(m.pooled_ci95)}"]
-         for i, c in enumerate(comparison.configurations) for name, m in c.methods.items()])
+         for i, c in enumerate(comparison.configurations) for name, m in c.methods.items()]
+        + [[_configuration_label(comparison, i), c.models.embedder.name,
+            c.models.segmenter.name if c.models.segmenter is not None else "-",
+            "Dice (references)", _pm(c.dice), "-"]
+           for i, c in enumerate(comparison.configurations) if c.dice is not None])
     differences = (
-        "model difference, pooled weighted F1 (paired patient bootstrap: the same resamples "
-        "for both)",
+        "model difference, pooled weighted F1 and mean Dice (paired patient bootstrap: the "
+        "same resamples for both)",
         ["comparison", "method", "difference", "95% CI"],
         [[f"{_configuration_label(comparison, d.of)} minus "
           f"{_configuration_label(comparison, d.minus)}", name, f"{c.weighted_f1:+.3f}",
-          _ci(c.ci95)] for d in comparison.differences for name, c in d.methods.items()])
+          _ci(c.ci95)] for d in comparison.differences for name, c in d.methods.items()]
+        + [[f"{_configuration_label(comparison, d.of)} minus "
+            f"{_configuration_label(comparison, d.minus)}", "mean Dice (references)",
+            f"{d.dice.difference:+.3f}", _ci(d.dice.ci95)]
+           for d in comparison.differences if d.dice is not None])
     return [scores, differences]
 
 

@@ -444,15 +444,39 @@ class ConfigurationScore:
     models: ModelIdentities
     #: "head", "logistic" -> its weighted F1
     methods: Mapping[str, MethodF1]
+    #: Dice and IoU against the manual masks of the scored references (leave-one-patient-out
+    #: prompts); None under --segmenter none or without references
+    dice: OverlapStat | None = None
+    iou: OverlapStat | None = None
 
     @classmethod
     def from_dict(cls, doc: Doc) -> ConfigurationScore:
+        dice, iou = doc["dice"], doc["iou"]
         return cls(models=ModelIdentities.from_dict(doc["models"]),
-                   methods={k: MethodF1.from_dict(v) for k, v in doc["methods"].items()})
+                   methods={k: MethodF1.from_dict(v) for k, v in doc["methods"].items()},
+                   dice=None if dice is None else OverlapStat.from_dict(dice),
+                   iou=None if iou is None else OverlapStat.from_dict(iou))
 
     def as_dict(self) -> dict[str, Any]:
         return {"models": self.models.as_dict(),
-                "methods": {k: v.as_dict() for k, v in self.methods.items()}}
+                "methods": {k: v.as_dict() for k, v in self.methods.items()},
+                "dice": None if self.dice is None else self.dice.as_dict(),
+                "iou": None if self.iou is None else self.iou.as_dict()}
+
+
+@dataclass(frozen=True)
+class MeanDifference:
+    """A difference of means over the same items, with a paired patient-bootstrap interval."""
+
+    difference: float
+    ci95: Interval
+
+    @classmethod
+    def from_dict(cls, doc: Doc) -> MeanDifference:
+        return cls(difference=doc["difference"], ci95=Interval.of(doc["ci95"]))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"difference": self.difference, "ci95": self.ci95.as_list()}
 
 
 @dataclass(frozen=True)
@@ -462,15 +486,20 @@ class ModelDifference:
     of: int
     minus: int
     methods: Mapping[str, Comparison]
+    #: mean Dice of `of` minus `minus` over the same references, paired patient bootstrap
+    dice: MeanDifference | None = None
 
     @classmethod
     def from_dict(cls, doc: Doc) -> ModelDifference:
+        dice = doc["dice"]
         return cls(of=doc["of"], minus=doc["minus"],
-                   methods={k: Comparison.from_dict(v) for k, v in doc["methods"].items()})
+                   methods={k: Comparison.from_dict(v) for k, v in doc["methods"].items()},
+                   dice=None if dice is None else MeanDifference.from_dict(dice))
 
     def as_dict(self) -> dict[str, Any]:
         return {"of": self.of, "minus": self.minus,
-                "methods": {k: v.as_dict() for k, v in self.methods.items()}}
+                "methods": {k: v.as_dict() for k, v in self.methods.items()},
+                "dice": None if self.dice is None else self.dice.as_dict()}
 
 
 @dataclass(frozen=True)
