@@ -249,3 +249,12 @@ def test_scored_splits_keep_the_excluded_in_every_training_fold() -> None:
     with pytest.raises(UsageError, match=r"only 2 labelled patient\(s\) left"):
         check_scorable(data, frozenset(range(8)), folds=3, models=["seggpt-tuned"])
     check_scorable(data, excluded, folds=3, models=["seggpt-tuned"])
+
+
+def test_one_kind_of_model_compared_at_a_time() -> None:
+    result = CliRunner().invoke(app, [
+        "evaluate", "--embedder-model", "tiny-dino", "--embedder-model", "dino-study",
+        "--segmenter-model", "tiny-seggpt", "--segmenter-model", "seggpt-study",
+    ])
+    assert result.exit_code != 0
+    assert "one kind at a time" in result.stderr

@@ -178,6 +178,8 @@ def evaluate(
     models side by side: the same folds and patients, the difference with a paired interval.
 
     Example: eczema-batch evaluate --folds 5 --repeats 3 -o report.json --predictions oof.csv
+
+    Example: eczema-batch evaluate --embedder-model dino-vitb16 --embedder-model dino-study
     """
     from eczema_batch.measuring.config import RunConfig
     from eczema_batch.output import output_file
