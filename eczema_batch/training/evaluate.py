@@ -182,22 +182,17 @@ def run_evaluation(
         for mode in settings.modes
     }
     timings["training"] = time.perf_counter() - tick
-    compared: list[dict[str, MethodPredictions]] = [results[settings.segmenter]]
-    # Each configuration's masks against the manual ones, on the same references.
-    compared_quality = [seg_quality if settings.segmenter != "none" else None]
+    compared = [(results[settings.segmenter],
+                 seg_quality if settings.segmenter != "none" else None)]
     for index, (other, other_target) in enumerate(zip(others, other_targets, strict=True)):
         tick = time.perf_counter()
         store = FeatureStore(factory, other, other_target, counts=counts)
-        keys, vectors, other_audit, other_leaks = _mode_features(
-            store, settings.segmenter, data, refs, splits,
+        predictions, quality, other_audit, other_leaks = _other_configuration(
+            store, settings, data, refs, splits, scored_refs,
             _prefixed(progress, f"configuration {index + 2}"))
+        compared.append((predictions, quality))
         audit.extend(other_audit)
         leaks += other_leaks
-        compared.append(_cross_validate(data, splits, keys, vectors, settings, scaling=False,
-                                        progress=progress))
-        compared_quality.append(
-            segmentation_quality(store, refs, scored=scored_refs)
-            if settings.segmenter != "none" and scored_refs.any() else None)
         timings[f"compare_{index + 2}"] = time.perf_counter() - tick
     tick = time.perf_counter()
     scores = score_methods(data, results, segmenter=settings.segmenter,
@@ -207,10 +202,10 @@ def run_evaluation(
     comparison = None
     if others:
         comparison = compare_models(
-            data, compared,
+            data, [predictions for predictions, _ in compared],
             [_model_identities(c, (settings.segmenter,)) for c in (config, *others)],
             segmenter=settings.segmenter, bootstrap=settings.bootstrap, seed=settings.seed,
-            segmentation=compared_quality, refs=refs)
+            segmentation=[quality for _, quality in compared], refs=refs)
     data_summary = DataSummary.of(data, refs, splits)
     timings["metrics"] = time.perf_counter() - tick
     naive = naive_forwards(data, refs, splits, settings.modes, seg_mode is not None)
@@ -233,6 +228,27 @@ def run_evaluation(
     )
     rows = prediction_rows(data, results)
     return EvaluationResult(report=report, predictions=rows, prompt_audit=audit)
+
+
+def _other_configuration(
+    store: FeatureStore,
+    settings: EvaluationSettings,
+    data: LabelledImages,
+    refs: References,
+    splits: list[Split],
+    scored_refs: np.ndarray,
+    progress: StageProgress | None,
+) -> tuple[dict[str, MethodPredictions], SegmentationQuality | None, list[PromptUse], int]:
+    """A compared configuration on the main configuration's splits, under the main mode only
+    (no ablation, no scaling curve): its methods' predictions, its Dice on the scored
+    references, its prompt audit and leaks."""
+    mode = settings.segmenter
+    keys, vectors, audit, leaks = _mode_features(store, mode, data, refs, splits, progress)
+    predictions = _cross_validate(data, splits, keys, vectors, settings, scaling=False,
+                                  progress=progress)
+    quality = (segmentation_quality(store, refs, scored=scored_refs)
+               if mode != "none" and scored_refs.any() else None)
+    return predictions, quality, audit, leaks
 
 
 def _used_models(config: RunConfig, modes: tuple[SegmenterMode, ...],
