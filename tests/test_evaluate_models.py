@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,9 @@ from eczema_batch.pipeline.evaluate import grouped_splits
 from eczema_batch.pipeline.loading import weights_digest
 from eczema_batch.pipeline.train import TrainSettings
 from eczema_batch.synth import write_synthetic_study
-from eczema_batch.training.data import LabelledImages
+from eczema_batch.training.data import LabelledImages, labelled_images, references
 from eczema_batch.training.evaluate import EvaluationSettings, run_evaluation
-from eczema_batch.training.leakage import check_scorable, scored_splits
+from eczema_batch.training.leakage import UsedModel, check_scorable, exclusion, scored_splits
 from eczema_batch.training.report import report_json, summary_tables
 from eczema_batch.training.results import EvaluationReport
 from tests._model_fixtures import tiny_model_dir_fixture  # noqa: F401
@@ -130,6 +131,7 @@ def test_a_tuned_segmenter_never_scores_the_patients_whose_masks_trained_it(
     assert [(e.subject, e.models) for e in leakage.excluded] == [
         (r.subject, ("seggpt-tuned",)) for r in trained]
     assert sum(e.labelled_images for e in leakage.excluded) == 48 - len(result.predictions) == 12
+    assert sum(e.references for e in leakage.excluded) == 14 - report.segmentation.images > 0
     assert (leakage.scored_patients, leakage.not_evaluated) == (6, 0)
     assert leakage.adapted_on_unlabelled == ()
     document = json.loads(report_json(report))
@@ -258,3 +260,33 @@ def test_one_kind_of_model_compared_at_a_time() -> None:
     ])
     assert result.exit_code != 0
     assert "one kind at a time" in result.stderr
+
+
+def test_a_patient_with_masks_but_no_label_is_excluded_from_the_dice(
+    study: list[PatientRef], factory: sessionmaker[Session],
+) -> None:
+    """The rule itself: a supervised patient counts when they have labelled images *or*
+    references here; one the catalogue does not hold is only counted."""
+    with factory() as session:
+        data, refs = labelled_images(session), references(session)
+        codes = {int(pid): str(code) for pid, code in session.execute(
+            select(Patient.id, Patient.subject_code))}
+        # A patient with references, their labels taken away (as if never labelled).
+        masked = int(refs.patient_ids[0])
+        keep = data.patient_ids != masked
+        unlabelled = replace(data, image_ids=data.image_ids[keep], labels=data.labels[keep],
+                             patient_ids=data.patient_ids[keep], study_ids=data.study_ids[keep])
+        ref = next(r for r in study if r.subject == codes[masked])
+        identity = DerivedIdentity(
+            name="seggpt-tuned", kind="segmenter", base="tiny-seggpt", base_digest="0",
+            method="seggpt-tuning", settings={}, seed=0, images=(),
+            supervised=(ref, study[1], PatientRef("another-study", "P01")))
+        found = exclusion(session, [UsedModel("segmenter", "seggpt-tuned", identity),
+                                    UsedModel("embedder", "tiny-dino")], unlabelled, refs)
+    assert masked in found.patient_ids and len(found.patient_ids) == 2
+    report = found.report
+    assert report is not None and report.not_evaluated == 1
+    first = next(e for e in report.excluded if e.subject == ref.subject)
+    assert first.labelled_images == 0
+    assert first.references == int((refs.patient_ids == masked).sum()) > 0
+    assert report.scored_patients == 6  # 7 labelled patients, one of them excluded

@@ -147,7 +147,7 @@ def run_evaluation(
             for mode in settings.modes
         }
         other_targets = [resolve_targets(session, c, use_head=False) for c in others]
-        excluded = exclusion(session, used, data)
+        excluded = exclusion(session, used, data, refs)
     _check_data(data, settings, excluded.patient_ids,
                 [m.name for m in used if m.identity is not None])
     splits = scored_splits(data, excluded.patient_ids, folds=settings.folds,

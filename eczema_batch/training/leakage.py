@@ -33,7 +33,7 @@ from eczema_batch.pipeline.derived import DerivedIdentity, PatientRef, read_iden
 from eczema_batch.pipeline.evaluate import Split, grouped_splits
 from eczema_batch.pipeline.loading import find_weights
 from eczema_batch.pipeline.registry import Kind, get_spec
-from eczema_batch.training.data import LabelledImages
+from eczema_batch.training.data import LabelledImages, References
 
 Doc = Mapping[str, Any]
 
@@ -96,16 +96,20 @@ class ExcludedPatient:
     subject: str
     #: labelled images of the patient that were not scored (they still train heads)
     labelled_images: int
+    #: manual masks of the patient not scored for Dice/IoU (they still prompt SegGPT)
+    references: int
     models: tuple[str, ...]
 
     @classmethod
     def from_dict(cls, doc: Doc) -> ExcludedPatient:
         return cls(study=doc["study"], subject=doc["subject"],
-                   labelled_images=doc["labelled_images"], models=tuple(doc["models"]))
+                   labelled_images=doc["labelled_images"], references=doc["references"],
+                   models=tuple(doc["models"]))
 
     def as_dict(self) -> dict[str, Any]:
         return {"study": self.study, "subject": self.subject,
-                "labelled_images": self.labelled_images, "models": list(self.models)}
+                "labelled_images": self.labelled_images, "references": self.references,
+                "models": list(self.models)}
 
 
 @dataclass(frozen=True)
@@ -114,8 +118,8 @@ class LeakageReport:
 
     derived: tuple[DerivedModelUse, ...]
     excluded: tuple[ExcludedPatient, ...]
-    #: supervised patients with no labelled image evaluated here (another study or catalogue,
-    #: or no label): nothing of theirs is scored
+    #: supervised patients with no labelled image nor reference evaluated here (another study or
+    #: catalogue): nothing of theirs is scored
     not_evaluated: int
     #: labelled patients scored (in the test folds)
     scored_patients: int
@@ -146,12 +150,13 @@ class LeakageReport:
                        f"{d.holdout} held out")
         if self.excluded:
             images = sum(e.labelled_images for e in self.excluded)
-            out.append(f"{len(self.excluded)} patient(s) ({images} labelled images) not scored: "
-                       "their labels or masks trained a model used here (they still train the "
-                       "heads and prompt SegGPT)")
+            masks = sum(e.references for e in self.excluded)
+            out.append(f"{len(self.excluded)} patient(s) not scored ({images} labelled images, "
+                       f"{masks} manual masks): their labels or masks trained a model used here "
+                       "(they still train the heads and prompt SegGPT)")
         if self.not_evaluated:
             out.append(f"{self.not_evaluated} patient(s) that trained these models have no "
-                       "labelled image evaluated here")
+                       "labelled image or manual mask evaluated here")
         for name in self.adapted_on_unlabelled:
             out.append(f"{name} was adapted on unlabelled images of the evaluated patients "
                        "(allowed: no label or mask; its scores include those patients)")
@@ -170,12 +175,12 @@ class Exclusion:
     report: LeakageReport | None
 
 
-def exclusion(session: Session, models: Sequence[UsedModel], data: LabelledImages
-              ) -> Exclusion:
+def exclusion(session: Session, models: Sequence[UsedModel], data: LabelledImages,
+              refs: References) -> Exclusion:
     """Who trained the `models` (deduplicated by kind and name), matched to catalogue patients.
 
-    Only patients with labelled images in `data` matter for scoring; the others are counted as
-    not evaluated here.
+    Only patients with labelled images in `data` or references in `refs` could be scored; the
+    others are counted as not evaluated here.
     """
     derived: dict[tuple[str, str], tuple[UsedModel, DerivedIdentity]] = {}
     for model in models:
@@ -190,12 +195,13 @@ def exclusion(session: Session, models: Sequence[UsedModel], data: LabelledImage
             if model.name not in names:
                 names.append(model.name)
     ids = patient_ids(session, trained_by)
-    labelled = {int(p): int(n) for p, n in zip(*np.unique(data.patient_ids, return_counts=True),
-                                                 strict=True)}
+    labelled, masks = _counts(data.patient_ids), _counts(refs.patient_ids)
     excluded = sorted(
         ((ExcludedPatient(study=ref.study, subject=ref.subject,
-                          labelled_images=labelled[ids[ref]], models=tuple(names)), ids[ref])
-         for ref, names in trained_by.items() if ref in ids and ids[ref] in labelled),
+                          labelled_images=labelled.get(ids[ref], 0),
+                          references=masks.get(ids[ref], 0), models=tuple(names)), ids[ref])
+         for ref, names in trained_by.items()
+         if ref in ids and (ids[ref] in labelled or ids[ref] in masks)),
         key=lambda pair: (pair[0].study, pair[0].subject),
     )
     excluded_ids = frozenset(pid for _, pid in excluded)
@@ -210,6 +216,11 @@ def exclusion(session: Session, models: Sequence[UsedModel], data: LabelledImage
         adapted_on_unlabelled=adapted,
     )
     return Exclusion(excluded_ids, report)
+
+
+def _counts(patients: np.ndarray) -> dict[int, int]:
+    values, counts = np.unique(patients, return_counts=True)
+    return {int(p): int(n) for p, n in zip(values, counts, strict=True)}
 
 
 def patient_ids(session: Session, refs: Iterable[PatientRef]) -> dict[PatientRef, int]:

@@ -456,7 +456,7 @@ def _leakage_tables(leakage: LeakageReport) -> list[Table]:
     if leakage.excluded:
         tables.append((
             "patients not scored (still in every training fold)",
-            ["study", "subject", "labelled images", "trained"],
-            [[e.study, e.subject, str(e.labelled_images), ", ".join(e.models)]
+            ["study", "subject", "labelled images", "manual masks", "trained"],
+            [[e.study, e.subject, str(e.labelled_images), str(e.references), ", ".join(e.models)]
              for e in leakage.excluded]))
     return tables
