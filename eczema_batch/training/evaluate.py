@@ -205,7 +205,8 @@ def run_evaluation(
             data, [predictions for predictions, _ in compared],
             [_model_identities(c, (settings.segmenter,)) for c in (config, *others)],
             segmenter=settings.segmenter, bootstrap=settings.bootstrap, seed=settings.seed,
-            segmentation=[quality for _, quality in compared], refs=refs)
+            segmentation=[quality for _, quality in compared], refs=refs,
+            first_replicates=scores.replicates.get(settings.segmenter))
     data_summary = DataSummary.of(data, refs, splits)
     timings["metrics"] = time.perf_counter() - tick
     naive = naive_forwards(data, refs, splits, settings.modes, seg_mode is not None)

@@ -136,10 +136,12 @@ def score_methods(
     comparison: dict[str, dict[str, Comparison]] = {}
     ablation: list[AblationRow] = []
     scaling: tuple[ScalingPoint, ...] = ()
+    replicates: dict[str, dict[str, np.ndarray]] = {}
     for mode, methods in results.items():
         reps = {name: _replicates(data, methods[name], bootstrap=bootstrap, seed=seed)
                 for name in ("head", *BASELINES)}
         reports[mode] = {name: _method_report(data, methods[name], reps[name]) for name in reps}
+        replicates[mode] = reps
         head = reports[mode]["head"]
         comparison[mode] = {
             f"head_minus_{name}": Comparison(
@@ -157,7 +159,7 @@ def score_methods(
         if scaled or mode == segmenter:
             scaling = _scaling(data, scaled, methods["head"], fractions)
     return MethodScores(results=reports, comparison=comparison, ablation=tuple(ablation),
-                        scaling=scaling)
+                        scaling=scaling, replicates=replicates)
 
 
 #: the methods a model comparison reports: the head, and the linear probe (a common measure of
@@ -175,6 +177,7 @@ def compare_models(
     seed: int,
     segmentation: Sequence[SegmentationQuality | None] = (),
     refs: References | None = None,
+    first_replicates: Mapping[str, np.ndarray] | None = None,
 ) -> ModelComparison:
     """Each configuration's weighted F1 and every later one minus the first, paired.
 
@@ -182,8 +185,11 @@ def compare_models(
     cover the same images in the same order and one bootstrap seed resamples the same patients
     for each: replicate minus replicate is the paired difference.
     """
-    reps = [{name: _replicates(data, methods[name], bootstrap=bootstrap, seed=seed)
-             for name in COMPARED_METHODS} for methods in results]
+    # The first configuration's replicates, when `score_methods` made them: the same draws.
+    known = first_replicates or {}
+    reps = [{name: known[name] if index == 0 and name in known
+             else _replicates(data, methods[name], bootstrap=bootstrap, seed=seed)
+             for name in COMPARED_METHODS} for index, methods in enumerate(results)]
     pooled = [{name: weighted_f1(data.labels[methods[name].pooled()[0]],
                                  methods[name].pooled()[1].argmax(axis=1),
                                  n_classes=len(data.classes))

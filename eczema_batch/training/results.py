@@ -8,7 +8,7 @@ nesting are a public format (users' scripts read it), so every part spells its o
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -602,6 +602,9 @@ class MethodScores:
     ablation: tuple[AblationRow, ...]
     #: empty unless the scaling curve was computed
     scaling: tuple[ScalingPoint, ...]
+    #: segmenter mode -> method -> its weighted-F1 bootstrap replicates (for paired differences
+    #: with other configurations; not part of the report)
+    replicates: Mapping[str, Mapping[str, np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
