@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from eczema_batch.catalogue.labels import parse_reference_rule
 from eczema_batch.errors import UsageError
 from eczema_batch.measuring.config import SEGMENTER_MODES, RunConfig, SegmenterMode
 from eczema_batch.measuring.runtime import identify, resolve_targets
@@ -41,6 +42,7 @@ from eczema_batch.pipeline.train import (
     fit_head,
 )
 from eczema_batch.progress import Progress, StageProgress
+from eczema_batch.training.agreement import evaluation_agreement
 from eczema_batch.training.data import LabelledImages, References, labelled_images, references
 from eczema_batch.training.features import FeatureRequest, FeatureStore, study_references
 from eczema_batch.training.report import (
@@ -74,6 +76,8 @@ class EvaluationSettings:
     #: also evaluate the other side of the segmentation ablation (seggpt vs none)
     ablation: bool = True
     train: TrainSettings = field(default_factory=TrainSettings)
+    #: which label is an image's truth (catalogue.labels): newest, majority, adjudicator:NAME
+    reference_label: str = "newest"
 
     def __post_init__(self) -> None:
         if self.segmenter not in SEGMENTER_MODES:
@@ -85,6 +89,8 @@ class EvaluationSettings:
             raise UsageError(f"--fractions {self.fractions}: each must be in (0, 1]")
         if self.bootstrap < 1:
             raise UsageError("--bootstrap must be at least 1")
+        object.__setattr__(self, "reference_label",
+                           str(parse_reference_rule(self.reference_label)))
 
     @property
     def modes(self) -> tuple[SegmenterMode, ...]:
@@ -96,7 +102,7 @@ class EvaluationSettings:
         return {"folds": self.folds, "repeats": self.repeats, "segmenter": self.segmenter,
                 "fractions": list(self.fractions), "seed": self.seed,
                 "bootstrap": self.bootstrap, "ablation": list(self.modes),
-                "train": self.train.as_dict()}
+                "train": self.train.as_dict(), "reference_label": self.reference_label}
 
 
 @dataclass
@@ -119,7 +125,7 @@ def run_evaluation(
     started = time.perf_counter()
     timings: dict[str, float] = {}
     with factory() as session, session.begin():
-        data = labelled_images(session, study=study)
+        data = labelled_images(session, study=study, rule=settings.reference_label)
         refs = references(session, study=study)
         targets = {
             mode: resolve_targets(session, replace(config, segmenter_mode=mode), use_head=False)
@@ -176,6 +182,12 @@ def run_evaluation(
                     seconds={k: round(v, 3) for k, v in timings.items()}),
     )
     rows = prediction_rows(data, results)
+    with factory() as session:
+        agreement = evaluation_agreement(
+            session, study=study, classes=data.classes, reference_rule=settings.reference_label,
+            predictions=rows, segmenter=settings.segmenter, bootstrap=settings.bootstrap,
+            seed=settings.seed)
+    report = replace(report, agreement=agreement)
     return EvaluationResult(report=report, predictions=rows, prompt_audit=audit)
 
 

@@ -265,6 +265,12 @@ def summary_tables(report: EvaluationReport) -> list[Table]:
         tables.append(_scaling_table(main, report.scaling))
     if report.segmentation is not None:
         tables.append(_segmentation_table(report.segmentation))
+    if report.agreement is not None:
+        from eczema_batch.training.agreement import agreement_tables
+
+        tables += agreement_tables(report.agreement)
+    else:
+        tables.append(("reference label", ["rule"], [[report.settings.reference_label]]))
     return tables
 
 

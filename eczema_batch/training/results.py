@@ -17,6 +17,7 @@ from eczema_batch.pipeline.evaluate import mean_std
 
 if TYPE_CHECKING:
     from eczema_batch.pipeline.evaluate import Split
+    from eczema_batch.training.agreement import AgreementReport
     from eczema_batch.training.data import LabelledImages, References
     from eczema_batch.training.evaluate import EvaluationSettings
 
@@ -510,6 +511,8 @@ class EvaluationReport:
     #: prompts from the image's own patient or the test fold: must be 0
     prompt_leaks: int
     run: RunInfo
+    #: raters vs raters and the model vs each rater; None unless some image has two raters
+    agreement: AgreementReport | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -526,6 +529,7 @@ class EvaluationReport:
             "study": self.study,
             "prompt_leaks": self.prompt_leaks,
             "run": self.run.as_dict(),
+            "agreement": None if self.agreement is None else self.agreement.as_dict(),
         }
 
     @classmethod
@@ -545,7 +549,14 @@ class EvaluationReport:
             study=doc["study"],
             prompt_leaks=doc["prompt_leaks"],
             run=RunInfo.from_dict(doc["run"]),
+            agreement=_agreement_from_dict(doc.get("agreement")),
         )
+
+
+def _agreement_from_dict(doc: Doc | None) -> AgreementReport | None:
+    from eczema_batch.training.agreement import AgreementReport
+
+    return None if doc is None else AgreementReport.from_dict(doc)
 
 
 def _settings_from_dict(doc: Doc) -> EvaluationSettings:
@@ -558,4 +569,5 @@ def _settings_from_dict(doc: Doc) -> EvaluationSettings:
         fractions=tuple(doc["fractions"]), seed=doc["seed"], bootstrap=doc["bootstrap"],
         # The document lists the modes evaluated: more than one when the ablation ran.
         ablation=len(doc["ablation"]) > 1, train=TrainSettings(**doc["train"]),
+        reference_label=doc.get("reference_label", "newest"),
     )
