@@ -229,7 +229,8 @@ _LAYOUT = {
     "settings": {"folds": 0, "repeats": 0, "segmenter": "", "fractions": [0.0], "seed": 0,
                  "bootstrap": 0, "ablation": [""],
                  "train": {"epochs": 0, "lr": 0.0, "hidden": 0, "dropout": 0.0, "seed": 0,
-                           "class_weights": "", "batch_size": 0}},
+                           "class_weights": "", "batch_size": 0},
+                 "reference_label": ""},
     "data": {"images": 0, "patients": 0, "references": 0, "classes": [""], "class_counts": [0],
              "splits": 0},
     "results": {mode: dict.fromkeys(("head", "majority", "logistic"), _METHOD)

@@ -51,6 +51,10 @@ EmbedderModelsOption = Annotated[
 ModelDirOption = Annotated[
     Path | None, typer.Option(help="Folder of model weights (ECZEMA_BATCH_MODEL_DIR).")
 ]
+ReferenceLabelOption = Annotated[
+    str | None, typer.Option(help="Which label is an image's truth: newest, majority or "
+                             "adjudicator:NAME (ECZEMA_BATCH_REFERENCE_LABEL).")
+]
 
 
 def _train_settings(epochs: int, lr: float, hidden: int, dropout: float, seed: int,
@@ -93,6 +97,7 @@ def train(
     embedder_model: EmbedderModelOption = None,
     model_dir: ModelDirOption = None,
     name: Annotated[str | None, typer.Option(help="A name for the head.")] = None,
+    reference_label: ReferenceLabelOption = None,
     no_activate: Annotated[
         bool, typer.Option("--no-activate", help="Keep the current active head.")
     ] = False,
@@ -117,7 +122,8 @@ def train(
     )
     train_settings = _train_settings(epochs, lr, hidden, dropout, seed, class_weights, batch_size)
     trained = train_head(_catalogue(settings), config=config, settings=train_settings,
-                         study=study, activate=not no_activate, name=name)
+                         study=study, activate=not no_activate, name=name,
+                         reference_label=reference_label or settings.reference_label)
     if as_json:
         _emit_json(trained.as_dict())
         return
@@ -164,6 +170,7 @@ def evaluate(
         Path | None, typer.Option(help="Write the head's out-of-fold predictions as CSV.")
     ] = None,
     verbatim: VerbatimOption = False,
+    reference_label: ReferenceLabelOption = None,
 ) -> None:
     """Cross-validate the method by patient and report it with error bars.
 
@@ -213,6 +220,7 @@ def evaluate(
         folds=folds, repeats=repeats, segmenter=segmenter,  # type: ignore[arg-type]
         fractions=fraction_values, seed=seed, bootstrap=bootstrap, ablation=not no_ablation,
         train=_train_settings(epochs, lr, hidden, dropout, seed, class_weights, batch_size),
+        reference_label=reference_label or settings.reference_label,
     )
     stage = {"name": ""}
     with _progress("evaluating") as update:

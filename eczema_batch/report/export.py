@@ -18,6 +18,7 @@ from typing import Any, Literal, TextIO
 
 from sqlalchemy.orm import Session
 
+from eczema_batch.catalogue.labels import REVIEW_REPEAT
 from eczema_batch.report.queries import (
     HeadInfo,
     ImageRecord,
@@ -220,10 +221,12 @@ class _Rows:
 
     def labels(self, labels: Sequence[LabelRecord]) -> list[Any]:
         """The reference label (the newest: `queries.iter_image_labels`) and every label."""
-        if not labels:
+        # A blinded repeat (catalogue.labels) is listed but is never the reference nor a rater.
+        own = [lb for lb in labels if lb.source != REVIEW_REPEAT]
+        if not own:
             return [None, None, None, None, 0, 0, None]
-        ref = labels[-1]
-        raters = {(lb.source, lb.rater) for lb in labels}
+        ref = own[-1]
+        raters = {(lb.source, lb.rater) for lb in own}
         every = "; ".join(
             f"{lb.source}:{lb.rater}={lb.severity}" if lb.rater else f"{lb.source}={lb.severity}"
             for lb in labels)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from eczema_batch.catalogue.labels import parse_reference_rule
 from eczema_batch.errors import UsageError
 from eczema_batch.measuring.config import SEGMENTER_MODES, RunConfig, SegmenterMode
 from eczema_batch.measuring.runtime import identify, resolve_targets
@@ -41,6 +42,7 @@ from eczema_batch.pipeline.train import (
     fit_head,
 )
 from eczema_batch.progress import Progress, StageProgress
+from eczema_batch.training.agreement import evaluation_agreement
 from eczema_batch.training.data import LabelledImages, References, labelled_images, references
 from eczema_batch.training.features import FeatureRequest, FeatureStore, study_references
 from eczema_batch.training.leakage import (
@@ -83,6 +85,8 @@ class EvaluationSettings:
     #: also evaluate the other side of the segmentation ablation (seggpt vs none)
     ablation: bool = True
     train: TrainSettings = field(default_factory=TrainSettings)
+    #: which label is an image's truth (catalogue.labels): newest, majority, adjudicator:NAME
+    reference_label: str = "newest"
 
     def __post_init__(self) -> None:
         if self.segmenter not in SEGMENTER_MODES:
@@ -94,6 +98,8 @@ class EvaluationSettings:
             raise UsageError(f"--fractions {self.fractions}: each must be in (0, 1]")
         if self.bootstrap < 1:
             raise UsageError("--bootstrap must be at least 1")
+        object.__setattr__(self, "reference_label",
+                           str(parse_reference_rule(self.reference_label)))
 
     @property
     def modes(self) -> tuple[SegmenterMode, ...]:
@@ -105,7 +111,7 @@ class EvaluationSettings:
         return {"folds": self.folds, "repeats": self.repeats, "segmenter": self.segmenter,
                 "fractions": list(self.fractions), "seed": self.seed,
                 "bootstrap": self.bootstrap, "ablation": list(self.modes),
-                "train": self.train.as_dict()}
+                "train": self.train.as_dict(), "reference_label": self.reference_label}
 
 
 @dataclass
@@ -140,7 +146,7 @@ def run_evaluation(
                          "--segmenter seggpt (or manual)")
     used = _used_models(config, settings.modes, others)
     with factory() as session, session.begin():
-        data = labelled_images(session, study=study)
+        data = labelled_images(session, study=study, rule=settings.reference_label)
         refs = references(session, study=study)
         targets = {
             mode: resolve_targets(session, replace(config, segmenter_mode=mode), use_head=False)
@@ -228,6 +234,12 @@ def run_evaluation(
         leakage=excluded.report, model_comparison=comparison,
     )
     rows = prediction_rows(data, results)
+    with factory() as session:
+        agreement = evaluation_agreement(
+            session, study=study, classes=data.classes, reference_rule=settings.reference_label,
+            predictions=rows, segmenter=settings.segmenter, bootstrap=settings.bootstrap,
+            seed=settings.seed)
+    report = replace(report, agreement=agreement)
     return EvaluationResult(report=report, predictions=rows, prompt_audit=audit)
 
 

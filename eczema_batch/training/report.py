@@ -363,6 +363,12 @@ def summary_tables(report: EvaluationReport) -> list[Table]:
         tables += _model_comparison_tables(report.model_comparison)
     if report.leakage is not None:
         tables += _leakage_tables(report.leakage)
+    if report.agreement is not None:
+        from eczema_batch.training.agreement import agreement_tables
+
+        tables += agreement_tables(report.agreement)
+    else:
+        tables.append(("reference label", ["rule"], [[report.settings.reference_label]]))
     return tables
 
 

@@ -18,6 +18,7 @@ from eczema_batch.training.leakage import LeakageReport
 
 if TYPE_CHECKING:
     from eczema_batch.pipeline.evaluate import Split
+    from eczema_batch.training.agreement import AgreementReport
     from eczema_batch.training.data import LabelledImages, References
     from eczema_batch.training.evaluate import EvaluationSettings
 
@@ -628,6 +629,8 @@ class EvaluationReport:
     leakage: LeakageReport | None = None
     #: several embedders or segmenters side by side; None (absent in JSON) with one of each
     model_comparison: ModelComparison | None = None
+    #: raters vs raters and the model vs each rater; None unless some image has two raters
+    agreement: AgreementReport | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -649,6 +652,8 @@ class EvaluationReport:
             out["leakage"] = self.leakage.as_dict()
         if self.model_comparison is not None:
             out["model_comparison"] = self.model_comparison.as_dict()
+        if self.agreement is not None:
+            out["agreement"] = self.agreement.as_dict()
         out["run"] = self.run.as_dict()
         return out
 
@@ -672,7 +677,14 @@ class EvaluationReport:
             leakage=None if "leakage" not in doc else LeakageReport.from_dict(doc["leakage"]),
             model_comparison=None if "model_comparison" not in doc
             else ModelComparison.from_dict(doc["model_comparison"]),
+            agreement=_agreement_from_dict(doc.get("agreement")),
         )
+
+
+def _agreement_from_dict(doc: Doc | None) -> AgreementReport | None:
+    from eczema_batch.training.agreement import AgreementReport
+
+    return None if doc is None else AgreementReport.from_dict(doc)
 
 
 def _settings_from_dict(doc: Doc) -> EvaluationSettings:
@@ -685,4 +697,5 @@ def _settings_from_dict(doc: Doc) -> EvaluationSettings:
         fractions=tuple(doc["fractions"]), seed=doc["seed"], bootstrap=doc["bootstrap"],
         # The document lists the modes evaluated: more than one when the ablation ran.
         ablation=len(doc["ablation"]) > 1, train=TrainSettings(**doc["train"]),
+        reference_label=doc.get("reference_label", "newest"),
     )
