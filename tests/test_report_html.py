@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image as PILImage
 from sqlalchemy import select
@@ -273,13 +274,25 @@ def test_data_is_shown_as_text_never_as_markup(hostile: dict[str, int], tmp_path
     # The shell command quotes the code, so a rater can paste it.
     assert "--patient '&lt;script&gt;alert(1)&lt;/script&gt;'" in text
 
-    # The larger view opens from the thumbnail's link: a dark overlay over the page.
-    shot = tmp_path / "view.png"
-    _browse(browser, page.resolve().as_uri() + f"#view-{hostile['image']}",
-            f"--screenshot={shot}", "--window-size=1000,800", "--hide-scrollbars")
+    # The larger view opens from the thumbnail's link: a dark overlay over the page, the picture
+    # with the cyan outline; with the checkbox cleared (a copy of the page), without it.
+    outlined = _view(browser, page, hostile["image"], tmp_path / "on.png")
+    unticked = page.with_name("unticked.html")
+    unticked.write_text(page.read_text().replace(
+        f'id="outline-{hostile["image"]}" checked', f'id="outline-{hostile["image"]}"'))
+    plain = _view(browser, unticked, hostile["image"], tmp_path / "off.png")
+    # (the test picture is noise, so some of its own pixels are cyan-ish too)
+    assert outlined > plain + 1000, (outlined, plain)
+
+
+def _view(browser: str, page: Path, image_id: int, shot: Path) -> int:
+    """Open an image's larger view; the number of outline-cyan pixels on the screen."""
+    _browse(browser, page.resolve().as_uri() + f"#view-{image_id}", f"--screenshot={shot}",
+            "--window-size=1000,800", "--hide-scrollbars")
     with PILImage.open(shot) as picture:
-        corner = picture.convert("L").crop((0, 0, 40, 40))
-        assert corner.getextrema()[1] < 60, "the larger view did not open"
+        rgb = np.asarray(picture.convert("RGB")).astype(int)
+    assert rgb[:40, :40].max() < 60, "the larger view did not open (no dark overlay)"
+    return int(((rgb[..., 0] < 100) & (rgb[..., 1] > 170) & (rgb[..., 2] > 170)).sum())
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
