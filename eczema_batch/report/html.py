@@ -345,7 +345,7 @@ def _patient_page(report: CohortReport, common: _Common, p: PatientReport, name:
         rows=_visit_rows(report.classes, t.visits), sections=sections,
         review_list=f"eczema-batch review list {scope}",
         review_set="eczema-batch review set IMAGE --severity CLASS --by RATER --note \"why\"",
-        rebuild=f"eczema-batch report {scope} --html DIR",
+        rebuild="eczema-batch report --html DIR",
         classes_choice="|".join(report.classes), top=len(report.classes) - 1,
         tables=p.tables, large_side=large_side)
 
