@@ -114,6 +114,21 @@ def test_loss_falls_on_one_pair(tiny_model_dir: Path) -> None:
     assert not model.training
 
 
+def test_gradient_checkpointing_and_the_step_estimate(tiny_model_dir: Path) -> None:
+    model, spec = _tiny(tiny_model_dir)
+    images, masks = _images(4)
+    heard: list[TuneStatus] = []
+    settings = TuneSettings(epochs=2, batch_size=2, lr=1e-3, steps_per_epoch=2,
+                            gradient_checkpointing=True, loss_beta=1.0)
+    result = tune_seggpt(model, spec, TuneData(images, masks, ["A", "A", "B", "B"]),  # type: ignore[arg-type]
+                         settings, device=CPU, estimate=True, progress=heard.append)
+    assert heard[0].estimate_seconds is not None and heard[0].estimate_seconds > 0
+    assert [(s.epoch, s.step) for s in heard[1:]] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert heard[-1].pairs_per_second > 0 and len(result.loss_curve) == 2
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert model.config.beta == 0.01  # type: ignore[union-attr]  # the saved config keeps its own
+
+
 def test_prompts_never_come_from_the_query_patient() -> None:
     rng = np.random.default_rng(0)
     patients = patient_codes([f"P{i % 5}" for i in range(40)])

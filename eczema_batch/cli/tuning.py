@@ -47,6 +47,9 @@ def models_tune_segmenter(
         min=1, help="Prompt-query pairs per step (default: suited to the base model).")] = None,
     lr: Annotated[float | None, typer.Option(
         help="AdamW learning rate (default: suited to the base model).")] = None,
+    loss_beta: Annotated[float | None, typer.Option(
+        help="Smooth-L1 beta of SegGPT's loss while training (default: the model's 0.01 for "
+             "a real SegGPT, 1 for the tiny one).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the hold-out, the pairs and the order.")] = 0,
     device: Annotated[str | None, typer.Option(
         help="auto, cpu, cuda or cuda:N (ECZEMA_BATCH_DEVICE).")] = None,
@@ -92,7 +95,8 @@ def models_tune_segmenter(
         tuned = tune_study_segmenter(
             _catalogue(settings), config=config, name=name, base=base, study=study,
             holdout=holdout, seed=seed,
-            overrides={"epochs": epochs, "batch_size": batch_size, "lr": lr},
+            overrides={"epochs": epochs, "batch_size": batch_size, "lr": lr,
+                       "loss_beta": loss_beta},
             replace_existing=replace, progress=on_progress, on_plan=on_plan,
         )
     identity = tuned.identity

@@ -237,8 +237,14 @@ def tune_study_segmenter(
         },
     )
     cpu_model: Any = result.model.to("cpu")
-    folder = publish(model_dir, name, lambda target: cpu_model.save_pretrained(target),
-                     identity, replace_existing=replace_existing)
+
+    def write(target: Path) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Writing model shards" would break the CLI's output
+        cpu_model.save_pretrained(target)
+
+    folder = publish(model_dir, name, write, identity, replace_existing=replace_existing)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return TunedSegmenter(folder=folder, identity=identity, settings=settings,
                           base_held_out=base_score, tuned_held_out=tuned_score,
