@@ -122,5 +122,6 @@ def models_tune_segmenter(
         err.print(f"held-out Dice ({tuned.tuned_held_out.images} images of "
                   f"{len(identity.holdout)} patients): base {base_dice:.3f}, tuned "
                   f"{tuned_dice:.3f}", highlight=False)
-    err.print(f"use it: eczema-batch run --segmenter-model {literal(identity.name)}",
+    folder = f" --model-dir {literal(tuned.folder.parent)}" if model_dir else ""
+    err.print(f"use it: eczema-batch run --segmenter-model {literal(identity.name)}{folder}",
               highlight=False)
