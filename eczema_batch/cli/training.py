@@ -57,10 +57,22 @@ ReferenceLabelOption = Annotated[
 ]
 
 
-def _train_settings(epochs: int, lr: float, hidden: int, dropout: float, seed: int,
-                    class_weights: str, batch_size: int) -> Any:
-    from eczema_batch.pipeline.train import TrainSettings
+EpochsOption = Annotated[int | None, typer.Option(
+    min=1, help="Training epochs (default: the paper's 50; 300 for the tiny test embedders).")]
+LrOption = Annotated[float | None, typer.Option(
+    help="Adam learning rate (default: the paper's 1e-4; 1e-2 for the tiny test embedders).")]
 
+
+def _train_settings(config: Any, epochs: int | None, lr: float | None, hidden: int,
+                    dropout: float, seed: int, class_weights: str, batch_size: int) -> Any:
+    """The head's training settings; the schedule not given suits the embedder of `config`."""
+    from eczema_batch.pipeline.registry import get_spec
+    from eczema_batch.pipeline.train import TrainSettings, default_schedule
+
+    tiny = get_spec(config.embedder_model, model_dir=config.model_dir).tiny
+    default_epochs, default_lr = default_schedule(tiny=tiny)
+    epochs = default_epochs if epochs is None else epochs
+    lr = default_lr if lr is None else lr
     return TrainSettings(epochs=epochs, lr=lr, hidden=hidden, dropout=dropout, seed=seed,
                          class_weights=class_weights, batch_size=batch_size)  # type: ignore[arg-type]
 
@@ -85,8 +97,8 @@ def _heads_table(heads: list[HeadSummary], title: str) -> Table:
 @command(app)
 def train(
     study: Annotated[str | None, typer.Option(help="Only this study's labelled images.")] = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (paper: 50).")] = 50,
-    lr: Annotated[float, typer.Option(help="Adam learning rate (paper: 1e-4).")] = 1e-4,
+    epochs: EpochsOption = None,
+    lr: LrOption = None,
     hidden: Annotated[int, typer.Option(min=1, help="Hidden width (paper: 128).")] = 128,
     dropout: Annotated[float, typer.Option(help="Dropout (paper: 0.3).")] = 0.3,
     seed: Annotated[int, typer.Option(help="Seed: the same seed trains the same head.")] = 0,
@@ -120,7 +132,8 @@ def train(
         settings, segmenter_mode=segmenter, segmenter_model=segmenter_model,
         embedder_model=embedder_model, model_dir=str(model_dir) if model_dir else None,
     )
-    train_settings = _train_settings(epochs, lr, hidden, dropout, seed, class_weights, batch_size)
+    train_settings = _train_settings(config, epochs, lr, hidden, dropout, seed, class_weights,
+                                     batch_size)
     trained = train_head(_catalogue(settings), config=config, settings=train_settings,
                          study=study, activate=not no_activate, name=name,
                          reference_label=reference_label or settings.reference_label)
@@ -149,8 +162,8 @@ def evaluate(
         str, typer.Option(help="Data-scaling curve: fractions of training patients.")
     ] = "0.2,0.4,0.6,0.8,1.0",
     seed: Annotated[int, typer.Option(help="Seed of splits, heads and bootstrap.")] = 0,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (paper: 50).")] = 50,
-    lr: Annotated[float, typer.Option(help="Adam learning rate (paper: 1e-4).")] = 1e-4,
+    epochs: EpochsOption = None,
+    lr: LrOption = None,
     hidden: Annotated[int, typer.Option(min=1, help="Hidden width (paper: 128).")] = 128,
     dropout: Annotated[float, typer.Option(help="Dropout (paper: 0.3).")] = 0.3,
     class_weights: ClassWeightsOption = "balanced",
@@ -219,7 +232,8 @@ def evaluate(
     eval_settings = EvaluationSettings(
         folds=folds, repeats=repeats, segmenter=segmenter,  # type: ignore[arg-type]
         fractions=fraction_values, seed=seed, bootstrap=bootstrap, ablation=not no_ablation,
-        train=_train_settings(epochs, lr, hidden, dropout, seed, class_weights, batch_size),
+        train=_train_settings(configs[0], epochs, lr, hidden, dropout, seed, class_weights,
+                              batch_size),
         reference_label=reference_label or settings.reference_label,
     )
     stage = {"name": ""}
