@@ -126,6 +126,12 @@ class Settings(BaseSettings):
         default=1, ge=1,
         description="a responder's last visit is at least this many classes better than baseline",
     )
+    # Several raters (eczema_batch/catalogue/labels.py): which label is an image's truth.
+    reference_label: str = Field(
+        default="newest",
+        description="reference label rule: newest, majority (ties: the more severe class), or "
+        "adjudicator:NAME (that rater's label, else newest; adjudicator:NAME:majority)",
+    )
 
     # Pseudonyms of DICOM PatientID, for a study that keys on it (`ingest --patient-id-pseudonyms`).
     pseudonym_key: SecretStr | None = Field(
@@ -134,6 +140,16 @@ class Settings(BaseSettings):
     pseudonym_key_file: Path | None = Field(
         default=None, description="file holding that key (its first line), instead of the variable"
     )
+
+    @field_validator("reference_label")
+    @classmethod
+    def _check_reference_label(cls, value: str) -> str:
+        from eczema_batch.catalogue.labels import parse_reference_rule
+
+        try:
+            return str(parse_reference_rule(value))
+        except UsageError as exc:  # -> pydantic's ValidationError, which names the field
+            raise ValueError(str(exc)) from None
 
     @field_validator("device", "worker_device")
     @classmethod

@@ -128,13 +128,15 @@ def _train(factory: sessionmaker[Session], config: RunConfig, result: DemoResult
             result.head_id, result.head_reused = head_id, True
             return True
     try:
-        from eczema_batch.pipeline.train import TrainSettings
+        from eczema_batch.pipeline.train import TrainSettings, default_schedule
         from eczema_batch.training.train import train_head
     except ImportError as exc:  # training not in this build
         result.head_problem = f"training is not available ({exc})"
         return False
     try:
-        result.head_id = train_head(factory, config=config, settings=TrainSettings(seed=0),
+        epochs, lr = default_schedule(tiny=result.models == "tiny")
+        result.head_id = train_head(factory, config=config,
+                                    settings=TrainSettings(seed=0, epochs=epochs, lr=lr),
                                     study=STUDY_NAME, name="demo head").head.id
     except EczemaBatchError as exc:
         result.head_problem = str(exc)

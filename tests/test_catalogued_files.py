@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from html import escape
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -176,10 +176,12 @@ def test_html_report_shows_no_replaced_image(
     code, _, err = cli("report", "--html", str(out))
     assert code == 0, err
     assert sorted(os.listdir(out / "thumbs")) == [f"{ids['intact']}.jpg"]
-    page = (out / "patients" / f"p{patient.id}.html").read_text(encoding="utf-8")
+    assert sorted(os.listdir(out / "images")) == sorted([f"{ids['intact']}.jpg",
+                                                         f"{ids['intact']}-outline.jpg"])
+    page = (out / "patients" / "P1.html").read_text(encoding="utf-8")
     for name, (_, reason) in REPLACEMENTS.items():
         assert f"no thumbnail for image {ids[name]}: {reason}" in " ".join(err.split())
-        assert escape(reason.split(":")[0]) in page
+        assert reason.split(":")[0] in unescape(page)
     digest = hashlib.sha256(secret.read_bytes()).hexdigest()
     assert all(hashlib.sha256(p.read_bytes()).hexdigest() != digest
-               for p in (out / "thumbs").iterdir())
+               for p in [*(out / "thumbs").iterdir(), *(out / "images").iterdir()])

@@ -35,18 +35,20 @@ IMAGE_COLUMNS = ["study", "patient", "visit", "visit_number", "visit_date",
                  "days_from_baseline", "image_id", "body_site", "format", "severity",
                  "severity_class", *P, "expected_score", "predicted_severity",
                  "reviewed_severity", "change_from_baseline", "review_status", "review_reasons",
-                 "prompt_similarity", *IDENTITY]
+                 "prompt_similarity", *IDENTITY, "code_source", "date_source", "lesion_area",
+                 "reference_severity", "reference_class", "reference_source", "reference_rater",
+                 "n_labels", "n_raters", "rater_labels"]
 VISIT_COLUMNS = ["study", "patient", "visit", "visit_number", "visit_date", "days_from_baseline",
                  "body_sites", "n_images", "n_scored", "n_flagged", "n_reviewed", "severity",
                  "severity_class", *P, "expected_score", "worst_severity", "baseline",
                  "change_from_baseline", "change_from_previous", "class_change_from_baseline",
-                 "review_status", *IDENTITY]
+                 "review_status", *IDENTITY, "code_source", "date_source", "lesion_area"]
 PATIENT_COLUMNS = ["study", "patient", "n_visits", "n_scored_visits", "n_images", "n_flagged",
                    "n_reviewed", "baseline_date", "baseline_severity", "baseline_score",
                    "last_date", "last_severity", "last_score", "days_followed",
                    "change_from_baseline", "class_change_from_baseline", "slope_per_30d",
                    "slope_ci_low", "slope_ci_high", "slope_n", "status", "responder",
-                   "review_status", *IDENTITY]
+                   "review_status", *IDENTITY, "code_source"]
 D0 = dt.date(2024, 1, 1)
 ROOT = "/secret/site/study-root"
 

@@ -101,6 +101,8 @@ def test_the_wheel_holds_the_migrations_and_no_generic_name(installed: Installed
     revisions = sorted(p.name for p in (REPO / "migrations" / "versions").glob("*.py"))
     assert revisions and all(f"eczema_batch/migrations/versions/{r}" in names for r in revisions)
     assert "eczema_batch_workers/tasks.py" in names
+    templates = sorted(p.name for p in (REPO / "eczema_batch/report/templates").glob("*.html"))
+    assert templates and all(f"eczema_batch/report/templates/{t}" in names for t in templates)
 
 
 def _environment(home: Path, database_url: str, **extra: str) -> dict[str, str]:
@@ -149,6 +151,8 @@ def _whole_path(installed: Installed, cwd: Path, env: dict[str, str],
     ok("run", *on_queue)
     report = json.loads(ok("report", "--json").stdout)
     assert report, "an empty report"
+    ok("report", "--html", "html")  # its templates come from the wheel
+    assert "S001" in (cwd / "html" / "patients" / "S001.html").read_text(encoding="utf-8")
     rows = ok("export", "--level", "visit").stdout.splitlines()
     assert len(rows) == 1 + 24 and ",S001," in rows[1]
 

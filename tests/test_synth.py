@@ -476,3 +476,53 @@ def test_each_visit_has_its_own_camera(study: tuple[Path, SynthSummary]) -> None
     _, mask = render_image(spec, seed=SEED, size=(320, 240))
     root, _ = study
     assert np.array_equal(mask, _mask(root.parent / "truth" / truth_mask_path(spec)) == 255)
+
+
+def test_background_at_an_edge_hides_the_lesion_under_it_in_the_truth_too() -> None:
+    from eczema_batch.synth.camera import BACKGROUNDS, Conditions, frame
+
+    rgb = np.full((40, 50, 3), 200, np.uint8)
+    mask = np.zeros((40, 50), bool)
+    mask[:, :20] = True  # a lesion reaching the left edge
+    plain = Conditions(gains=(1.0, 1.0, 1.0), blur=0.0, noise=0.0, jpeg_quality=90)
+    assert frame(rgb, mask, plain)[0] is rgb
+    framed = Conditions(gains=(1.0, 1.0, 1.0), blur=0.0, noise=0.0, jpeg_quality=90,
+                        background=("left", 0.1, BACKGROUNDS[1]))
+    out, cleared = frame(rgb, mask, framed)
+    assert (out[:, :5] == np.round(BACKGROUNDS[1]).astype(np.uint8)).all()
+    assert (out[:, 5:] == 200).all() and not cleared[:, :5].any() and cleared[:, 5:20].all()
+    assert mask[:, :5].all()  # the painting itself is left as it was
+    # most visits of a study are framed with background, on all four edges between them
+    specs = plan_study(patients=12, visits=4, seed=SEED, **PLAN_DEFAULTS)
+    drawn = [camera_conditions(s, SEED).background for s in specs if s.site_index == 0]
+    assert 0.4 < sum(b is not None for b in drawn) / len(drawn) < 0.8
+    assert {b[0] for b in drawn if b is not None} == {"top", "bottom", "left", "right"}
+
+
+def test_dicom_jpeg_quality_follows_the_visit(tmp_path: Path) -> None:
+    import io
+
+    from pydicom.encaps import generate_frames
+
+    from eczema_batch.synth.dicom import encode_jpeg
+
+    def tables(jpeg: bytes) -> Any:
+        return Image.open(io.BytesIO(jpeg)).quantization
+
+    root = tmp_path / "s"
+    plan = {**PLAN_DEFAULTS, "dicom_fraction": 1.0, "png_fraction": 0.0}
+    summary = write_synthetic_study(root, patients=4, visits=3, seed=SEED, size=(64, 48), **plan)
+    specs = plan_study(patients=4, visits=3, seed=SEED, **plan)
+    qualities = set()
+    for spec in specs:
+        if not spec.format.is_dicom:
+            continue
+        ds = pydicom.dcmread(root / spec.path)
+        if ds.file_meta.TransferSyntaxUID != JPEGBaseline8Bit:
+            continue  # stored uncompressed
+        jpeg = next(generate_frames(ds.PixelData, number_of_frames=1))
+        quality = camera_conditions(spec, SEED).jpeg_quality
+        blank = np.zeros((8, 8, 3), np.uint8)
+        assert tables(jpeg) == tables(encode_jpeg(blank, quality=quality, subsampling=1))
+        qualities.add(quality)
+    assert summary.images and len(qualities) > 1

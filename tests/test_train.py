@@ -194,3 +194,28 @@ def test_train_with_too_few_labels_names_the_counts(
                        str(tiny_model_dir))
     assert code == 2
     assert "too few labelled images per class" in err and "clear" in err and "severe" in err
+
+
+def test_the_default_schedule_suits_the_embedder(tmp_path: Path) -> None:
+    """Tiny embedders (and models derived from them) train 300 epochs at 1e-2 unless told;
+    real ones keep the paper's 50 at 1e-4; given values always win."""
+    import json as _json
+
+    from eczema_batch.cli.training import _train_settings
+    from eczema_batch.measuring.config import RunConfig
+    from eczema_batch.pipeline.derived import IDENTITY_FILE
+
+    def settings(embedder: str, epochs: int | None = None, lr: float | None = None
+                 ) -> TrainSettings:
+        config = RunConfig(segmenter_model="tiny-seggpt", embedder_model=embedder,
+                           model_dir=str(tmp_path))
+        return _train_settings(config, epochs, lr, 128, 0.3, 0, "balanced", 32)
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / IDENTITY_FILE).write_text(_json.dumps({
+        "version": 1, "name": "mine", "kind": "embedder", "base": "tiny-dino",
+        "base_digest": "0" * 64, "method": "dino-adaptation"}))
+    assert (settings("tiny-dino").epochs, settings("tiny-dino").lr) == (300, 1e-2)
+    assert (settings("mine").epochs, settings("mine").lr) == (300, 1e-2)
+    assert (settings("dino-vitb16").epochs, settings("dino-vitb16").lr) == (50, 1e-4)
+    assert (settings("tiny-dino", 7, 1e-3).epochs, settings("tiny-dino", 7, 1e-3).lr) == (7, 1e-3)

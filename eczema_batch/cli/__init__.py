@@ -10,7 +10,8 @@ commands, in this order, which is the order `eczema-batch --help` lists them in.
 
 # isort: off
 from eczema_batch.cli.common import app, main
-from eczema_batch.cli import catalogue, measure, training, reports, review, demo  # noqa: F401
+from eczema_batch.cli import catalogue, measure, training, reports, review, agreement, demo  # noqa: F401
+from eczema_batch.cli import tuning  # noqa: F401
 from eczema_batch.cli import adapting  # noqa: F401
 # isort: on
 

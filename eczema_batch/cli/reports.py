@@ -239,9 +239,12 @@ def export(
     study: StudyOption = None,
     level: Annotated[str, typer.Option(help="One row per image, visit or patient.")] = "visit",
     fmt: Annotated[str, typer.Option(
-        "--format", help="csv, json, or dicom-seg (predicted masks of DICOM images).")] = "csv",
+        "--format", help="csv, json, dicom-seg (predicted masks of DICOM images), or adam (a "
+        "CDISC ADaM BDS dataset of the visit endpoints: CSV, SAS transport and a "
+        "dictionary).")] = "csv",
     output: Annotated[Path | None, typer.Option(
-        "-o", "--output", help="File to write (default: stdout); a folder for dicom-seg.")] = None,
+        "-o", "--output",
+        help="File to write (default: stdout); a folder for dicom-seg and adam.")] = None,
     head: HeadOption = None,
     keep_patient_tags: Annotated[bool, typer.Option(
         "--keep-patient-tags",
@@ -257,6 +260,9 @@ def export(
     In CSV, a text cell a spreadsheet would run as a formula (=, +, -, @ first) starts with '
     unless --verbatim (for R or pandas).
 
+    With --format adam, DIR receives adecz.csv, adecz.xpt (SAS transport v5) and
+    adam-dictionary.json: a record per subject, parameter and visit.
+
     Example: eczema-batch export --level visit --format csv -o visits.csv
     """
     from eczema_batch.report.cohort import review_thresholds, trend_rules
@@ -270,8 +276,28 @@ def export(
         raise UsageError("--keep-patient-tags is for --format dicom-seg: rows never carry them")
     settings = _settings()
     if output is not None:
-        check_output(output, folder=fmt == "dicom-seg")
+        check_output(output, folder=fmt in ("dicom-seg", "adam"))
     factory = _catalogue(settings)
+    if fmt == "adam":
+        if output is None:
+            raise UsageError("--format adam writes a folder of files: give it with -o DIR")
+        from eczema_batch.output import OutputFolder
+        from eczema_batch.report.adam import build_adam, write_adam
+
+        with factory() as session:
+            dataset = build_adam(session, rules=trend_rules(settings),
+                                 thresholds=review_thresholds(settings), study=study,
+                                 patient=patient, head_id=head)
+        with writing_to(output), OutputFolder(output) as folder:
+            files = write_adam(dataset, folder, verbatim=verbatim)
+        err.print(f"wrote {files.records} ADaM records of {files.subjects} subjects to "
+                  f"{literal(output)} ({literal(Path(files.csv).name)}, "
+                  f"{literal(Path(files.xpt).name)}, {literal(Path(files.dictionary).name)})",
+                  highlight=False)
+        if dataset.head is None:
+            err.print("[yellow]no severity head has predictions yet[/]: only reviewed images "
+                      "are scored")
+        return
     if fmt == "dicom-seg":
         if output is None:
             raise UsageError("--format dicom-seg writes a folder of files: give it with -o DIR")

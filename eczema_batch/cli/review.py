@@ -18,6 +18,7 @@ from eczema_batch.cli.common import (
     review_app,
 )
 from eczema_batch.cli.reports import HeadOption, PatientOption, StudyOption, _fmt, _print_wide
+from eczema_batch.errors import UsageError
 
 
 @command(review_app, "list")
@@ -68,11 +69,16 @@ def review_set(
     by: Annotated[str, typer.Option("--by", help="Who decided (a rater's id, not a name).")],
     note: Annotated[str | None, typer.Option(help="Why, for the audit trail.")] = None,
     head: HeadOption = None,
+    blinded: Annotated[bool, typer.Option(
+        "--blinded", help="A reading of the blinded pass (review next): shows nothing of the "
+        "image's other labels; a second reading by the same rater is kept as a repeat.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Record a rater's severity for an image: a new reviewed label and an audit event.
 
     Nothing is overwritten: the prediction and earlier labels stay; reports use the newest review.
+    With --blinded (after `review next`), an image the rater had labelled before gets a repeat
+    (source review-repeat): it measures their consistency and never replaces their first label.
 
     Example: eczema-batch review set 42 --severity moderate --by rater-07 --note "crusted"
     """
@@ -80,12 +86,64 @@ def review_set(
 
     factory = _catalogue(_settings())
     decision = record_review(factory, image_id=image, severity=severity, rater=by, note=note,
-                             head_id=head)
+                             head_id=head, blinded=blinded)
     if as_json:
         _emit_json(decision.as_dict())
+    elif blinded:
+        err.print(f"image {image}: {literal(decision.severity_class)} by "
+                  f"{literal(decision.rater)} (blinded); label {decision.label_id}, "
+                  f"event {decision.event_id}. Next: eczema-batch review next --by "
+                  f"{literal(decision.rater)}", highlight=False)
     else:
         was = "" if decision.previous is None else (
             f" (was {decision.previous} from the {decision.previous_source})")
         err.print(f"image {image}: {literal(decision.severity_class)} by "
                   f"{literal(decision.rater)}{was}; label {decision.label_id}, "
                   f"event {decision.event_id}", highlight=False)
+
+
+@command(review_app, "next")
+def review_next(
+    by: Annotated[str, typer.Option("--by", help="The rater who reads (a rater's id).")],
+    study: StudyOption = None,
+    repeat_share: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Share of the rater's read images that come back once, later, "
+        "to measure their consistency.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the repeat sample and reading order.")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """The next image a rater has not read, blinded: no model score, no other rater's label.
+
+    Gives the image's id, subject code, visit, body site and the file to open; record the
+    reading with `review set IMAGE --severity K --by RATER --blinded`. A seeded share of the
+    rater's images (--repeat-share) comes back once, later, for intra-rater agreement.
+
+    Example: eczema-batch review next --by rater-07 --study trial --repeat-share 0.1
+    """
+    from eczema_batch.report.blinded import next_reading
+
+    settings = _settings()
+    factory = _catalogue(settings)
+    rater = by.strip()
+    if not rater:
+        raise UsageError("--by must name the rater (a rater's id such as rater-07)")
+    image_root = str(settings.image_root) if settings.image_root else None
+    with factory() as session:
+        reading = next_reading(session, rater=rater, study=study, repeat_share=repeat_share,
+                               seed=seed, image_root=image_root)
+    if as_json:
+        _emit_json(reading.as_dict())
+        return
+    item = reading.item
+    if item is None:
+        err.print(f"{literal(rater)} has read every image in scope: nothing left", highlight=False)
+        return
+    # Plain lines, not a table: a long path stays whole, to copy.
+    err.print(f"next for {literal(rater)} ({reading.remaining} left)", highlight=False)
+    for key, value in (("image", str(item.image_id)), ("study", item.study),
+                       ("patient", item.patient), ("visit", item.visit),
+                       ("date", str(item.visit_date or "–")), ("site", item.body_site or "–"),
+                       ("file", item.path)):
+        err.print(f"  {key:8} {literal(value)}", highlight=False, soft_wrap=True)
+    err.print(f"record it: eczema-batch review set {item.image_id} --severity K --by "
+              f"{literal(rater)} --blinded", highlight=False)

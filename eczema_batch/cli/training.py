@@ -38,15 +38,41 @@ SegmenterModelOption = Annotated[
 EmbedderModelOption = Annotated[
     str | None, typer.Option(help="Embedder model name (ECZEMA_BATCH_EMBEDDER_MODEL).")
 ]
+SegmenterModelsOption = Annotated[
+    list[str] | None, typer.Option(
+        "--segmenter-model", help="Segmenter model name (ECZEMA_BATCH_SEGMENTER_MODEL); give it "
+        "twice or more to compare segmenters on the same folds and patients.")
+]
+EmbedderModelsOption = Annotated[
+    list[str] | None, typer.Option(
+        "--embedder-model", help="Embedder model name (ECZEMA_BATCH_EMBEDDER_MODEL); give it "
+        "twice or more to compare embedders on the same folds and patients.")
+]
 ModelDirOption = Annotated[
     Path | None, typer.Option(help="Folder of model weights (ECZEMA_BATCH_MODEL_DIR).")
 ]
+ReferenceLabelOption = Annotated[
+    str | None, typer.Option(help="Which label is an image's truth: newest, majority or "
+                             "adjudicator:NAME (ECZEMA_BATCH_REFERENCE_LABEL).")
+]
 
 
-def _train_settings(epochs: int, lr: float, hidden: int, dropout: float, seed: int,
-                    class_weights: str, batch_size: int) -> Any:
-    from eczema_batch.pipeline.train import TrainSettings
+EpochsOption = Annotated[int | None, typer.Option(
+    min=1, help="Training epochs (default: the paper's 50; 300 for the tiny test embedders).")]
+LrOption = Annotated[float | None, typer.Option(
+    help="Adam learning rate (default: the paper's 1e-4; 1e-2 for the tiny test embedders).")]
 
+
+def _train_settings(config: Any, epochs: int | None, lr: float | None, hidden: int,
+                    dropout: float, seed: int, class_weights: str, batch_size: int) -> Any:
+    """The head's training settings; the schedule not given suits the embedder of `config`."""
+    from eczema_batch.pipeline.registry import get_spec
+    from eczema_batch.pipeline.train import TrainSettings, default_schedule
+
+    tiny = get_spec(config.embedder_model, model_dir=config.model_dir).tiny
+    default_epochs, default_lr = default_schedule(tiny=tiny)
+    epochs = default_epochs if epochs is None else epochs
+    lr = default_lr if lr is None else lr
     return TrainSettings(epochs=epochs, lr=lr, hidden=hidden, dropout=dropout, seed=seed,
                          class_weights=class_weights, batch_size=batch_size)  # type: ignore[arg-type]
 
@@ -71,8 +97,8 @@ def _heads_table(heads: list[HeadSummary], title: str) -> Table:
 @command(app)
 def train(
     study: Annotated[str | None, typer.Option(help="Only this study's labelled images.")] = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (paper: 50).")] = 50,
-    lr: Annotated[float, typer.Option(help="Adam learning rate (paper: 1e-4).")] = 1e-4,
+    epochs: EpochsOption = None,
+    lr: LrOption = None,
     hidden: Annotated[int, typer.Option(min=1, help="Hidden width (paper: 128).")] = 128,
     dropout: Annotated[float, typer.Option(help="Dropout (paper: 0.3).")] = 0.3,
     seed: Annotated[int, typer.Option(help="Seed: the same seed trains the same head.")] = 0,
@@ -83,6 +109,7 @@ def train(
     embedder_model: EmbedderModelOption = None,
     model_dir: ModelDirOption = None,
     name: Annotated[str | None, typer.Option(help="A name for the head.")] = None,
+    reference_label: ReferenceLabelOption = None,
     no_activate: Annotated[
         bool, typer.Option("--no-activate", help="Keep the current active head.")
     ] = False,
@@ -105,9 +132,11 @@ def train(
         settings, segmenter_mode=segmenter, segmenter_model=segmenter_model,
         embedder_model=embedder_model, model_dir=str(model_dir) if model_dir else None,
     )
-    train_settings = _train_settings(epochs, lr, hidden, dropout, seed, class_weights, batch_size)
+    train_settings = _train_settings(config, epochs, lr, hidden, dropout, seed, class_weights,
+                                     batch_size)
     trained = train_head(_catalogue(settings), config=config, settings=train_settings,
-                         study=study, activate=not no_activate, name=name)
+                         study=study, activate=not no_activate, name=name,
+                         reference_label=reference_label or settings.reference_label)
     if as_json:
         _emit_json(trained.as_dict())
         return
@@ -133,8 +162,8 @@ def evaluate(
         str, typer.Option(help="Data-scaling curve: fractions of training patients.")
     ] = "0.2,0.4,0.6,0.8,1.0",
     seed: Annotated[int, typer.Option(help="Seed of splits, heads and bootstrap.")] = 0,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (paper: 50).")] = 50,
-    lr: Annotated[float, typer.Option(help="Adam learning rate (paper: 1e-4).")] = 1e-4,
+    epochs: EpochsOption = None,
+    lr: LrOption = None,
     hidden: Annotated[int, typer.Option(min=1, help="Hidden width (paper: 128).")] = 128,
     dropout: Annotated[float, typer.Option(help="Dropout (paper: 0.3).")] = 0.3,
     class_weights: ClassWeightsOption = "balanced",
@@ -143,8 +172,8 @@ def evaluate(
     no_ablation: Annotated[
         bool, typer.Option("--no-ablation", help="Skip the with/without segmentation ablation.")
     ] = False,
-    segmenter_model: SegmenterModelOption = None,
-    embedder_model: EmbedderModelOption = None,
+    segmenter_model: SegmenterModelsOption = None,
+    embedder_model: EmbedderModelsOption = None,
     model_dir: ModelDirOption = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the whole report as JSON to FILE.")
@@ -154,6 +183,7 @@ def evaluate(
         Path | None, typer.Option(help="Write the head's out-of-fold predictions as CSV.")
     ] = None,
     verbatim: VerbatimOption = False,
+    reference_label: ReferenceLabelOption = None,
 ) -> None:
     """Cross-validate the method by patient and report it with error bars.
 
@@ -163,7 +193,13 @@ def evaluate(
     data-scaling curve and SegGPT's Dice/IoU against manual masks. Masks and embeddings are
     cached in the catalogue: repeating the command reuses them and gives the same numbers.
 
+    Patients whose labels or masks trained a derived model in use are never scored (they still
+    train the heads). Give --embedder-model (or --segmenter-model) more than once to compare
+    models side by side: the same folds and patients, the difference with a paired interval.
+
     Example: eczema-batch evaluate --folds 5 --repeats 3 -o report.json --predictions oof.csv
+
+    Example: eczema-batch evaluate --embedder-model dino-vitb16 --embedder-model dino-study
     """
     from eczema_batch.measuring.config import RunConfig
     from eczema_batch.output import output_file
@@ -178,15 +214,27 @@ def evaluate(
         fraction_values = tuple(float(f) for f in fractions.split(",") if f.strip())
     except ValueError:
         raise UsageError(f"--fractions {fractions!r}: give numbers such as 0.2,0.5,1.0") from None
+    # None: the configured model (settings, environment)
+    none: list[str | None] = [None]
+    embedders: list[str | None] = [*embedder_model] if embedder_model else none
+    segmenters: list[str | None] = [*segmenter_model] if segmenter_model else none
+    if len(embedders) > 1 and len(segmenters) > 1:
+        raise UsageError("compare embedders or segmenters, one kind at a time: give "
+                         "--embedder-model or --segmenter-model once")
     settings = _settings()
-    config = RunConfig.from_settings(
-        settings, segmenter_mode=segmenter, segmenter_model=segmenter_model,
-        embedder_model=embedder_model, model_dir=str(model_dir) if model_dir else None,
-    )
+    configs = [
+        RunConfig.from_settings(
+            settings, segmenter_mode=segmenter, segmenter_model=seg, embedder_model=emb,
+            model_dir=str(model_dir) if model_dir else None,
+        )
+        for emb in embedders for seg in segmenters
+    ]
     eval_settings = EvaluationSettings(
         folds=folds, repeats=repeats, segmenter=segmenter,  # type: ignore[arg-type]
         fractions=fraction_values, seed=seed, bootstrap=bootstrap, ablation=not no_ablation,
-        train=_train_settings(epochs, lr, hidden, dropout, seed, class_weights, batch_size),
+        train=_train_settings(configs[0], epochs, lr, hidden, dropout, seed, class_weights,
+                              batch_size),
+        reference_label=reference_label or settings.reference_label,
     )
     stage = {"name": ""}
     with _progress("evaluating") as update:
@@ -197,8 +245,8 @@ def evaluate(
                 err.print(f"  {name}", highlight=False)
             update(done, total)
 
-        result = run_evaluation(_catalogue(settings), config=config, settings=eval_settings,
-                                study=study, progress=on_progress)
+        result = run_evaluation(_catalogue(settings), config=configs[0], settings=eval_settings,
+                                study=study, progress=on_progress, compare=configs[1:])
     if predictions is not None:
         with output_file(predictions) as out:
             write_predictions_csv(result.predictions, out, verbatim=verbatim)

@@ -2,7 +2,11 @@
 
 Columns: `path` (required, relative to the study folder), and any of `patient`, `visit_date`
 (YYYY-MM-DD), `body_site`, `severity` (0-3 or a class name), `mask` (relative path of a manual
-mask). The manifest wins over DICOM tags and folder names.
+mask), `rater` (who gave the severity). The manifest wins over DICOM tags and folder names.
+
+Several raters: with a `rater` column, an image may have one row per rater (its other cells
+blank or the same on every row). A path listed twice for one rater (or twice without a `rater`
+column) rejects its file, naming both lines: which label counts would be a guess.
 
 Spreadsheets save "CSV" with commas, or with semicolons or tabs where the comma is the decimal
 separator, often with a byte-order mark and CRLF line ends: the delimiter is told from the header
@@ -21,7 +25,7 @@ import datetime as dt
 import io
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from eczema_batch.errors import UsageError
@@ -29,7 +33,11 @@ from eczema_batch.identifiers import check_subject_code, normalise_code
 from eczema_batch.ingest.rejections import LABEL, MASK, PartProblem
 from eczema_batch.severity import DEFAULT_CLASSES, parse_severity
 
-COLUMNS = ("path", "patient", "visit_date", "body_site", "severity", "mask")
+COLUMNS = ("path", "patient", "visit_date", "body_site", "severity", "mask", "rater")
+#: Longest rater name the catalogue stores (labels.rater).
+MAX_RATER = 64
+#: The cells every row of one image must agree on (a blank cell agrees with any).
+SHARED = ("patient", "visit_date", "body_site", "mask")
 KNOWN_COLUMNS = frozenset(COLUMNS)
 #: Delimiter -> its name in messages, in the order ties are broken.
 DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}
@@ -46,6 +54,10 @@ class ManifestRow:
     mask: str | None = None
     #: the row's label or mask that cannot be used; the photograph is catalogued without it
     parts: tuple[PartProblem, ...] = ()
+    #: who gave `severity` (the `rater` column; None without one)
+    rater: str | None = None
+    #: every (rater, severity) of the image's rows, in file order
+    ratings: tuple[tuple[str | None, int], ...] = ()
 
 
 @dataclass
@@ -135,6 +147,8 @@ def _read_rows(lines: Iterator[str], name: str, classes: tuple[str, ...]) -> Man
             f"{name}: ignored the unknown column{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(repr(n) for n in unknown)} (known columns: {', '.join(COLUMNS)})"
         )
+    #: (path, rater) -> the line that rated it
+    rated: dict[tuple[str, str | None], int] = {}
     for record in reader:
         number = skipped + reader.line_num  # physical lines: blank and quoted newlines count
         fields = {
@@ -158,19 +172,46 @@ def _read_rows(lines: Iterator[str], name: str, classes: tuple[str, ...]) -> Man
                 f"{where}: path {fields.get('path', '')!r} must be relative to the study folder"
             )
             continue
+        if rel in manifest.problems:
+            continue  # one of its rows rejected the file already
         try:
             row = _parse_row(number, rel, fields, classes, where)
         except ValueError as exc:
             manifest.problems[rel] = f"{where}: {exc}"
+            manifest.rows.pop(rel, None)
+            continue
+        first_line = rated.setdefault((rel, row.rater), number)
+        if first_line != number:
+            who = "" if "rater" not in header else (
+                f" for rater {row.rater!r}" if row.rater else " with no rater")
+            manifest.problems[rel] = (
+                f"{where}: {rel} is listed twice{who} (first on line {first_line}): keep one "
+                "row per image and rater"
+            )
+            manifest.rows.pop(rel, None)
             continue
         if rel in manifest.rows:
-            manifest.problems[rel] = (
-                f"{where}: {rel} is listed twice (first on line {manifest.rows[rel].line})"
-            )
-            del manifest.rows[rel]
-            continue
+            try:
+                row = _merge(manifest.rows[rel], row)
+            except ValueError as exc:
+                manifest.problems[rel] = f"{where}: {exc}"
+                del manifest.rows[rel]
+                continue
         manifest.rows[rel] = row
     return manifest
+
+
+def _merge(before: ManifestRow, row: ManifestRow) -> ManifestRow:
+    """Another rater's row of the same image: its shared cells must agree with the first's."""
+    shared = {}
+    for name in SHARED:
+        old, new = getattr(before, name), getattr(row, name)
+        if old is not None and new is not None and old != new:
+            raise ValueError(f"{name} {str(new)!r} differs from {str(old)!r} on line {before.line} "
+                             "of the same path: the rows of one image must agree")
+        shared[name] = old if old is not None else new
+    return replace(before, **shared, parts=before.parts + row.parts,
+                   ratings=before.ratings + row.ratings)
 
 
 def _parse_row(
@@ -194,6 +235,11 @@ def _parse_row(
             severity = parse_severity(raw_severity, classes)
         except ValueError as exc:
             parts.append(PartProblem(LABEL, rel, f"{where}: {exc}"))
+    rater = fields.get("rater") or None
+    if rater is not None and (len(rater) > MAX_RATER or not rater.isprintable()):
+        parts.append(PartProblem(LABEL, rel, f"{where}: rater {rater!r} must be 1 to {MAX_RATER} "
+                                 "printable characters (a rater's id such as rater-07)"))
+        severity = None
     mask = None
     if raw_mask := fields.get("mask"):
         mask = _normalise_path(raw_mask)
@@ -210,4 +256,6 @@ def _parse_row(
         severity=severity,
         mask=mask,
         parts=tuple(parts),
+        rater=rater,
+        ratings=() if severity is None else ((rater, severity),),
     )

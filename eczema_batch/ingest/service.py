@@ -345,7 +345,7 @@ def _write_batch(
             continue
         row = manifest.rows.get(read.rel)
         images.append(NewImage(read=read, identity=identity,
-                               severity=row.severity if row is not None else None))
+                               labels=row.ratings if row is not None else ()))
     outcome = writer.write(images)
     report.catalogued += outcome.catalogued
     report.already_catalogued += outcome.already

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 class NewImage:
     read: FileRead
     identity: Identity
-    severity: int | None
+    #: the manifest's (rater, severity) pairs: one per rater, rater None without a rater column
+    labels: tuple[tuple[str | None, int], ...] = ()
 
 
 @dataclass
@@ -220,8 +221,7 @@ class CatalogueWriter:
         for image_id, item in zip(ids, items, strict=True):
             assert item.read.sha256 is not None
             self._by_sha[item.read.sha256] = _Known(image_id, item.read.rel, self._study_id)
-            if item.severity is not None:
-                labels.append(_label_row(image_id, item.severity))
+            labels += [_label_row(image_id, severity, rater) for rater, severity in item.labels]
             if item.read.mask is not None and item.read.mask.png is not None:
                 masks.append(_mask_row(image_id, item))
         if labels:
@@ -234,13 +234,14 @@ class CatalogueWriter:
         if not known:
             return 0
         ids = [existing.id for _, existing in known]
-        newest: dict[int, int] = {}
-        for image_id, severity in session.execute(
-            select(Label.image_id, Label.severity)
+        # Per image and rater: a rater's label changed in the manifest is added again.
+        newest: dict[tuple[int, str | None], int] = {}
+        for image_id, rater, severity in session.execute(
+            select(Label.image_id, Label.rater, Label.severity)
             .where(Label.image_id.in_(ids), Label.source == "manifest")
             .order_by(Label.id)
         ):
-            newest[image_id] = severity
+            newest[image_id, rater] = severity
         has_mask = set(
             session.scalars(
                 select(Mask.image_id).where(Mask.image_id.in_(ids), Mask.kind == "manual")
@@ -248,8 +249,9 @@ class CatalogueWriter:
         )
         labels, masks = [], []
         for item, existing in known:
-            if item.severity is not None and newest.get(existing.id) != item.severity:
-                labels.append(_label_row(existing.id, item.severity))
+            labels += [_label_row(existing.id, severity, rater)
+                       for rater, severity in item.labels
+                       if newest.get((existing.id, rater)) != severity]
             mask = item.read.mask
             if mask is not None and mask.png is not None and existing.id not in has_mask:
                 masks.append(_mask_row(existing.id, item))
@@ -294,8 +296,8 @@ def _unique(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return list(seen.values())
 
 
-def _label_row(image_id: int, severity: int) -> dict[str, Any]:
-    return {"image_id": image_id, "severity": severity, "source": "manifest", "rater": None,
+def _label_row(image_id: int, severity: int, rater: str | None = None) -> dict[str, Any]:
+    return {"image_id": image_id, "severity": severity, "source": "manifest", "rater": rater,
             "note": None, "created_at": utcnow()}
 
 

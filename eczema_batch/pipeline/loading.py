@@ -367,6 +367,26 @@ def _load_segmenter(
     )
 
 
+@dataclass(frozen=True)
+class TrainableSegmenter:
+    """A segmenter's SegGPT loaded for training: float32, on the CPU, not cached or frozen."""
+
+    model: torch.nn.Module
+    spec: ModelSpec
+    folder: Path
+    digest: str
+
+
+def load_trainable_segmenter(name: str, *, model_dir: Path | str | None = None
+                             ) -> TrainableSegmenter:
+    """The SegGPT weights of segmenter `name` as a fresh trainable copy (tuning starts here)."""
+    spec = _spec_of_kind(name, "segmenter", model_dir)
+    folder = find_weights(spec, model_dir=model_dir)
+    model, _attn = _load_transformers(spec, folder)
+    return TrainableSegmenter(model=model, spec=spec, folder=folder,
+                              digest=weights_digest(folder))
+
+
 def clear_model_cache() -> None:
     """Forget loaded models (tests; freeing GPU memory)."""
     _load_embedder.cache_clear()

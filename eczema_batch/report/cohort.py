@@ -38,10 +38,28 @@ def review_thresholds(settings: Settings) -> ReviewThresholds:
                             min_prompt_similarity=settings.review_min_prompt_similarity)
 
 
+#: A table cell: text, a number (floats are shown with 2 decimals) or None (shown as "–").
+Cell = str | int | float | None
+
+
+@dataclass(frozen=True)
+class ReportTable:
+    """An optional table a report carries (rater agreement, subgroups...): the HTML report
+    renders each one it finds, under its title, in the order given; none is required."""
+
+    title: str
+    header: tuple[str, ...]
+    rows: tuple[tuple[Cell, ...], ...]
+    #: a sentence under the title: what the numbers are, how they were computed
+    note: str = ""
+
+
 @dataclass(frozen=True)
 class PatientReport:
     key: PatientKey
     trend: PatientTrend
+    #: extra tables for this patient's page
+    tables: tuple[ReportTable, ...] = ()
 
 
 @dataclass
@@ -53,6 +71,8 @@ class CohortReport:
     patients: list[PatientReport] = field(default_factory=list)
     study: str | None = None
     patient: str | None = None
+    #: extra tables for the cohort page (rater agreement, subgroups...)
+    tables: list[ReportTable] = field(default_factory=list)
 
     @property
     def classes(self) -> tuple[str, ...]:

@@ -18,15 +18,18 @@ from typing import Any, Literal, TextIO
 
 from sqlalchemy.orm import Session
 
+from eczema_batch.catalogue.labels import REVIEW_REPEAT
 from eczema_batch.report.queries import (
     HeadInfo,
     ImageRecord,
+    LabelRecord,
     ModelRef,
     PatientVisits,
     ReviewThresholds,
     check_scope,
     choose_head,
     flag_reasons,
+    iter_image_labels,
     iter_image_records,
     iter_patient_visits,
     model_refs,
@@ -43,7 +46,9 @@ from eczema_batch.severity import DEFAULT_CLASSES
 
 Level = Literal["image", "visit", "patient"]
 LEVELS: tuple[Level, ...] = ("image", "visit", "patient")
-FORMATS = ("csv", "json", "dicom-seg")
+#: csv and json: rows of a level; dicom-seg: the masks (report/dicomseg.py); adam: a CDISC ADaM
+#: dataset of the visit endpoints (report/adam.py).
+FORMATS = ("csv", "json", "dicom-seg", "adam")
 #: Decimals of probabilities, scores and slopes (a millionth of a class is noise).
 DECIMALS = 6
 _FIXED = f".{DECIMALS}f"
@@ -56,7 +61,8 @@ IDENTITY_COLUMNS = ("head", "head_digest", "embedder", "embedder_digest", "segme
 #: number, a date or a boolean eczema-batch formats itself; the identity columns are all text.
 TEXT_COLUMNS = frozenset({
     "study", "patient", "visit", "body_site", "body_sites", "format", "severity_class",
-    "review_status", "review_reasons", "status",
+    "review_status", "review_reasons", "status", "code_source", "date_source", "reference_class",
+    "reference_source", "reference_rater", "rater_labels",
 })
 #: `{p}` expands to one p_<class> column per class of the head (p_clear ... p_severe).
 _LEVEL_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -83,6 +89,18 @@ _LEVEL_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Columns added after the identities (2026-11: what statisticians asked for), appended so that
+#: every earlier column keeps its place: where each code and date came from, the lesion area, and
+#: per image its reference label and every rater's label.
+APPENDED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "image": ("code_source", "date_source", "lesion_area", "reference_severity",
+              "reference_class", "reference_source", "reference_rater", "n_labels", "n_raters",
+              "rater_labels"),
+    "visit": ("code_source", "date_source", "lesion_area"),
+    "patient": ("code_source",),
+}
+
+
 def columns(level: Level, classes: Sequence[str] = DEFAULT_CLASSES) -> list[str]:
     out: list[str] = []
     for name in _LEVEL_COLUMNS[level]:
@@ -90,12 +108,12 @@ def columns(level: Level, classes: Sequence[str] = DEFAULT_CLASSES) -> list[str]
             out.extend(f"p_{c}" for c in classes)
         else:
             out.append(name)
-    return out + list(IDENTITY_COLUMNS)
+    return out + list(IDENTITY_COLUMNS) + list(APPENDED_COLUMNS[level])
 
 
-#: A row: the level's own cells, then the identity cells (one tuple object per head and segmenter,
-#: repeated on every row: the CSV writer renders it once).
-Row = tuple[list[Any], tuple[Any, ...]]
+#: A row: the level's own cells, the identity cells (one tuple object per head and segmenter,
+#: repeated on every row: the CSV writer renders it once), then the appended cells.
+Row = tuple[list[Any], tuple[Any, ...], list[Any]]
 
 
 @dataclass
@@ -155,7 +173,9 @@ class _Rows:
             number(v.expected_score), v.worst_severity, vt.is_baseline,
             number(vt.change_from_baseline), number(vt.change_from_previous),
             vt.class_change_from_baseline, v.review_status,
-        ], self.identity(pv.segmenter_ids.get(v.visit_id))
+        ], self.identity(pv.segmenter_ids.get(v.visit_id)), [
+            pv.code_source, v.date_source, number(v.lesion_area),
+        ]
 
     def patient(self, pv: PatientVisits, trend: PatientTrend) -> Row:
         base, last, slope, number = trend.baseline, trend.last, trend.slope, self.number
@@ -178,10 +198,10 @@ class _Rows:
             number(slope.ci_high) if slope else None, slope.n if slope else None,
             trend.status, trend.responder,
             "pending" if pending else ("reviewed" if trend.n_reviewed else "none"),
-        ], self.identity(last_seg)
+        ], self.identity(last_seg), [pv.code_source]
 
     def image(self, pv: PatientVisits, trend: PatientTrend, visit: VisitTrend,
-              record: ImageRecord) -> Row:
+              record: ImageRecord, labels: Sequence[LabelRecord]) -> Row:
         effective, number = record.effective, self.number
         score = expected_score(effective) if effective else None
         base = trend.baseline.visit.expected_score if trend.baseline else None
@@ -194,7 +214,24 @@ class _Rows:
             number(score), record.predicted, record.reviewed,
             None if score is None or base is None else number(score - base),
             status, "; ".join(reasons) or None, number(record.prompt_similarity),
-        ], self.identity(record.segmenter_id)
+        ], self.identity(record.segmenter_id), [
+            record.code_source, record.date_source, number(record.lesion_area),
+            *self.labels(labels),
+        ]
+
+    def labels(self, labels: Sequence[LabelRecord]) -> list[Any]:
+        """The reference label (the newest: `queries.iter_image_labels`) and every label."""
+        # A blinded repeat (catalogue.labels) is listed but is never the reference nor a rater.
+        own = [lb for lb in labels if lb.source != REVIEW_REPEAT]
+        if not own:
+            return [None, None, None, None, 0, 0, None]
+        ref = own[-1]
+        raters = {(lb.source, lb.rater) for lb in own}
+        every = "; ".join(
+            f"{lb.source}:{lb.rater}={lb.severity}" if lb.rater else f"{lb.source}={lb.severity}"
+            for lb in labels)
+        return [ref.severity, self.class_name(ref.severity), ref.source, ref.rater, len(labels),
+                len(raters), every]
 
 
 def iter_rows(
@@ -225,9 +262,12 @@ def iter_rows(
         for pv in groups:
             yield build.patient(pv, patient_trend(pv.visits, rules))
         return
-    # Images: a second cursor, in the same patient order, merged with the visit aggregates.
+    # Images: two more cursors (images, labels), in the same patient order, merged with the
+    # visit aggregates.
     records = iter_image_records(session, head=head, study=study, patient=patient)
     pending: ImageRecord | None = next(records, None)
+    all_labels = iter_image_labels(session, study=study, patient=patient)
+    label: LabelRecord | None = next(all_labels, None)
     for pv in groups:
         trend = patient_trend(pv.visits, rules)
         by_visit = {vt.visit.visit_id: vt for vt in trend.visits}
@@ -235,9 +275,13 @@ def iter_rows(
         while pending is not None and pending.patient_id == pv.key.patient_id:
             ordered.append((by_visit[pending.visit_id], pending))
             pending = next(records, None)
+        labels: dict[int, list[LabelRecord]] = {}
+        while label is not None and label.patient_id == pv.key.patient_id:
+            labels.setdefault(label.image_id, []).append(label)
+            label = next(all_labels, None)
         ordered.sort(key=lambda pair: (pair[0].number, pair[1].image_id))
         for vt, record in ordered:
-            yield build.image(pv, trend, vt, record)
+            yield build.image(pv, trend, vt, record, labels.get(record.image_id, ()))
 
 
 def rounded(value: float | None) -> float | None:
@@ -269,20 +313,24 @@ def write_csv(rows: Iterable[Row], header: Sequence[str], out: TextIO, *,
     """
     safe: Callable[[Any], Any] = (lambda v: v) if verbatim else spreadsheet_text
     record_writer(out)([safe(h) for h in header])
-    text_at = [i for i, name in enumerate(header[:-len(IDENTITY_COLUMNS)])
-               if name in TEXT_COLUMNS]
+    start = header.index(IDENTITY_COLUMNS[0])
+    text_at = [i for i, name in enumerate(header[:start]) if name in TEXT_COLUMNS]
+    after = header[start + len(IDENTITY_COLUMNS):]
+    text_after = [i for i, name in enumerate(after) if name in TEXT_COLUMNS]
     # The plain writer ends a record with the "," before its identity and quotes no CR or LF;
     # a row whose text holds either takes the slower writer that does.
     plain: Callable[[Iterable[Any]], Any] = csv.writer(out, lineterminator=",").writerow
     quoting = record_writer(out, end=",")
+    # The appended cells end the record; the csv module quotes a cell holding its own CRLF.
+    last = record_writer(out)
     write = out.write
     rendered: dict[tuple[Any, ...], str] = {}
     count = 0
-    for cells, identity in rows:
+    for cells, identity, extra in rows:
         suffix = rendered.get(identity)
         if suffix is None:
             line = io.StringIO()
-            record_writer(line)([safe(v) for v in identity])
+            record_writer(line, end=",")([safe(v) for v in identity])
             suffix = rendered[identity] = line.getvalue()
         writerow = plain
         for i in text_at:
@@ -293,6 +341,9 @@ def write_csv(rows: Iterable[Row], header: Sequence[str], out: TextIO, *,
                     writerow = quoting
         writerow(cells)
         write(suffix)
+        for i in text_after:
+            extra[i] = safe(extra[i])
+        last(extra)
         count += 1
     return count
 
@@ -301,9 +352,9 @@ def write_json(rows: Iterable[Row], header: Sequence[str], out: TextIO) -> int:
     """A JSON array of objects, written as it streams (one object per line)."""
     out.write("[")
     count = 0
-    for cells, identity in rows:
+    for cells, identity, extra in rows:
         out.write(",\n" if count else "\n")
-        values = itertools.chain(cells, identity)
+        values = itertools.chain(cells, identity, extra)
         out.write(json.dumps({k: _json_value(v) for k, v in zip(header, values, strict=True)}))
         count += 1
     out.write("\n]\n" if count else "]\n")

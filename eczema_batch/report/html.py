@@ -1,32 +1,45 @@
 """The static HTML report: a cohort page and a page per patient, readable offline in any browser.
 
-    DIR/index.html              cohort summary, mean change per visit, every patient with a link
+    DIR/index.html                  cohort summary, mean severity and change per visit, patients
     DIR/cohort.png
-    DIR/patients/p<ID>.html     a patient's visits, severity plot, thumbnails with masks and flags
-    DIR/patients/p<ID>.png
-    DIR/thumbs/<IMAGE>.jpg
+    DIR/patients/<CODE>.html        a patient's visits, severity plot, images with masks and flags
+    DIR/patients/<CODE>.png
+    DIR/thumbs/<IMAGE>.jpg          200 px, the mask outlined
+    DIR/images/<IMAGE>.jpg          800 px, and <IMAGE>-outline.jpg with the mask outlined
 
-Every text is escaped; links are relative, so the folder can be copied or zipped. A thumbnail that
-cannot be made (the study folder moved, the file changed since it was catalogued) is listed with
-the reason instead of failing the report.
+Pages are rendered from Jinja2 templates (`report/templates/`) with autoescaping on: every value
+from the catalogue (codes, labels, raters' notes) is text on the page, never markup. The larger
+view of an image is pure HTML and CSS (a `:target` overlay, a checkbox for the outline): no
+script or file from elsewhere, so the folder works from a file:// URL, copied or zipped.
+
+A patient's page is named by its subject code through `output.safe_name` (a code that is not a
+plain file name gets a readable name and 8 hex digits of its hash); codes whose names would clash
+(the same code in two studies, or two codes that differ only in case on a case-insensitive file
+system) all get a suffix made of their study and code. A thumbnail that cannot be made (the study
+folder moved, the file changed since it was catalogued) is listed with the reason instead of
+failing the report.
 
 The report is meant to be shared, so an image whose DICOM header says its pixels identify the
 patient (BurnedInAnnotation or RecognizableVisualFeatures = YES: a name burnt into the picture, a
-face) gets no thumbnail, only a note and a flag, unless the user asks for them
+face) gets no picture, only a note and a flag, unless the user asks for them
 (`include_identifying_pixels`).
 
-Every file is written whole, inside DIR and never through a symbolic link (eczema_batch/output.py);
-file names are made of catalogue ids only.
+Every file is written whole, inside DIR and never through a symbolic link (eczema_batch/output.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import hashlib
+import math
+import shlex
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from html import escape
+from functools import cache
 from pathlib import Path
 
+import jinja2
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -34,14 +47,18 @@ from eczema_batch import __version__
 from eczema_batch.catalogue.models import Image
 from eczema_batch.clock import utcnow
 from eczema_batch.errors import RejectedFileError
-from eczema_batch.output import OutputFolder
-from eczema_batch.report.cohort import CohortReport, PatientReport
+from eczema_batch.output import OutputFolder, safe_name
+from eczema_batch.report.cohort import CohortReport, PatientReport, ReportTable
 from eczema_batch.report.plots import (
+    OUTLINE_CSS,
+    OUTLINE_EDGE_CSS,
     IdentifyingPixelsError,
+    VisitNumberScore,
     cohort_plot,
     identifying_pixels_reason,
+    render_image,
+    score_band,
     severity_plot,
-    thumbnail,
 )
 from eczema_batch.report.queries import (
     ImageRecord,
@@ -55,32 +72,8 @@ from eczema_batch.studyfiles import CataloguedFile
 
 #: Longest side of a thumbnail, in pixels.
 THUMB_SIDE = 200
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:72em}
-table{border-collapse:collapse;margin:.5em 0 1em}
-th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right;white-space:nowrap}
-th:first-child,td:first-child{text-align:left}
-.improving{color:#1a7f37}.worsening{color:#c62828}.stable{color:#555}.unknown{color:#999}
-.thumbs{display:flex;flex-wrap:wrap;gap:.8em}
-figure{margin:0;width:210px;font-size:.85em}
-figure.flagged img{outline:3px solid #e69500}
-figure.reviewed img{outline:3px solid #1a7f37}
-ul.flags{color:#b45f00;padding-left:1.2em;margin:.2em 0}
-img.broken{outline:3px dashed #c62828}
-.note{color:#666;font-size:.9em}
-.tiny{background:#fdecea;border:2px solid #c62828;padding:.5em .8em;font-weight:bold}
-"""
-# Marks images that did not load (and counts them on <body>), so a reader sees a broken link.
-_SCRIPT = """
-window.addEventListener("load", () => {
-  const images = Array.from(document.images);
-  const broken = images.filter(i => !(i.complete && i.naturalWidth > 0));
-  broken.forEach(i => i.classList.add("broken"));
-  document.body.dataset.imagesLoaded = String(images.length - broken.length);
-  document.body.dataset.imagesBroken = String(broken.length);
-});
-"""
+#: Longest side of the larger view of an image, in pixels.
+LARGE_SIDE = 800
 
 
 @dataclass
@@ -92,12 +85,25 @@ class HtmlReport:
     unreadable: dict[int, str] = field(default_factory=dict)
     #: image id -> why its thumbnail was held back (its pixels identify the patient)
     withheld: dict[int, str] = field(default_factory=dict)
+    #: patient id -> the name of its page (without `.html`) under DIR/patients
+    page_names: dict[int, str] = field(default_factory=dict)
 
 
-def _page(title: str, body: str) -> str:
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{escape(title)}</title><style>{_CSS}</style><script>{_SCRIPT}</script>"
-            f"</head>\n<body>\n{body}\n</body></html>\n")
+@cache
+def _templates() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("eczema_batch.report", "templates"),
+        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+        lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["num"] = _num
+    env.filters["cell"] = _cell
+    return env
+
+
+def _render(template: str, *, large_side: int = LARGE_SIDE, **context: object) -> str:
+    return _templates().get_template(template).render(
+        version=__version__, outline=OUTLINE_CSS, outline_edge=OUTLINE_EDGE_CSS,
+        large_side=large_side, **context)
 
 
 def _num(value: float | None, digits: int = 2, signed: bool = False) -> str:
@@ -107,16 +113,46 @@ def _num(value: float | None, digits: int = 2, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def _cls(classes: tuple[str, ...], k: int | None) -> str:
+def _cell(value: object) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return "–" if math.isnan(value) else _num(value)
+    return str(value)
+
+
+def _class_name(classes: Sequence[str], k: int | None) -> str:
     if k is None:
         return "–"
-    return escape(classes[k] if k < len(classes) else str(k))
+    return classes[k] if 0 <= k < len(classes) else str(k)
 
 
-def _table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def page_names(patients: Iterable[PatientReport]) -> dict[int, str]:
+    """Patient id -> a file name (no suffix) for its page, distinct even where file names
+    ignore case: the subject code when it is a plain name, else `output.safe_name`'s; codes whose
+    names clash get `-` and 8 hex digits of their study and code, and the patient id if that
+    still clashes."""
+    patients = list(patients)
+    base = {p.key.patient_id: safe_name(p.key.patient) for p in patients}
+    counts = Counter(name.casefold() for name in base.values())
+    names: dict[int, str] = {}
+    for p in patients:
+        name = base[p.key.patient_id]
+        if counts[name.casefold()] > 1:
+            digest = hashlib.sha256(f"{p.key.study}\0{p.key.patient}".encode(
+                "utf-8", "surrogatepass")).hexdigest()[:8]
+            name = f"{name}-{digest}"
+        names[p.key.patient_id] = name
+    taken = Counter(n.casefold() for n in names.values())
+    return {pid: (f"{n}-{pid}" if taken[n.casefold()] > 1 else n) for pid, n in names.items()}
+
+
+def _tiny_models(report: CohortReport) -> list[str]:
+    """The tiny random-weight test models the scores come from (the pages then say so loudly)."""
+    head = report.head
+    names = [m.name for m in (head.embedder, head.segmenter) if m is not None] if head else []
+    # The registry names every tiny test model "tiny-*" (eczema_batch.pipeline.registry).
+    return [n for n in names if n.startswith("tiny-")]
 
 
 def _slope_text(p: PatientReport) -> str:
@@ -127,132 +163,201 @@ def _slope_text(p: PatientReport) -> str:
     return f"{s.per_30_days:+.2f}{ci}"
 
 
-def _tiny_banner(report: CohortReport) -> str:
-    """A loud warning when the scores come from the tiny random-weight test models."""
-    head = report.head
-    names = [m.name for m in (head.embedder, head.segmenter) if m is not None] if head else []
-    # The registry names every tiny test model "tiny-*" (eczema_batch.pipeline.registry).
-    tiny = [n for n in names if n.startswith("tiny-")]
-    if not tiny:
-        return ""
-    return (f'<p class="tiny" id="tiny-models">Scored with tiny random-weight test models '
-            f'({escape(", ".join(tiny))}): every number here is meaningless; it shows the '
-            "workflow, not eczema severity.</p>")
+@dataclass(frozen=True)
+class _Common:
+    """What every page shows: the scale, the rules, the models."""
+
+    classes: tuple[str, ...]
+    tiny: list[str]
+    generated: str
 
 
-def _index(report: CohortReport, generated: str) -> str:
+def _common(report: CohortReport, generated: str) -> _Common:
+    return _Common(classes=report.classes, tiny=_tiny_models(report), generated=generated)
+
+
+def _mean_scores(report: CohortReport) -> list[VisitNumberScore]:
+    """Mean expected score of the patients' n-th visits, over the visits that have a score."""
+    values: dict[int, list[float]] = {}
+    for p in report.patients:
+        for vt in p.trend.visits:
+            if vt.visit.expected_score is not None:
+                values.setdefault(vt.number, []).append(vt.visit.expected_score)
+    out = []
+    for number in sorted(values):
+        v = values[number]
+        mean = sum(v) / len(v)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else None
+        out.append(VisitNumberScore(number=number, n=len(v), mean=mean, sd=sd))
+    return out
+
+
+def _index(report: CohortReport, common: _Common, names: dict[int, str]) -> str:
     s, classes = report.summary, report.classes
-    head = report.head
-    model = (f"head {escape(head.name)} ({escape(head.digest[:12])}), embedder "
-             f"{escape(head.embedder.name) if head.embedder else '–'}, segmenter "
-             f"{escape(head.segmenter.name) if head.segmenter else '–'}" if head else
-             "no severity head has predictions yet: run <code>eczema-batch train</code> and "
-             "<code>eczema-batch run</code>")
-    status_rows = [[f'<span class="{st}">{st}</span>', str(s.by_status.get(st, 0))]
-                   for st in STATUSES]
-    responders = (f"{s.responders} of {s.evaluable} evaluable patients "
-                  f"({100 * s.responders / s.evaluable:.0f}%)" if s.evaluable else "–")
-    per_visit = [[str(v.number), str(v.n), _num(v.mean_days, 0), _num(v.mean_change, 2, True),
-                  _num(v.sd_change)] for v in s.per_visit]
-    patients = [[
-        f'<a href="patients/p{p.key.patient_id}.html">{escape(p.key.patient)}</a>',
-        escape(p.key.study), str(len(p.trend.visits)),
-        _cls(classes, p.trend.baseline.visit.severity if p.trend.baseline else None),
-        _cls(classes, p.trend.last.visit.severity if p.trend.last else None),
-        _num(p.trend.change_from_baseline, 2, True), _slope_text(p),
-        f'<span class="{p.trend.status}">{p.trend.status}</span>',
-        {True: "yes", False: "no", None: "–"}[p.trend.responder], str(p.trend.n_flagged),
-    ] for p in report.patients]
-    rules, th = report.rules, report.thresholds
-    return _page("Eczema severity: cohort", f"""
-<h1>Eczema severity: cohort{' ' + escape(report.study) if report.study else ''}</h1>
-<p class="note">eczema-batch {escape(__version__)}, {escape(generated)}. Scores: {model}.</p>
-{_tiny_banner(report)}
-<h2>Patients by status</h2>
-{_table(["status", "patients"], status_rows)}
-<p>Responders (last visit at least {rules.responder_classes} class(es) better than baseline):
-<b id="responders">{responders}</b>. Stable means a change from baseline within
-&plusmn;{rules.stable_band:g} (expected score, 0&ndash;{len(classes) - 1}).</p>
-<p>Images: {s.images}; scored {s.scored_images}; waiting for review
-<b id="flagged">{s.flagged_images}</b>; reviewed {s.reviewed_images}. Flagged when the top
-probability is below {th.min_confidence:g}, the mask is flagged, or the prompts' mean similarity
-is below {th.min_prompt_similarity:g}.</p>
-<h2>Mean change from baseline per visit</h2>
-<img src="cohort.png" alt="mean change from baseline per visit number" width="640">
-{_table(["visit", "patients", "mean days", "mean change", "SD"], per_visit)}
-<h2>Patients</h2>
-{_table(["patient", "study", "visits", "baseline", "last", "change", "slope /30 d [95% CI]",
-         "status", "responder", "flagged"], patients)}
-""")
+    patients = [{
+        "page": f"patients/{names[p.key.patient_id]}.html", "code": p.key.patient,
+        "study": p.key.study, "visits": len(p.trend.visits),
+        "baseline": _class_name(classes, p.trend.baseline.visit.severity
+                                if p.trend.baseline else None),
+        "last": _class_name(classes, p.trend.last.visit.severity if p.trend.last else None),
+        "change": _num(p.trend.change_from_baseline, 2, True), "slope": _slope_text(p),
+        "status": p.trend.status,
+        "responder": {True: "yes", False: "no", None: "–"}[p.trend.responder],
+        "flagged": p.trend.n_flagged,
+    } for p in report.patients]
+    scores = {m.number: m for m in _mean_scores(report)}
+    per_visit = [{
+        "number": v.number, "n": v.n, "days": _num(v.mean_days, 0),
+        "score": _num(scores[v.number].mean) if v.number in scores else "–",
+        "band": (_class_name(classes, score_band(scores[v.number].mean, len(classes)))
+                 if v.number in scores else "–"),
+        "change": _num(v.mean_change, 2, True), "sd": _num(v.sd_change),
+    } for v in s.per_visit]
+    return _render(
+        "index.html", page=common, report=report, summary=s, head=report.head,
+        statuses=[(st, s.by_status.get(st, 0)) for st in STATUSES],
+        responders=(f"{s.responders} of {s.evaluable} evaluable patients "
+                    f"({100 * s.responders / s.evaluable:.0f}%)" if s.evaluable else "–"),
+        per_visit=per_visit, patients=patients, tables=report.tables,
+        top=len(classes) - 1)
 
 
-def _visit_rows(report: CohortReport, visits: Iterable[VisitTrend]) -> list[list[str]]:
-    classes = report.classes
+@dataclass(frozen=True)
+class _VisitRow:
+    number: int
+    label: str
+    date: str
+    days: str
+    n_images: int
+    n_flagged: int
+    n_reviewed: int
+    #: the most probable class of the visit's mean vector, and its probability
+    top_class: str
+    top_p: str
+    score: str
+    #: the class band the expected score falls in
+    band: str
+    change: str
+    since_previous: str
+    worst: str
+    #: why the class and the score band differ, what is provisional, what reviews count
+    notes: tuple[str, ...]
+
+
+def _visit_notes(classes: Sequence[str], vt: VisitTrend) -> tuple[str, ...]:
+    v = vt.visit
+    notes = []
+    if v.provisional:
+        notes.append("provisional: every scored image is flagged and waits for a rater")
+    elif v.n_flagged:
+        notes.append(f"{v.n_flagged} of {v.n_scored} scored image(s) flagged for review")
+    if v.n_reviewed:
+        notes.append(f"{v.n_reviewed} reviewed image(s) count as their rater's class")
+    p = v.probabilities
+    if v.severity is not None and v.expected_score is not None and p:
+        likeliest = [k for k, pk in enumerate(p) if pk == max(p)]
+        if len(likeliest) > 1:
+            notes.append(
+                "equally likely: " + ", ".join(_class_name(classes, k) for k in likeliest)
+                + f" (p {max(p):.2f} each); the lower class is shown")
+        band = score_band(v.expected_score, len(classes))
+        if band != v.severity:
+            notes.append(
+                f"class and score differ: the probability is spread over several classes; "
+                f"{_class_name(classes, v.severity)} is the likeliest one (p {max(p):.2f}), "
+                f"the score lies in the {_class_name(classes, band)} band")
+    return tuple(notes)
+
+
+def _visit_rows(classes: Sequence[str], visits: Iterable[VisitTrend]) -> list[_VisitRow]:
     rows = []
     for vt in visits:
         v = vt.visit
-        marks = " (reviewed)" if v.n_reviewed else ""
-        marks += " (all flagged)" if v.provisional else ""
         date = v.visit_date.isoformat() if v.visit_date else "–"
-        label = str(vt.number) if v.label == date else f"{vt.number} {escape(v.label)}"
-        rows.append([label, escape(date),
-                     "–" if vt.days_from_baseline is None else str(vt.days_from_baseline),
-                     str(v.n_images), str(v.n_flagged), str(v.n_reviewed),
-                     _cls(classes, v.severity) + marks, _num(v.expected_score),
-                     _num(vt.change_from_baseline, 2, True),
-                     _num(vt.change_from_previous, 2, True), _cls(classes, v.worst_severity)])
+        rows.append(_VisitRow(
+            number=vt.number, label="" if v.label == date else v.label, date=date,
+            days="–" if vt.days_from_baseline is None else str(vt.days_from_baseline),
+            n_images=v.n_images, n_flagged=v.n_flagged, n_reviewed=v.n_reviewed,
+            top_class=_class_name(classes, v.severity),
+            top_p=_num(max(v.probabilities)) if v.probabilities else "–",
+            score=_num(v.expected_score),
+            band=(_class_name(classes, score_band(v.expected_score, len(classes)))
+                  if v.expected_score is not None else "–"),
+            change=_num(vt.change_from_baseline, 2, True),
+            since_previous=_num(vt.change_from_previous, 2, True),
+            worst=_class_name(classes, v.worst_severity), notes=_visit_notes(classes, vt)))
     return rows
 
 
-def _figure(report: CohortReport, record: ImageRecord, thumb: str | None, problem: str | None
-            ) -> str:
+@dataclass(frozen=True)
+class _Figure:
+    image_id: int
+    body_site: str
+    #: "reviewed", "flagged" or ""
+    kind: str
+    model: str | None
+    reviewed: str | None
+    rater: str | None
+    note: str | None
+    reasons: list[str]
+    #: file names under thumbs/ and images/ (None: no picture, `problem` says why)
+    thumb: str | None
+    large: str | None
+    large_outlined: str | None
+    problem: str | None
+    #: the command that records a rater's decision for this image
+    review_command: str
+
+
+def _figure(report: CohortReport, record: ImageRecord,
+            files: tuple[str, str, str | None] | None, problem: str | None) -> _Figure:
     classes = report.classes
     reasons = flag_reasons(record, report.thresholds)
     kind = "reviewed" if record.reviewed is not None else ("flagged" if reasons else "")
-    lines = [f"image {record.image_id}, {escape(record.body_site or 'site not recorded')}"]
+    model = None
     if record.probabilities is not None:
-        top = max(record.probabilities)
-        lines.append(f"model: {_cls(classes, record.predicted)} ({top:.2f})")
-    if record.reviewed is not None:
-        lines.append(f"<b>reviewed by {escape(record.rater or '?')}: "
-                     f"{_cls(classes, record.reviewed)}</b>")
-    flags = "".join(f"<li>{escape(r)}</li>" for r in reasons)
-    picture = (f'<img src="../thumbs/{escape(thumb)}" alt="image {record.image_id}">' if thumb
-               else f'<p class="note">no thumbnail: {escape(problem or "unknown")}</p>')
-    return (f'<figure class="thumb {kind}" data-image-id="{record.image_id}">{picture}'
-            f'<figcaption>{"<br>".join(lines)}'
-            f'{f"<ul class=flags>{flags}</ul>" if flags else ""}</figcaption></figure>')
+        model = f"{_class_name(classes, record.predicted)} ({max(record.probabilities):.2f})"
+    thumb, large, outlined = files if files is not None else (None, None, None)
+    return _Figure(
+        image_id=record.image_id, body_site=record.body_site or "site not recorded", kind=kind,
+        model=model,
+        reviewed=_class_name(classes, record.reviewed) if record.reviewed is not None else None,
+        rater=record.rater, note=record.note, reasons=reasons, thumb=thumb, large=large,
+        large_outlined=outlined, problem=problem,
+        review_command=(f"eczema-batch review set {record.image_id} --severity CLASS "
+                        "--by RATER --note \"why\""))
 
 
-def _patient_page(report: CohortReport, p: PatientReport, figures: dict[int, list[str]]) -> str:
+def _patient_page(report: CohortReport, common: _Common, p: PatientReport, name: str,
+                  figures: dict[int, list[_Figure]], *, large_side: int) -> str:
     t = p.trend
-    code = escape(p.key.patient)
     sections = []
     for vt in t.visits:
         v = vt.visit
         when = v.visit_date.isoformat() if v.visit_date else "undated"
-        label = "" if v.label == when else f" {escape(v.label)}"
-        sections.append(f"<h3>Visit {vt.number}{label} ({escape(when)})</h3>"
-                        f'<div class="thumbs">{"".join(figures.get(v.visit_id, []))}</div>')
-    responder = {True: "yes", False: "no", None: "–"}[t.responder]
-    reviewed = (" Reviewed images count as their rater's class instead of the model's."
-                if t.n_reviewed else "")
-    return _page(f"Patient {p.key.patient}", f"""
-<p><a href="../index.html">&larr; cohort</a></p>
-<h1>Patient {code} <small>({escape(p.key.study)})</small></h1>
-{_tiny_banner(report)}
-<p>Status <b id="status" class="{t.status}">{t.status}</b>; responder <b>{responder}</b>;
-change from baseline <b>{_num(t.change_from_baseline, 2, True)}</b>; slope per 30 days
-{_slope_text(p)}; <b id="pending">{t.n_flagged}</b> image(s) waiting for review,
-{t.n_reviewed} reviewed.{reviewed}</p>
-<img src="p{p.key.patient_id}.png" alt="severity over time for {code}" width="640">
-{_table(["visit", "date", "days", "images", "flagged", "reviewed", "class", "score", "change",
-         "since previous", "worst image"], _visit_rows(report, t.visits))}
-<h2>Images</h2>
-<p class="note">Red: the lesion mask the severity was measured on. Orange frame: waiting for
-review; green frame: reviewed.</p>
-{"".join(sections)}
-""")
+        sections.append({"number": vt.number, "label": "" if v.label == when else v.label,
+                         "when": when, "figures": figures.get(v.visit_id, [])})
+    scope = f"--study {shlex.quote(p.key.study)} --patient {shlex.quote(p.key.patient)}"
+    return _render(
+        "patient.html", page=common, report=report, p=p, trend=t, plot=f"{name}.png",
+        responder={True: "yes", False: "no", None: "–"}[t.responder],
+        change=_num(t.change_from_baseline, 2, True), slope=_slope_text(p),
+        rows=_visit_rows(report.classes, t.visits), sections=sections,
+        review_list=f"eczema-batch review list {scope}",
+        review_set="eczema-batch review set IMAGE --severity CLASS --by RATER --note \"why\"",
+        rebuild="eczema-batch report --html DIR",
+        classes_choice="|".join(report.classes), top=len(report.classes) - 1,
+        tables=p.tables, large_side=large_side)
+
+
+@dataclass(frozen=True)
+class _Pictures:
+    """An image's pictures: their file names (thumbnail, larger view, larger view outlined), or
+    why none was made and whether it was held back (its pixels identify the patient)."""
+
+    files: tuple[str, str, str | None] | None = None
+    problem: str | None = None
+    held_back: bool = False
 
 
 def identifying_images(session: Session, image_ids: list[int]) -> dict[int, str]:
@@ -285,74 +390,84 @@ def write_html_report(
     max_pixels: int,
     image_root: str | None = None,
     thumb_side: int = THUMB_SIDE,
+    large_side: int = LARGE_SIDE,
     threads: int = 4,
     include_identifying_pixels: bool = False,
 ) -> HtmlReport:
-    """Write the cohort page, a page per patient, the plots and the thumbnails under `out_dir`.
+    """Write the cohort page, a page per patient, the plots and the pictures under `out_dir`.
 
-    Thumbnails are made in `threads` threads: each decodes a full photo and its full-size mask
+    Pictures are made in `threads` threads: each decodes a full photo and its full-size mask
     (about 0.1 s for 12 MP), and Pillow, zlib and numpy release the GIL while they work.
     """
     with OutputFolder(out_dir) as folder, folder.folder("patients") as pages, \
-            folder.folder("thumbs") as thumbs:
-        return _write_report(session, report, folder, pages, thumbs, max_pixels=max_pixels,
-                             image_root=image_root, thumb_side=thumb_side, threads=threads,
+            folder.folder("thumbs") as thumbs, folder.folder("images") as larges:
+        return _write_report(session, report, folder, pages, thumbs, larges,
+                             max_pixels=max_pixels, image_root=image_root,
+                             sides=(thumb_side, large_side), threads=threads,
                              include_identifying_pixels=include_identifying_pixels)
 
 
 def _write_report(session: Session, report: CohortReport, folder: OutputFolder,
-                  pages: OutputFolder, thumbs: OutputFolder, *, max_pixels: int,
-                  image_root: str | None, thumb_side: int, threads: int,
-                  include_identifying_pixels: bool) -> HtmlReport:
+                  pages: OutputFolder, thumbs: OutputFolder, larges: OutputFolder, *,
+                  max_pixels: int, image_root: str | None, sides: tuple[int, int],
+                  threads: int, include_identifying_pixels: bool) -> HtmlReport:
     out_dir = folder.path
-    generated = utcnow().strftime("%Y-%m-%d %H:%M UTC")
-    result = HtmlReport(index=out_dir / "index.html")
+    common = _common(report, utcnow().strftime("%Y-%m-%d %H:%M UTC"))
+    names = page_names(report.patients)
+    result = HtmlReport(index=out_dir / "index.html", page_names=names)
     records = iter_image_records(session, head=report.head, study=report.study,
                                  patient=report.patient)
     # The image stream is read to the end first: the per-patient look-ups below use the session.
     pairs = list(_by_patient(records, report.patients))
 
-    def make_thumb(record: ImageRecord, source: CataloguedFile, mask_png: bytes | None,
-                   tag: str | None) -> tuple[str, bool] | None:
-        """(why it cannot be made, whether it was held back), or None once it is written."""
+    def make_pictures(record: ImageRecord, source: CataloguedFile, mask_png: bytes | None,
+                      tag: str | None) -> _Pictures:
         if tag is not None and not include_identifying_pixels:
-            return identifying_pixels_reason(tag), True
+            return _Pictures(problem=identifying_pixels_reason(tag), held_back=True)
         try:
-            jpeg = thumbnail(source, mask_png, max_side=thumb_side, max_pixels=max_pixels,
-                             identifying=include_identifying_pixels)
+            made = render_image(source, mask_png, thumb_side=sides[0], large_side=sides[1],
+                                max_pixels=max_pixels, identifying=include_identifying_pixels)
         except IdentifyingPixelsError as exc:
-            return str(exc), True
+            return _Pictures(problem=str(exc), held_back=True)
         except RejectedFileError as exc:
-            return str(exc), False
-        thumbs.write_bytes(f"{record.image_id}.jpg", jpeg)
-        return None
+            return _Pictures(problem=str(exc))
+        iid = record.image_id
+        thumbs.write_bytes(f"{iid}.jpg", made.thumbnail)
+        larges.write_bytes(f"{iid}.jpg", made.large)
+        outlined = None
+        if made.large_outlined is not None:
+            outlined = f"{iid}-outline.jpg"
+            larges.write_bytes(outlined, made.large_outlined)
+        return _Pictures(files=(f"{iid}.jpg", f"{iid}.jpg", outlined))
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for p, mine in pairs:
             files = image_files(session, [r.image_id for r in mine], image_root=image_root)
             masks = mask_pngs(session, [r.mask_id for r in mine if r.mask_id is not None])
             flagged = identifying_images(session, [r.image_id for r in mine])
-            outcomes = pool.map(make_thumb, mine, [files[r.image_id] for r in mine],
+            outcomes = pool.map(make_pictures, mine, [files[r.image_id] for r in mine],
                                 [masks.get(r.mask_id or -1) for r in mine],
                                 [flagged.get(r.image_id) for r in mine])
-            figures: dict[int, list[str]] = {}
-            for record, outcome in zip(mine, outcomes, strict=True):
-                name: str | None = f"{record.image_id}.jpg"
-                problem = None
-                if outcome is None:
+            figures: dict[int, list[_Figure]] = {}
+            for record, made in zip(mine, outcomes, strict=True):
+                if made.files is not None:
                     result.thumbnails += 1
-                else:
-                    name = None
-                    problem, held_back = outcome
-                    (result.withheld if held_back else result.unreadable)[record.image_id] = (
-                        problem)
+                elif made.problem is not None:
+                    (result.withheld if made.held_back else result.unreadable)[
+                        record.image_id] = made.problem
                 figures.setdefault(record.visit_id, []).append(
-                    _figure(report, record, name, problem))
+                    _figure(report, record, made.files, made.problem))
+            name = names[p.key.patient_id]
             title = f"{p.key.patient}: {p.trend.status}"
-            pages.write_bytes(f"p{p.key.patient_id}.png",
-                              severity_plot(p.trend, report.classes, title=title))
-            pages.write_text(f"p{p.key.patient_id}.html", _patient_page(report, p, figures))
+            pages.write_bytes(f"{name}.png", severity_plot(p.trend, report.classes, title=title))
+            pages.write_text(f"{name}.html", _patient_page(report, common, p, name, figures,
+                                                         large_side=sides[1]))
             result.patient_pages += 1
-    folder.write_bytes("cohort.png", cohort_plot(report.summary.per_visit))
-    folder.write_text("index.html", _index(report, generated))
+    folder.write_bytes("cohort.png", cohort_plot(
+        _mean_scores(report), report.summary.per_visit, report.classes,
+        stable_band=report.rules.stable_band))
+    folder.write_text("index.html", _index(report, common, names))
     return result
+
+
+__all__ = ["HtmlReport", "ReportTable", "page_names", "write_html_report"]

@@ -50,6 +50,7 @@ from eczema_batch.catalogue.models import (
     Visit,
 )
 from eczema_batch.errors import UnknownPatientError, UsageError
+from eczema_batch.pipeline.records import FLAG_NO_REFERENCES
 from eczema_batch.report.trends import VisitScore
 from eczema_batch.severity import DEFAULT_CLASSES
 from eczema_batch.studyfiles import CataloguedFile
@@ -103,6 +104,8 @@ class PatientVisits:
     visits: list[VisitScore]
     #: visit id -> the model that made the masks its predictions were cropped with
     segmenter_ids: dict[int, int | None]
+    #: where the subject code came from (manifest, ClinicalTrialSubjectID, PatientID-HMAC, folder)
+    code_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,11 @@ class ImageRecord:
     mask_flag: str | None
     prompt_similarity: float | None
     segmenter_id: int | None
+    #: where the subject code and the visit date came from (patients / visits tables)
+    code_source: str | None = None
+    date_source: str | None = None
+    #: the share of the image the lesion mask covers (`lesion_area`), None without a measurement
+    lesion_area: float | None = None
 
     @property
     def effective(self) -> tuple[float, ...] | None:
@@ -242,6 +250,11 @@ class _Join:
         )
         self.p = [Prediction.probabilities[k].as_float() for k in range(self.n_classes)]
         self.similarity = Mask.prompt_similarity
+        # The lesion area is the area of the mask the prediction was cropped with. A mask made
+        # because no reference could prompt SegGPT is the whole image standing in for a lesion,
+        # not a measurement of one: no area. (SegGPT finding no lesion is a measured 0.)
+        self.lesion_area = case((Mask.flag == FLAG_NO_REFERENCES, null()),
+                                else_=Mask.area_fraction)
 
     def top_probability(self) -> ColumnElement[float]:
         """The probability of the predicted class (the pipeline stores the argmax as severity)."""
@@ -355,11 +368,13 @@ def visit_scores_select(
         func.max(func.coalesce(j.review.severity, Prediction.severity)).label("worst"),
         (j.sites() if sites else null()).label("sites"),
         func.max(Mask.model_id).label("segmenter_id"),
+        func.avg(j.lesion_area).label("area"),
+        func.count(j.lesion_area).label("n_area"),
         *[func.avg(j.effective(k)).label(f"p{k}") for k in range(j.n_classes)],
     ).group_by(Image.visit_id)
     v = per_visit.subquery("per_visit")
     keys: list[Any] = [Study.name.label("study"), Patient.subject_code.label("code"),
-                       Patient.id.label("patient_id")]
+                       Patient.id.label("patient_id"), Patient.code_source.label("code_source")]
     if j.dialect == "postgresql":
         # Patients ranked in report order first (10,000 rows), so the 100,000 visit rows sort
         # on two integers: sorting them on the study and subject code strings cost 0.15 s.
@@ -373,7 +388,8 @@ def visit_scores_select(
         patients.c.study, patients.c.code, patients.c.patient_id, Visit.id, Visit.label,
         Visit.visit_date, func.coalesce(v.c.n_images, zero), func.coalesce(v.c.n_scored, zero),
         func.coalesce(v.c.n_flagged, zero), func.coalesce(v.c.n_reviewed, zero),
-        v.c.worst, v.c.sites, v.c.segmenter_id, *[v.c[f"p{k}"] for k in range(j.n_classes)],
+        v.c.worst, v.c.sites, v.c.segmenter_id, patients.c.code_source, Visit.date_source,
+        v.c.area, func.coalesce(v.c.n_area, zero), *[v.c[f"p{k}"] for k in range(j.n_classes)],
     ]
     return (
         select(*columns)
@@ -403,17 +419,19 @@ def iter_patient_visits(
         visits, segmenters = [], {}
         for row in rows:
             (study_name, code, pid, vid, label, vdate, n_images, n_scored, n_flagged, n_reviewed,
-             worst, joined_sites, segmenter_id) = row[:13]
+             worst, joined_sites, segmenter_id, code_source, date_source, area,
+             n_area) = row[:17]
             if vid is None:  # a patient without visits: listed, with nothing to score
                 continue
             visits.append(VisitScore(
                 vid, label, vdate if vdate is None or type(vdate) is date else _as_date(vdate),
                 n_images, n_scored, n_flagged, n_reviewed,
-                tuple(row[13:]) if n_scored else None, worst,
-                _sites(joined_sites),
+                tuple(row[17:]) if n_scored else None, worst,
+                _sites(joined_sites), date_source=date_source,
+                lesion_area=None if area is None else float(area), n_area=n_area,
             ))
             segmenters[vid] = segmenter_id
-        yield PatientVisits(PatientKey(study_name, code, pid), visits, segmenters)
+        yield PatientVisits(PatientKey(study_name, code, pid), visits, segmenters, code_source)
 
 
 def _sites(joined: str | None) -> tuple[str, ...]:
@@ -435,7 +453,8 @@ def image_records_select(
             Image.id, Study.name, Patient.subject_code, Patient.id, Visit.id, Visit.label,
             Visit.visit_date, Image.body_site, Image.format, Prediction.id,
             Prediction.severity, j.review.severity, j.review.rater, j.review.note, Mask.id,
-            Mask.flag, j.similarity, Mask.model_id, *j.p,
+            Mask.flag, j.similarity, Mask.model_id, Patient.code_source, Visit.date_source,
+            j.lesion_area, *j.p,
         ).where(Image.id.is_not(None))
         .order_by(*j.patient_order(), Image.id),
         study=study, patient=patient, patient_ids=patient_ids,
@@ -453,15 +472,53 @@ def iter_image_records(session: Session, *, head: HeadInfo | None, **scope: Any
     _j, stmt = image_records_select(session, head=head, **scope)
     for row in _stream(session, stmt):
         (iid, study_name, code, pid, vid, label, vdate, site, fmt, pred_id, predicted, reviewed,
-         rater, note, mask_id, flag, sim, segmenter_id, *probs) = row
+         rater, note, mask_id, flag, sim, segmenter_id, code_source, date_source, area,
+         *probs) = row
         yield ImageRecord(
             image_id=iid, study=study_name, patient=code, patient_id=pid, visit_id=vid,
             visit_label=label, visit_date=_as_date(vdate), body_site=site, format=fmt,
             probabilities=tuple(float(p) for p in probs) if pred_id is not None else None,
             predicted=predicted, reviewed=reviewed, rater=rater, note=note, mask_id=mask_id,
             mask_flag=flag, prompt_similarity=None if sim is None else float(sim),
-            segmenter_id=segmenter_id,
+            segmenter_id=segmenter_id, code_source=code_source, date_source=date_source,
+            lesion_area=None if area is None else float(area),
         )
+
+
+@dataclass(frozen=True)
+class LabelRecord:
+    """One rater's label of an image (the `labels` table: manifest labels and reviews)."""
+
+    patient_id: int
+    image_id: int
+    label_id: int
+    severity: int
+    #: manifest | review
+    source: str
+    rater: str | None
+    created_at: Any
+
+
+def iter_image_labels(session: Session, *, study: str | None = None, patient: str | None = None
+                      ) -> Iterator[LabelRecord]:
+    """Every label, in patient order (as `iter_image_records`), then image, oldest first.
+
+    Oldest first by (created_at, id): an image's last label is its reference label, the rule
+    `training.data.newest_labels` trains and evaluates with.
+    """
+    j = _Join(session, None)
+    labels: Select[Any] = (
+        select().select_from(Label)
+        .add_columns(Patient.id, Label.image_id, Label.id, Label.severity, Label.source,
+                     Label.rater, Label.created_at)
+        .join(Image, Image.id == Label.image_id)
+        .join(Visit, Visit.id == Image.visit_id)
+        .join(Patient, Patient.id == Visit.patient_id)
+        .join(Study, Study.id == Patient.study_id)
+        .order_by(*j.patient_order()[:3], Label.image_id, Label.created_at, Label.id)
+    )
+    for row in _stream(session, j.scoped(labels, study=study, patient=patient)):
+        yield LabelRecord(*row)
 
 
 def image_files(session: Session, image_ids: Sequence[int], *, image_root: str | None = None

@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.db import transaction
+from eczema_batch.catalogue.labels import REVIEW_REPEAT
 from eczema_batch.catalogue.models import Event, Image, Label, Prediction
 from eczema_batch.errors import UsageError
 from eczema_batch.report.queries import (
@@ -76,9 +77,16 @@ class ReviewDecision:
     #: what the image's severity was before: the previous review, else the prediction
     previous: int | None
     previous_source: str | None
+    #: review, or review-repeat for a blinded reading of an image the rater had labelled
+    source: str = "review"
+    #: recorded in a blinded pass (`review next`): what the image was before is not shown
+    blinded: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.blinded:  # the rater must not learn the model's or another rater's class
+            del out["previous"], out["previous_source"]
+        return out
 
 
 def list_review_queue(
@@ -126,8 +134,13 @@ def record_review(
     rater: str,
     note: str | None = None,
     head_id: int | None = None,
+    blinded: bool = False,
 ) -> ReviewDecision:
     """Record a rater's severity for an image as a new label and an audit event (one commit).
+
+    `blinded`: a reading of the blinded pass (`review next`); where the rater had labelled the
+    image before, it is a repeat (source `review-repeat`), which measures their intra-rater
+    agreement and leaves their first label the one the reference rule reads.
 
     Everything that can refuse the decision is checked before the commit, so that a command that
     fails has recorded nothing and running it again records the decision once.
@@ -148,7 +161,12 @@ def record_review(
         classes = head.classes if head else DEFAULT_CLASSES
         level = parse_severity(severity, classes)
         previous, source = _previous(session, image_id, head)
-        label = Label(image_id=image_id, severity=level, source="review", rater=rater,
+        kind = "review"
+        if blinded and session.scalar(select(Label.id).where(
+                Label.image_id == image_id, Label.rater == rater,
+                Label.source != REVIEW_REPEAT).limit(1)) is not None:
+            kind = REVIEW_REPEAT
+        label = Label(image_id=image_id, severity=level, source=kind, rater=rater,
                       note=note or None)
         session.add(label)
         session.flush()
@@ -156,14 +174,15 @@ def record_review(
             kind=REVIEW_EVENT, actor=rater, subject_type="image", subject_id=image_id,
             detail={"label_id": label.id, "severity": level, "class": classes[level],
                     "previous": previous, "previous_source": source, "note": note or None,
-                    "head_id": head.id if head else None},
+                    "head_id": head.id if head else None, "source": kind,
+                    "blinded": blinded},
         )
         session.add(event)
         session.flush()
         return ReviewDecision(
             label_id=label.id, event_id=event.id, image_id=image_id, severity=level,
             severity_class=classes[level], rater=rater, note=note or None, previous=previous,
-            previous_source=source,
+            previous_source=source, source=kind, blinded=blinded,
         )
 
 

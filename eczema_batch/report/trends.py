@@ -61,6 +61,12 @@ class VisitScore:
     #: the highest class among the visit's images
     worst_severity: int | None = None
     body_sites: tuple[str, ...] = ()
+    #: where the visit's date came from (manifest, a DICOM tag, folder, ..., none)
+    date_source: str | None = None
+    #: mean share of the image the lesion masks cover, over the images with a measured area
+    lesion_area: float | None = None
+    #: images with a measured lesion area (the ones `lesion_area` is the mean of)
+    n_area: int = 0
     #: argmax of the mean vector (the lower class on a tie)
     severity: int | None = field(init=False, default=None)
     #: sum(k * p_k) of the mean vector

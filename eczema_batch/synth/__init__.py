@@ -14,8 +14,9 @@ Patients (subject codes, never names) each improve, stay stable or worsen over t
 trends show in reports. Pictures are skin of varied tones with a lesion whose extent, redness and
 roughness grow with the severity class 0..3, so a model can learn severity from pixels; a manual
 mask is exactly the painted lesion. Each visit's pictures are taken under their own light,
-exposure, focus, noise and JPEG quality (`eczema_batch.synth.camera`). Everything is seeded: the
-same arguments give byte-identical files. Nothing here is real patient data.
+exposure, focus, noise, JPEG quality and framing (background at one edge in most visits;
+`eczema_batch.synth.camera`). Everything is seeded: the same arguments give byte-identical files.
+Nothing here is real patient data.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from eczema_batch.errors import UsageError
-from eczema_batch.synth.camera import Conditions, photograph, visit_conditions
+from eczema_batch.synth.camera import Conditions, frame, photograph, visit_conditions
 from eczema_batch.synth.dicom import write_dicom
 from eczema_batch.synth.plan import BODY_SITES, Format, ImageSpec, Trend, plan_study
 from eczema_batch.synth.render import Painter, paint
@@ -93,7 +94,8 @@ def render_image(
         tone=spec.patient.tone,
     )
     conditions = camera_conditions(spec, seed)
-    return _photograph(spec, seed, painting.rgb, conditions), painting.mask
+    rgb, mask = frame(painting.rgb, painting.mask, conditions)
+    return _photograph(spec, seed, rgb, conditions), mask
 
 
 def camera_conditions(spec: ImageSpec, seed: int) -> Conditions:
@@ -127,13 +129,14 @@ def _write_images(
             np.random.default_rng(spec.seed(seed)), severity=spec.severity, tone=spec.patient.tone
         )
         conditions = camera_conditions(spec, seed)
-        rgb = _photograph(spec, seed, painting.rgb, conditions)
+        framed, mask = frame(painting.rgb, painting.mask, conditions)
+        rgb = _photograph(spec, seed, framed, conditions)
         target = root / spec.path
         if spec.folder not in folders:
             target.parent.mkdir(parents=True, exist_ok=True)
             folders.add(spec.folder)
         if spec.format.is_dicom:
-            write_dicom(target, rgb, spec, seed)
+            write_dicom(target, rgb, spec, seed, quality=conditions.jpeg_quality)
         else:
             image = Image.fromarray(rgb, mode="RGB")
             if spec.format is Format.PNG:
@@ -141,11 +144,11 @@ def _write_images(
             else:
                 image.save(target, "JPEG", quality=conditions.jpeg_quality)
         if spec.mask_path is not None:
-            mask = painting.mask.astype(np.uint8)
-            mask *= 255
-            Image.fromarray(mask, mode="L").save(root / spec.mask_path, "PNG")
+            Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(
+                root / spec.mask_path, "PNG"
+            )
         if truth is not None:
-            write_truth_mask(truth, spec, painting.mask)
+            write_truth_mask(truth, spec, mask)
     return len(specs)
 
 

@@ -28,7 +28,7 @@ from pydicom.valuerep import VR
 
 from eczema_batch.synth.plan import BODY_PART, Format, ImageSpec
 
-#: JPEG quality inside DICOM (fixed; the .jpg files vary by visit, see camera.QUALITY)
+#: JPEG quality inside DICOM when no visit's camera conditions give one (see camera.QUALITY)
 JPEG_QUALITY = 90
 
 
@@ -59,7 +59,8 @@ def encode_jpeg(rgb: NDArray[np.uint8], quality: int = JPEG_QUALITY, subsampling
     return buf.getvalue()
 
 
-def build_dataset(rgb: NDArray[np.uint8], spec: ImageSpec, seed: int) -> Dataset:
+def build_dataset(rgb: NDArray[np.uint8], spec: ImageSpec, seed: int, *,
+                  quality: int = JPEG_QUALITY) -> Dataset:
     """The DICOM dataset (with file meta) of one picture; `spec.format` picks the encoding."""
     compressed = spec.format is Format.DICOM_JPEG
     sop_uid = instance_uid(seed, spec)
@@ -110,7 +111,7 @@ def build_dataset(rgb: NDArray[np.uint8], spec: ImageSpec, seed: int) -> Dataset
         ds.LossyImageCompression = "00"
         ds.set_pixel_data(np.ascontiguousarray(rgb), "RGB", 8, generate_instance_uid=False)
         return ds
-    jpeg = encode_jpeg(rgb, subsampling=1)  # 4:2:2, as YBR_FULL_422 says
+    jpeg = encode_jpeg(rgb, quality=quality, subsampling=1)  # 4:2:2, as YBR_FULL_422 says
     ds.LossyImageCompression = "01"
     ds.LossyImageCompressionRatio = f"{rows * cols * 3 / len(jpeg):.2f}"[:16]
     ds.LossyImageCompressionMethod = "ISO_10918_1"
@@ -131,6 +132,7 @@ def build_dataset(rgb: NDArray[np.uint8], spec: ImageSpec, seed: int) -> Dataset
     return ds
 
 
-def write_dicom(path: Path, rgb: NDArray[np.uint8], spec: ImageSpec, seed: int) -> None:
-    """Write one picture as a DICOM Part 10 file."""
-    build_dataset(rgb, spec, seed).save_as(path, enforce_file_format=True)
+def write_dicom(path: Path, rgb: NDArray[np.uint8], spec: ImageSpec, seed: int, *,
+                quality: int = JPEG_QUALITY) -> None:
+    """Write one picture as a DICOM Part 10 file (its JPEG at `quality`)."""
+    build_dataset(rgb, spec, seed, quality=quality).save_as(path, enforce_file_format=True)

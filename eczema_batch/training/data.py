@@ -1,7 +1,8 @@
 """What training and evaluation read from the catalogue: labelled images and reference images.
 
-An image's truth is its newest label (manifest or review); an image without a label is not used,
-nor one that no longer decodes. References are the images with a manual mask: they prompt
+An image's truth is its reference label under a rule (`catalogue.labels`: the newest label by
+default, or the raters' majority, or an adjudicator's); an image without a label is not used, nor
+one that no longer decodes. References are the images with a manual mask: they prompt
 SegGPT whether or not they carry a label.
 """
 
@@ -13,7 +14,8 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from eczema_batch.catalogue.models import Image, Label, Mask, Patient, Study, Visit
+from eczema_batch.catalogue.labels import ReferenceRule, parse_reference_rule, reference_labels
+from eczema_batch.catalogue.models import Image, Mask, Patient, Study, Visit
 from eczema_batch.errors import UsageError
 from eczema_batch.severity import DEFAULT_CLASSES
 
@@ -50,25 +52,19 @@ def study_id(session: Session, study: str | None) -> int | None:
     return found
 
 
-def newest_labels(session: Session, *, study: str | None = None) -> dict[int, int]:
-    """image id -> severity of its newest label (latest created_at, then highest id)."""
-    sid = study_id(session, study)
-    stmt = (
-        select(Label.image_id, Label.severity)
-        .join(Image, Image.id == Label.image_id)
-        .where(Image.decode_status == "ok")
-        .order_by(Label.created_at, Label.id)
-    )
-    if sid is not None:
-        stmt = stmt.where(Image.study_id == sid)
-    # Later rows overwrite earlier ones: the newest label wins.
-    return {int(iid): int(severity) for iid, severity in session.execute(stmt)}
+def newest_labels(session: Session, *, study: str | None = None,
+                  rule: ReferenceRule | str = "newest") -> dict[int, int]:
+    """image id -> severity of its reference label under `rule` (default: the newest label,
+    latest created_at then highest id; blinded repeats never count)."""
+    return reference_labels(session, rule=parse_reference_rule(rule),
+                            study_id=study_id(session, study))
 
 
 def labelled_images(
-    session: Session, *, study: str | None = None, classes: tuple[str, ...] = DEFAULT_CLASSES
+    session: Session, *, study: str | None = None, classes: tuple[str, ...] = DEFAULT_CLASSES,
+    rule: ReferenceRule | str = "newest",
 ) -> LabelledImages:
-    labels = newest_labels(session, study=study)
+    labels = newest_labels(session, study=study, rule=rule)
     ids = sorted(labels)
     rows = {
         iid: (pid, sid, code)

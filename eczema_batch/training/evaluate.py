@@ -15,12 +15,14 @@ many severity-labelled patients the head needs).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from eczema_batch.catalogue.labels import parse_reference_rule
 from eczema_batch.errors import UsageError
 from eczema_batch.measuring.config import SEGMENTER_MODES, RunConfig, SegmenterMode
 from eczema_batch.measuring.runtime import identify, resolve_targets
@@ -28,7 +30,6 @@ from eczema_batch.pipeline.classify import predict_proba
 from eczema_batch.pipeline.evaluate import (
     BOOTSTRAP_REPLICATES,
     Split,
-    grouped_splits,
     logistic_proba,
     majority_proba,
     subsample_groups,
@@ -41,10 +42,19 @@ from eczema_batch.pipeline.train import (
     fit_head,
 )
 from eczema_batch.progress import Progress, StageProgress
+from eczema_batch.training.agreement import evaluation_agreement
 from eczema_batch.training.data import LabelledImages, References, labelled_images, references
 from eczema_batch.training.features import FeatureRequest, FeatureStore, study_references
+from eczema_batch.training.leakage import (
+    UsedModel,
+    check_scorable,
+    exclusion,
+    read_used_model,
+    scored_splits,
+)
 from eczema_batch.training.report import (
     MethodPredictions,
+    compare_models,
     naive_forwards,
     prediction_rows,
     score_methods,
@@ -55,6 +65,7 @@ from eczema_batch.training.results import (
     Forwards,
     ModelIdentities,
     ModelIdentity,
+    NaiveForwards,
     RunInfo,
     SegmentationQuality,
 )
@@ -74,6 +85,8 @@ class EvaluationSettings:
     #: also evaluate the other side of the segmentation ablation (seggpt vs none)
     ablation: bool = True
     train: TrainSettings = field(default_factory=TrainSettings)
+    #: which label is an image's truth (catalogue.labels): newest, majority, adjudicator:NAME
+    reference_label: str = "newest"
 
     def __post_init__(self) -> None:
         if self.segmenter not in SEGMENTER_MODES:
@@ -85,6 +98,8 @@ class EvaluationSettings:
             raise UsageError(f"--fractions {self.fractions}: each must be in (0, 1]")
         if self.bootstrap < 1:
             raise UsageError("--bootstrap must be at least 1")
+        object.__setattr__(self, "reference_label",
+                           str(parse_reference_rule(self.reference_label)))
 
     @property
     def modes(self) -> tuple[SegmenterMode, ...]:
@@ -96,7 +111,7 @@ class EvaluationSettings:
         return {"folds": self.folds, "repeats": self.repeats, "segmenter": self.segmenter,
                 "fractions": list(self.fractions), "seed": self.seed,
                 "bootstrap": self.bootstrap, "ablation": list(self.modes),
-                "train": self.train.as_dict()}
+                "train": self.train.as_dict(), "reference_label": self.reference_label}
 
 
 @dataclass
@@ -115,19 +130,34 @@ def run_evaluation(
     settings: EvaluationSettings,
     study: str | None = None,
     progress: StageProgress | None = None,
+    compare: Sequence[RunConfig] = (),
 ) -> EvaluationResult:
+    """Cross-validate `config`; with `compare`, also those configurations (other embedders or
+    segmenters) on the same splits under `settings.segmenter`, side by side with `config`.
+
+    No patient whose labels or masks trained any of the models is scored (`training.leakage`).
+    """
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    others = [replace(c, segmenter_mode=settings.segmenter) for c in compare]
+    if others and settings.segmenter == "none" and any(
+            c.segmenter_model != config.segmenter_model for c in others):
+        raise UsageError("--segmenter none uses no segmenter: compare segmenters with "
+                         "--segmenter seggpt (or manual)")
+    used = _used_models(config, settings.modes, others)
     with factory() as session, session.begin():
-        data = labelled_images(session, study=study)
+        data = labelled_images(session, study=study, rule=settings.reference_label)
         refs = references(session, study=study)
         targets = {
             mode: resolve_targets(session, replace(config, segmenter_mode=mode), use_head=False)
             for mode in settings.modes
         }
-    _check_data(data, settings)
-    splits = grouped_splits(data.labels, data.patient_ids, folds=settings.folds,
-                            repeats=settings.repeats, seed=settings.seed)
+        other_targets = [resolve_targets(session, c, use_head=False) for c in others]
+        excluded = exclusion(session, used, data, refs)
+    _check_data(data, settings, excluded.patient_ids,
+                [m.name for m in used if m.identity is not None])
+    splits = scored_splits(data, excluded.patient_ids, folds=settings.folds,
+                           repeats=settings.repeats, seed=settings.seed)
     counts = Counts()
     stores = {mode: FeatureStore(factory, replace(config, segmenter_mode=mode), targets[mode],
                                  counts=counts) for mode in settings.modes}
@@ -144,9 +174,11 @@ def run_evaluation(
         features[mode] = (keys, vectors)
         timings[f"features_{mode}"] = time.perf_counter() - tick
     seg_mode = next((m for m in settings.modes if m != "none"), None)
-    if seg_mode is not None and len(refs.image_ids):
+    scored_refs = ~np.isin(refs.patient_ids, sorted(excluded.patient_ids))
+    if seg_mode is not None and scored_refs.any():
         tick = time.perf_counter()
-        seg_quality = segmentation_quality(stores[seg_mode], refs, progress=progress)
+        seg_quality = segmentation_quality(stores[seg_mode], refs, scored=scored_refs,
+                                           progress=progress)
         timings["segmentation_quality"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -156,14 +188,39 @@ def run_evaluation(
         for mode in settings.modes
     }
     timings["training"] = time.perf_counter() - tick
+    compared = [(results[settings.segmenter],
+                 seg_quality if settings.segmenter != "none" else None)]
+    for index, (other, other_target) in enumerate(zip(others, other_targets, strict=True)):
+        tick = time.perf_counter()
+        store = FeatureStore(factory, other, other_target, counts=counts)
+        predictions, quality, other_audit, other_leaks = _other_configuration(
+            store, settings, data, refs, splits, scored_refs,
+            _prefixed(progress, f"configuration {index + 2}"))
+        compared.append((predictions, quality))
+        audit.extend(other_audit)
+        leaks += other_leaks
+        timings[f"compare_{index + 2}"] = time.perf_counter() - tick
     tick = time.perf_counter()
     scores = score_methods(data, results, segmenter=settings.segmenter,
                            fractions=settings.fractions, bootstrap=settings.bootstrap,
                            seed=settings.seed)
+    models = _model_identities(config, settings.modes)
+    comparison = None
+    if others:
+        comparison = compare_models(
+            data, [predictions for predictions, _ in compared],
+            [_model_identities(c, (settings.segmenter,)) for c in (config, *others)],
+            segmenter=settings.segmenter, bootstrap=settings.bootstrap, seed=settings.seed,
+            segmentation=[quality for _, quality in compared], refs=refs,
+            first_replicates=scores.replicates.get(settings.segmenter))
     data_summary = DataSummary.of(data, refs, splits)
     timings["metrics"] = time.perf_counter() - tick
-    models = _model_identities(config, settings.modes)
     naive = naive_forwards(data, refs, splits, settings.modes, seg_mode is not None)
+    for _ in others:  # each compared configuration: the main mode and segmentation quality
+        more = naive_forwards(data, refs, splits, (settings.segmenter,),
+                              settings.segmenter != "none")
+        naive = NaiveForwards(embedder_images=naive.embedder_images + more.embedder_images,
+                              segmenter_queries=naive.segmenter_queries + more.segmenter_queries)
     timings["total"] = time.perf_counter() - started
     report = EvaluationReport(
         settings=settings, data=data_summary, results=scores.results,
@@ -174,21 +231,63 @@ def run_evaluation(
         # `run` is a function of the catalogue, the models and the seed.
         run=RunInfo(forwards=Forwards.from_dict(counts.as_dict()), naive_forwards=naive,
                     seconds={k: round(v, 3) for k, v in timings.items()}),
+        leakage=excluded.report, model_comparison=comparison,
     )
     rows = prediction_rows(data, results)
+    with factory() as session:
+        agreement = evaluation_agreement(
+            session, study=study, classes=data.classes, reference_rule=settings.reference_label,
+            predictions=rows, segmenter=settings.segmenter, bootstrap=settings.bootstrap,
+            seed=settings.seed)
+    report = replace(report, agreement=agreement)
     return EvaluationResult(report=report, predictions=rows, prompt_audit=audit)
 
 
-def _check_data(data: LabelledImages, settings: EvaluationSettings) -> None:
+def _other_configuration(
+    store: FeatureStore,
+    settings: EvaluationSettings,
+    data: LabelledImages,
+    refs: References,
+    splits: list[Split],
+    scored_refs: np.ndarray,
+    progress: StageProgress | None,
+) -> tuple[dict[str, MethodPredictions], SegmentationQuality | None, list[PromptUse], int]:
+    """A compared configuration on the main configuration's splits, under the main mode only
+    (no ablation, no scaling curve): its methods' predictions, its Dice on the scored
+    references, its prompt audit and leaks."""
+    mode = settings.segmenter
+    keys, vectors, audit, leaks = _mode_features(store, mode, data, refs, splits, progress)
+    predictions = _cross_validate(data, splits, keys, vectors, settings, scaling=False,
+                                  progress=progress)
+    quality = (segmentation_quality(store, refs, scored=scored_refs)
+               if mode != "none" and scored_refs.any() else None)
+    return predictions, quality, audit, leaks
+
+
+def _used_models(config: RunConfig, modes: tuple[SegmenterMode, ...],
+                 others: Sequence[RunConfig]) -> list[UsedModel]:
+    """Every embedder, and every segmenter where a mode segments, of every configuration."""
+    segments = any(m != "none" for m in modes)
+    used: dict[tuple[str, str], UsedModel] = {}
+    for c in (config, *others):
+        wanted = [("embedder", c.embedder_model)]
+        if segments:
+            wanted.append(("segmenter", c.segmenter_model))
+        for kind, name in wanted:
+            if (kind, name) not in used:
+                used[(kind, name)] = read_used_model(name, kind=kind,  # type: ignore[arg-type]
+                                                     model_dir=c.model_dir)
+    return list(used.values())
+
+
+def _check_data(data: LabelledImages, settings: EvaluationSettings, excluded: frozenset[int],
+                derived: Sequence[str]) -> None:
     if len(data) == 0:
         raise UsageError("no labelled images: add a severity column to the manifest and ingest "
                          "again, or label images in review")
     check_class_counts(data.labels, data.classes,
                        minimum=max(MIN_LABELS_PER_CLASS, settings.folds))
-    patients = len(np.unique(data.patient_ids))
-    if patients < settings.folds:
-        raise UsageError(f"only {patients} labelled patients for {settings.folds} folds grouped "
-                         f"by patient: use --folds {patients} or fewer")
+    check_scorable(data, excluded, folds=settings.folds, models=derived)
 
 
 @dataclass(frozen=True)
@@ -303,6 +402,12 @@ def _stage(progress: StageProgress | None, name: str) -> Progress | None:
     if progress is None:
         return None
     return lambda done, total: progress(name, done, total)
+
+
+def _prefixed(progress: StageProgress | None, prefix: str) -> StageProgress | None:
+    if progress is None:
+        return None
+    return lambda name, done, total: progress(f"{prefix}, {name}", done, total)
 
 
 def _model_identities(config: RunConfig, modes: tuple[SegmenterMode, ...]) -> ModelIdentities:

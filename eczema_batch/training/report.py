@@ -30,20 +30,28 @@ from eczema_batch.pipeline.evaluate import (
 )
 from eczema_batch.report.spreadsheet import record_writer, spreadsheet_text
 from eczema_batch.training.data import LabelledImages, References
+from eczema_batch.training.leakage import LeakageReport
 from eczema_batch.training.results import (
     BASELINES,
     AblationRow,
     CalibrationBin,
     ClassMetrics,
     Comparison,
+    ConfigurationScore,
     EvaluationReport,
     FoldRow,
     Interval,
+    MeanDifference,
+    MethodF1,
     MethodReport,
     MethodScores,
     MethodSummary,
     Metrics,
+    ModelComparison,
+    ModelDifference,
+    ModelIdentities,
     NaiveForwards,
+    OverlapStat,
     PooledReport,
     ScalingPoint,
     SegmentationQuality,
@@ -128,10 +136,12 @@ def score_methods(
     comparison: dict[str, dict[str, Comparison]] = {}
     ablation: list[AblationRow] = []
     scaling: tuple[ScalingPoint, ...] = ()
+    replicates: dict[str, dict[str, np.ndarray]] = {}
     for mode, methods in results.items():
         reps = {name: _replicates(data, methods[name], bootstrap=bootstrap, seed=seed)
                 for name in ("head", *BASELINES)}
         reports[mode] = {name: _method_report(data, methods[name], reps[name]) for name in reps}
+        replicates[mode] = reps
         head = reports[mode]["head"]
         comparison[mode] = {
             f"head_minus_{name}": Comparison(
@@ -149,7 +159,91 @@ def score_methods(
         if scaled or mode == segmenter:
             scaling = _scaling(data, scaled, methods["head"], fractions)
     return MethodScores(results=reports, comparison=comparison, ablation=tuple(ablation),
-                        scaling=scaling)
+                        scaling=scaling, replicates=replicates)
+
+
+#: the methods a model comparison reports: the head, and the linear probe (a common measure of
+#: an embedder's features on their own)
+COMPARED_METHODS = ("head", "logistic")
+
+
+def compare_models(
+    data: LabelledImages,
+    results: Sequence[Mapping[str, MethodPredictions]],
+    models: Sequence[ModelIdentities],
+    *,
+    segmenter: str,
+    bootstrap: int,
+    seed: int,
+    segmentation: Sequence[SegmentationQuality | None] = (),
+    refs: References | None = None,
+    first_replicates: Mapping[str, np.ndarray] | None = None,
+) -> ModelComparison:
+    """Each configuration's weighted F1 and every later one minus the first, paired.
+
+    All configurations were cross-validated on the same splits, so their pooled predictions
+    cover the same images in the same order and one bootstrap seed resamples the same patients
+    for each: replicate minus replicate is the paired difference.
+    """
+    # The first configuration's replicates, when `score_methods` made them: the same draws.
+    known = first_replicates or {}
+    reps = [{name: known[name] if index == 0 and name in known
+             else _replicates(data, methods[name], bootstrap=bootstrap, seed=seed)
+             for name in COMPARED_METHODS} for index, methods in enumerate(results)]
+    pooled = [{name: weighted_f1(data.labels[methods[name].pooled()[0]],
+                                 methods[name].pooled()[1].argmax(axis=1),
+                                 n_classes=len(data.classes))
+               for name in COMPARED_METHODS} for methods in results]
+    seg = list(segmentation) or [None] * len(results)
+    configurations = tuple(
+        ConfigurationScore(models=identities, dice=_dice(seg[index]), iou=_iou(seg[index]),
+                           methods={
+            name: MethodF1(
+                weighted_f1=Stat.of([r.metrics.weighted_f1
+                                     for r in _fold_rows(data, methods[name])]),
+                pooled=pooled[index][name],
+                pooled_ci95=Interval.of(percentile_interval(reps[index][name])))
+            for name in COMPARED_METHODS})
+        for index, (methods, identities) in enumerate(zip(results, models, strict=True)))
+    differences = tuple(
+        ModelDifference(of=index, minus=0, methods={
+            name: Comparison(weighted_f1=pooled[index][name] - pooled[0][name],
+                             ci95=Interval.of(percentile_interval(reps[index][name]
+                                                                  - reps[0][name])))
+            for name in COMPARED_METHODS},
+            dice=_dice_difference(seg[index], seg[0], refs, bootstrap=bootstrap, seed=seed))
+        for index in range(1, len(results)))
+    return ModelComparison(segmenter=segmenter, configurations=configurations,
+                           differences=differences)
+
+
+def _dice(seg: SegmentationQuality | None) -> OverlapStat | None:
+    return None if seg is None else seg.dice
+
+
+def _iou(seg: SegmentationQuality | None) -> OverlapStat | None:
+    return None if seg is None else seg.iou
+
+
+def _dice_difference(of: SegmentationQuality | None, minus: SegmentationQuality | None,
+                     refs: References | None, *, bootstrap: int, seed: int
+                     ) -> MeanDifference | None:
+    """Mean Dice of `of` minus `minus` on the same references; patients resampled (paired)."""
+    if of is None or minus is None or refs is None:
+        return None
+    theirs = {p.image_id: p.dice for p in minus.per_image}
+    ids = [p.image_id for p in of.per_image]
+    if not ids or set(ids) != set(theirs):
+        return None
+    difference = np.array([p.dice - theirs[p.image_id] for p in of.per_image])
+    patient = dict(zip(refs.image_ids.tolist(), refs.patient_ids.tolist(), strict=True))
+    groups = np.array([patient[i] for i in ids])
+    replicates = patient_bootstrap(
+        difference, difference, groups,
+        metric=lambda values, _, weight: float(np.average(values, weights=weight)),
+        replicates=bootstrap, seed=seed)
+    return MeanDifference(difference=float(difference.mean()),
+                          ci95=Interval.of(percentile_interval(replicates)))
 
 
 def _scaling(data: LabelledImages, scaled: list[tuple[float, MethodPredictions]],
@@ -265,6 +359,16 @@ def summary_tables(report: EvaluationReport) -> list[Table]:
         tables.append(_scaling_table(main, report.scaling))
     if report.segmentation is not None:
         tables.append(_segmentation_table(report.segmentation))
+    if report.model_comparison is not None:
+        tables += _model_comparison_tables(report.model_comparison)
+    if report.leakage is not None:
+        tables += _leakage_tables(report.leakage)
+    if report.agreement is not None:
+        from eczema_batch.training.agreement import agreement_tables
+
+        tables += agreement_tables(report.agreement)
+    else:
+        tables.append(("reference label", ["rule"], [[report.settings.reference_label]]))
     return tables
 
 
@@ -319,3 +423,52 @@ def _segmentation_table(seg: SegmentationQuality) -> Table:
         ["references", "Dice", "Dice median", "IoU", "IoU median", "no prompts"],
         [[str(seg.images), _pm(seg.dice), f"{seg.dice.median:.3f}", _pm(seg.iou),
           f"{seg.iou.median:.3f}", str(seg.no_prompts)]])
+
+
+def _configuration_label(comparison: ModelComparison, index: int) -> str:
+    """The compared models' names, each configuration told apart by what differs."""
+    models = comparison.configurations[index].models
+    segmenters = {c.models.segmenter for c in comparison.configurations}
+    name = (models.embedder.name if len(segmenters) == 1 or models.segmenter is None
+            else models.segmenter.name)
+    return f"{index + 1}: {name}"
+
+
+def _model_comparison_tables(comparison: ModelComparison) -> list[Table]:
+    scores = (
+        f"models compared ({comparison.segmenter}), same folds, seeds and patients: weighted F1 "
+        "mean ± std over folds; pooled with its patient-bootstrap 95% interval",
+        ["configuration", "embedder", "segmenter", "method", "weighted F1", "pooled [95% CI]"],
+        [[_configuration_label(comparison, i), c.models.embedder.name,
+          c.models.segmenter.name if c.models.segmenter is not None else "-", name,
+          _pm(m.weighted_f1), f"{m.pooled:.3f} {_ci(m.pooled_ci95)}"]
+         for i, c in enumerate(comparison.configurations) for name, m in c.methods.items()]
+        + [[_configuration_label(comparison, i), c.models.embedder.name,
+            c.models.segmenter.name if c.models.segmenter is not None else "-",
+            "Dice (references)", _pm(c.dice), "-"]
+           for i, c in enumerate(comparison.configurations) if c.dice is not None])
+    differences = (
+        "model difference, pooled weighted F1 and mean Dice (paired patient bootstrap: the "
+        "same resamples for both)",
+        ["comparison", "method", "difference", "95% CI"],
+        [[f"{_configuration_label(comparison, d.of)} minus "
+          f"{_configuration_label(comparison, d.minus)}", name, f"{c.weighted_f1:+.3f}",
+          _ci(c.ci95)] for d in comparison.differences for name, c in d.methods.items()]
+        + [[f"{_configuration_label(comparison, d.of)} minus "
+            f"{_configuration_label(comparison, d.minus)}", "mean Dice (references)",
+            f"{d.dice.difference:+.3f}", _ci(d.dice.ci95)]
+           for d in comparison.differences if d.dice is not None])
+    return [scores, differences]
+
+
+def _leakage_tables(leakage: LeakageReport) -> list[Table]:
+    tables: list[Table] = [(
+        "leakage rule: no patient is scored by a model their labels or masks trained",
+        ["derived models and who was scored"], [[line] for line in leakage.sentences()])]
+    if leakage.excluded:
+        tables.append((
+            "patients not scored (still in every training fold)",
+            ["study", "subject", "labelled images", "manual masks", "trained"],
+            [[e.study, e.subject, str(e.labelled_images), str(e.references), ", ".join(e.models)]
+             for e in leakage.excluded]))
+    return tables

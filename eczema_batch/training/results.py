@@ -8,15 +8,17 @@ nesting are a public format (users' scripts read it), so every part spells its o
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from eczema_batch.pipeline.evaluate import mean_std
+from eczema_batch.training.leakage import LeakageReport
 
 if TYPE_CHECKING:
     from eczema_batch.pipeline.evaluate import Split
+    from eczema_batch.training.agreement import AgreementReport
     from eczema_batch.training.data import LabelledImages, References
     from eczema_batch.training.evaluate import EvaluationSettings
 
@@ -418,6 +420,116 @@ class ModelIdentities:
 
 
 @dataclass(frozen=True)
+class MethodF1:
+    """One method's weighted F1 under one configuration: over folds, and pooled with its
+    patient-bootstrap interval."""
+
+    weighted_f1: Stat
+    pooled: float
+    pooled_ci95: Interval
+
+    @classmethod
+    def from_dict(cls, doc: Doc) -> MethodF1:
+        return cls(weighted_f1=Stat.from_dict(doc["weighted_f1"]), pooled=doc["pooled"],
+                   pooled_ci95=Interval.of(doc["pooled_ci95"]))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"weighted_f1": self.weighted_f1.as_dict(), "pooled": self.pooled,
+                "pooled_ci95": self.pooled_ci95.as_list()}
+
+
+@dataclass(frozen=True)
+class ConfigurationScore:
+    """One compared configuration (its models) and its head's and probe's weighted F1."""
+
+    models: ModelIdentities
+    #: "head", "logistic" -> its weighted F1
+    methods: Mapping[str, MethodF1]
+    #: Dice and IoU against the manual masks of the scored references (leave-one-patient-out
+    #: prompts); None under --segmenter none or without references
+    dice: OverlapStat | None = None
+    iou: OverlapStat | None = None
+
+    @classmethod
+    def from_dict(cls, doc: Doc) -> ConfigurationScore:
+        dice, iou = doc["dice"], doc["iou"]
+        return cls(models=ModelIdentities.from_dict(doc["models"]),
+                   methods={k: MethodF1.from_dict(v) for k, v in doc["methods"].items()},
+                   dice=None if dice is None else OverlapStat.from_dict(dice),
+                   iou=None if iou is None else OverlapStat.from_dict(iou))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"models": self.models.as_dict(),
+                "methods": {k: v.as_dict() for k, v in self.methods.items()},
+                "dice": None if self.dice is None else self.dice.as_dict(),
+                "iou": None if self.iou is None else self.iou.as_dict()}
+
+
+@dataclass(frozen=True)
+class MeanDifference:
+    """A difference of means over the same items, with a paired patient-bootstrap interval."""
+
+    difference: float
+    ci95: Interval
+
+    @classmethod
+    def from_dict(cls, doc: Doc) -> MeanDifference:
+        return cls(difference=doc["difference"], ci95=Interval.of(doc["ci95"]))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"difference": self.difference, "ci95": self.ci95.as_list()}
+
+
+@dataclass(frozen=True)
+class ModelDifference:
+    """Configuration `of` minus configuration `minus` (the first), per method, paired."""
+
+    of: int
+    minus: int
+    methods: Mapping[str, Comparison]
+    #: mean Dice of `of` minus `minus` over the same references, paired patient bootstrap
+    dice: MeanDifference | None = None
+
+    @classmethod
+    def from_dict(cls, doc: Doc) -> ModelDifference:
+        dice = doc["dice"]
+        return cls(of=doc["of"], minus=doc["minus"],
+                   methods={k: Comparison.from_dict(v) for k, v in doc["methods"].items()},
+                   dice=None if dice is None else MeanDifference.from_dict(dice))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"of": self.of, "minus": self.minus,
+                "methods": {k: v.as_dict() for k, v in self.methods.items()},
+                "dice": None if self.dice is None else self.dice.as_dict()}
+
+
+@dataclass(frozen=True)
+class ModelComparison:
+    """Several embedders or segmenters on the same folds, seeds and patients.
+
+    Every configuration is cross-validated on the same splits under `segmenter` mode; the
+    differences are pooled weighted F1 of a later configuration minus the first's, with a 95%
+    interval from the same patient-bootstrap resamples for both (paired).
+    """
+
+    segmenter: str
+    configurations: tuple[ConfigurationScore, ...]
+    differences: tuple[ModelDifference, ...]
+
+    @classmethod
+    def from_dict(cls, doc: Doc) -> ModelComparison:
+        return cls(segmenter=doc["segmenter"],
+                   configurations=tuple(ConfigurationScore.from_dict(c)
+                                        for c in doc["configurations"]),
+                   differences=tuple(ModelDifference.from_dict(d) for d in doc["differences"]))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"segmenter": self.segmenter,
+                "configurations": [c.as_dict() for c in self.configurations],
+                "differences": [d.as_dict() for d in self.differences]}
+
+
+@dataclass(frozen=True)
 class Forwards:
     """Images through each model in this run: what the feature cache saved shows here."""
 
@@ -491,6 +603,9 @@ class MethodScores:
     ablation: tuple[AblationRow, ...]
     #: empty unless the scaling curve was computed
     scaling: tuple[ScalingPoint, ...]
+    #: segmenter mode -> method -> its weighted-F1 bootstrap replicates (for paired differences
+    #: with other configurations; not part of the report)
+    replicates: Mapping[str, Mapping[str, np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -510,9 +625,15 @@ class EvaluationReport:
     #: prompts from the image's own patient or the test fold: must be 0
     prompt_leaks: int
     run: RunInfo
+    #: who was left out of scoring and why; None (absent in JSON) when no model was derived
+    leakage: LeakageReport | None = None
+    #: several embedders or segmenters side by side; None (absent in JSON) with one of each
+    model_comparison: ModelComparison | None = None
+    #: raters vs raters and the model vs each rater; None unless some image has two raters
+    agreement: AgreementReport | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "settings": self.settings.as_dict(),
             "data": self.data.as_dict(),
             "results": {mode: {name: m.as_dict() for name, m in methods.items()}
@@ -525,8 +646,16 @@ class EvaluationReport:
             "models": self.models.as_dict(),
             "study": self.study,
             "prompt_leaks": self.prompt_leaks,
-            "run": self.run.as_dict(),
         }
+        # Absent, not null, when not used: the document of a plain evaluation is unchanged.
+        if self.leakage is not None:
+            out["leakage"] = self.leakage.as_dict()
+        if self.model_comparison is not None:
+            out["model_comparison"] = self.model_comparison.as_dict()
+        if self.agreement is not None:
+            out["agreement"] = self.agreement.as_dict()
+        out["run"] = self.run.as_dict()
+        return out
 
     @classmethod
     def from_dict(cls, doc: Doc) -> EvaluationReport:
@@ -545,7 +674,17 @@ class EvaluationReport:
             study=doc["study"],
             prompt_leaks=doc["prompt_leaks"],
             run=RunInfo.from_dict(doc["run"]),
+            leakage=None if "leakage" not in doc else LeakageReport.from_dict(doc["leakage"]),
+            model_comparison=None if "model_comparison" not in doc
+            else ModelComparison.from_dict(doc["model_comparison"]),
+            agreement=_agreement_from_dict(doc.get("agreement")),
         )
+
+
+def _agreement_from_dict(doc: Doc | None) -> AgreementReport | None:
+    from eczema_batch.training.agreement import AgreementReport
+
+    return None if doc is None else AgreementReport.from_dict(doc)
 
 
 def _settings_from_dict(doc: Doc) -> EvaluationSettings:
@@ -558,4 +697,5 @@ def _settings_from_dict(doc: Doc) -> EvaluationSettings:
         fractions=tuple(doc["fractions"]), seed=doc["seed"], bootstrap=doc["bootstrap"],
         # The document lists the modes evaluated: more than one when the ablation ran.
         ablation=len(doc["ablation"]) > 1, train=TrainSettings(**doc["train"]),
+        reference_label=doc.get("reference_label", "newest"),
     )

@@ -19,13 +19,21 @@ from eczema_batch.training.results import MaskScore, OverlapStat, SegmentationQu
 
 
 def segmentation_quality(
-    store: FeatureStore, refs: References, *, progress: StageProgress | None = None
+    store: FeatureStore, refs: References, *, scored: np.ndarray | None = None,
+    progress: StageProgress | None = None,
 ) -> SegmentationQuality:
-    ids = [int(i) for i in refs.image_ids]
-    full = store.full_vectors(ids)
+    """Dice and IoU of the references where `scored` (default: all); every reference prompts.
+
+    `scored` leaves out the references of patients whose masks trained the segmenter: scoring
+    a tuned SegGPT on its own training masks would leak (`training.leakage`).
+    """
+    full = store.full_vectors([int(i) for i in refs.image_ids])
     by_study = study_references(refs.image_ids, refs.patient_ids, refs.study_ids, full)
+    keep = np.ones(len(refs.image_ids), dtype=bool) if scored is None else scored
+    ids = [int(i) for i in refs.image_ids[keep]]
     requests = [FeatureRequest(iid, int(pid), by_study[int(study)])
-                for iid, pid, study in zip(ids, refs.patient_ids, refs.study_ids, strict=True)]
+                for iid, pid, study in zip(ids, refs.patient_ids[keep], refs.study_ids[keep],
+                                           strict=True)]
     if progress is not None:
         progress("segmentation quality", 0, len(ids))
     results = store.measure(requests)

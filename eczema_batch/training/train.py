@@ -78,10 +78,13 @@ def train_head(
     study: str | None = None,
     activate: bool = True,
     name: str | None = None,
+    reference_label: str = "newest",
 ) -> TrainedHead:
-    """Train, store and (unless told not to) activate a head; returns its description."""
+    """Train, store and (unless told not to) activate a head; returns its description.
+
+    `reference_label` is the rule that picks each image's truth (`catalogue.labels`)."""
     with factory() as session, session.begin():
-        data = labelled_images(session, study=study)
+        data = labelled_images(session, study=study, rule=reference_label)
         if len(data) == 0:
             raise UsageError("no labelled images: add a severity column to the manifest and "
                              "ingest again, or label images in review")
@@ -114,6 +117,7 @@ def train_head(
             segmenter_mode=config.segmenter_mode,
             settings={
                 **settings.as_dict(), "study": study, "prompts": config.prompts,
+                "reference_label": str(reference_label),
                 "feature_variants": sorted({keys[i].variant for i in ids}),
                 "in_dim": weights.in_dim,
                 "embedder": models[targets.embedder_id],

@@ -1,0 +1,247 @@
+"""Benchmark: does the tool measure? A synthetic study with known truth, tiny models adapted to it.
+
+Stages, each a real `eczema-batch` command on a scratch SQLite catalogue (wall time of each):
+
+1. `synth --truth`: a study of about 200 photographs with the true lesion mask of every image,
+   each patient's trend and skin type (truth outside the study folder), then `ingest`;
+2. `models make-tiny`, then `models adapt-embedder` (self-supervised DINO on every image, no
+   labels) and `models tune-segmenter` (SegGPT on the manual masks, a share of patients held
+   out), each with its defaults;
+3. `run` with the adapted embedder and the tuned segmenter, `train` with the default settings,
+   `report` (each patient's trend status);
+4. `evaluate` with the default settings, the frozen and the adapted embedder side by side.
+
+Figures: the head's weighted F1 against the majority class with the patient-bootstrap interval
+of the difference; the frozen against the adapted embedder (paired interval of the difference);
+Dice and IoU of the run's predicted masks against the true masks on the patients held out from
+tuning the segmenter (and the same for the base segmenter, measured the same way); the share of
+patients with at least 3 visits whose reported trend status matches the truth.
+
+Targets (issue 13): head - majority >= 0.30 with its interval above 0; adapted - frozen with its
+interval above 0; Dice >= 0.75 on held-out patients; trend status right for >= 80% of them.
+
+    python -m bench.accuracy            # prints the figures
+    python -m bench.accuracy --json     # one JSON document on stdout
+
+The models are tiny (a 2-layer ViT at 32 px, a 3-layer SegGPT at 16 px): the figures show that the
+machinery learns from a study, not what the real models reach on real photographs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+VISITS = 5
+IMAGES_PER_VISIT = 1
+SEED = 0
+EMBEDDER, SEGMENTER = "tiny-dino", "tiny-seggpt"
+ADAPTED, TUNED = "dino-study", "seggpt-study"
+#: the trend statuses a truth trend can be read as
+TRENDS = ("improving", "stable", "worsening")
+
+
+class Bench:
+    def __init__(self, workdir: Path, quiet: bool) -> None:
+        self.workdir = workdir
+        self.quiet = quiet
+        self.seconds: dict[str, float] = {}
+        url = f"sqlite:///{(workdir / 'catalogue.sqlite3').resolve()}"
+        self.env = {
+            **os.environ,
+            "ECZEMA_BATCH_DATABASE_URL": url,
+            "ECZEMA_BATCH_HOME": str(workdir / "home"),
+            "ECZEMA_BATCH_MODEL_DIR": str(workdir / "models"),
+            "ECZEMA_BATCH_EMBEDDER_MODEL": ADAPTED,
+            "ECZEMA_BATCH_SEGMENTER_MODEL": TUNED,
+            "COLUMNS": "120",
+        }
+        self.env.pop("ECZEMA_BATCH_CONFIG", None)
+
+    def cli(self, stage: str, *args: str, env: dict[str, str] | None = None) -> str:
+        """Run `eczema-batch ARGS`, time it under `stage` and return its stdout."""
+        started = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "eczema_batch", *args], env={**self.env, **(env or {})},
+            stdout=subprocess.PIPE, stderr=None if not self.quiet else subprocess.PIPE,
+            text=True,
+        )
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+        if done.returncode != 0:
+            raise SystemExit(f"`eczema-batch {' '.join(args)}` failed ({done.returncode}):\n"
+                             f"{done.stderr or ''}")
+        return done.stdout
+
+
+def truth_table(truth: Path) -> list[dict[str, str]]:
+    with (truth / "truth.csv").open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def mask_scores(workdir: Path, truth: Path, patients: set[str], segmenter: str
+                ) -> dict[str, Any]:
+    """Dice and IoU of the catalogue's predicted masks by `segmenter` against the truth, over
+    the images of `patients` (subject codes)."""
+    from sqlalchemy import select
+
+    from eczema_batch.catalogue.db import dispose_engines, open_catalogue
+    from eczema_batch.catalogue.models import Image as ImageRow
+    from eczema_batch.catalogue.models import Mask, Model, Patient, Visit
+
+    factory = open_catalogue(f"sqlite:///{(workdir / 'catalogue.sqlite3').resolve()}")
+    dice, iou = [], []
+    with factory() as session:
+        rows = session.execute(
+            select(ImageRow.path, Mask.png, Mask.id)
+            .join(Mask, Mask.image_id == ImageRow.id)
+            .join(Model, Model.id == Mask.model_id)
+            .join(Visit, Visit.id == ImageRow.visit_id)
+            .join(Patient, Patient.id == Visit.patient_id)
+            .where(Mask.kind == "predicted", Model.name == segmenter,
+                   Patient.subject_code.in_(sorted(patients)))
+            .order_by(ImageRow.path, Mask.id)
+        ).all()
+    dispose_engines()
+    newest = {path: png for path, png, _ in rows}  # the latest run's mask of each image
+    for path, png in newest.items():
+        predicted = np.asarray(Image.open(io.BytesIO(png))) > 0
+        true = np.asarray(Image.open(truth / f"{path.rsplit('.', 1)[0]}.mask.png")) > 0
+        union = (predicted | true).sum()
+        inter = (predicted & true).sum()
+        total = predicted.sum() + true.sum()
+        dice.append(1.0 if total == 0 else 2.0 * inter / total)
+        iou.append(1.0 if union == 0 else inter / union)
+    return {"images": len(newest), "dice": float(np.mean(dice)) if dice else None,
+            "iou": float(np.mean(iou)) if iou else None}
+
+
+def trend_agreement(report: dict[str, Any], truth: list[dict[str, str]]) -> dict[str, Any]:
+    """Share of patients with >= 3 visits whose reported status is their true trend."""
+    visits: dict[str, set[str]] = defaultdict(set)
+    trend: dict[str, str] = {}
+    for row in truth:
+        visits[row["patient"]].add(row["visit_date"])
+        trend[row["patient"]] = row["trend"]
+    status = {p["patient"]: p["status"] for p in report["patients"]}
+    eligible = sorted(p for p, v in visits.items() if len(v) >= 3)
+    right = [p for p in eligible if status.get(p) == trend[p]]
+    confusion: dict[str, dict[str, int]] = {t: defaultdict(int) for t in TRENDS}
+    for p in eligible:
+        confusion[trend[p]][status.get(p, "missing")] += 1
+    return {"patients": len(eligible), "right": len(right),
+            "share": len(right) / len(eligible) if eligible else None,
+            "confusion": {t: dict(c) for t, c in confusion.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=200, help="about this many photographs")
+    parser.add_argument("--workdir", type=Path, help="keep everything here (default: temporary)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
+    if workdir.exists() and any(workdir.iterdir()):
+        raise SystemExit(f"{workdir} is not empty: give a new folder")
+    workdir.mkdir(parents=True, exist_ok=True)
+    bench = Bench(workdir, quiet=args.json)
+    study, truth = workdir / "study", workdir / "truth"
+    patients = max(4, args.images // (VISITS * IMAGES_PER_VISIT))
+    try:
+        bench.cli("synth", "synth", str(study), "--truth", str(truth), "--patients",
+                  str(patients), "--visits", str(VISITS), "--images-per-visit",
+                  str(IMAGES_PER_VISIT), "--seed", str(SEED))
+        bench.cli("ingest", "ingest", str(study))
+        bench.cli("make-tiny", "models", "make-tiny", str(workdir / "models"))
+        bench.cli("adapt-embedder", "models", "adapt-embedder", "--name", ADAPTED,
+                  "--from", EMBEDDER)
+        bench.cli("tune-segmenter", "models", "tune-segmenter", "--name", TUNED,
+                  "--from", SEGMENTER)
+        identity = json.loads(
+            (workdir / "models" / TUNED / "eczema-batch-model.json").read_text())
+        held_out = {subject for _, subject in identity["holdout"]}
+        bench.cli("run", "run")
+        # the base segmenter on the same images, for the Dice it is compared with
+        bench.cli("run (base segmenter)", "run", env={"ECZEMA_BATCH_SEGMENTER_MODEL": SEGMENTER})
+        bench.cli("train", "train")
+        report = json.loads(bench.cli("report", "report", "--json", "--limit", "0"))
+        evaluation_file = workdir / "evaluate.json"
+        bench.cli("evaluate", "evaluate", "--embedder-model", EMBEDDER, "--embedder-model",
+                  ADAPTED, "--output", str(evaluation_file))
+        evaluation = json.loads(evaluation_file.read_text())
+        truth_rows = truth_table(truth)
+        figures = {
+            "study": {"images": len(truth_rows), "patients": patients, "visits": VISITS,
+                      "held_out_patients": sorted(held_out)},
+            "evaluate": summarise(evaluation),
+            "masks": {"tuned": mask_scores(workdir, truth, held_out, TUNED),
+                      "base": mask_scores(workdir, truth, held_out, SEGMENTER)},
+            "trend": trend_agreement(report, truth_rows),
+            "seconds": {stage: round(s, 1) for stage, s in bench.seconds.items()},
+        }
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        print_figures(figures)
+
+
+def summarise(doc: dict[str, Any]) -> dict[str, Any]:
+    """The figures of `evaluate`'s JSON document this bench prints."""
+    mode = doc["settings"]["segmenter"]
+    results = doc["results"][mode]
+    out: dict[str, Any] = {
+        "segmenter_mode": mode,
+        "scored_patients": doc["data"]["patients"],
+        "head": results["head"]["summary"]["weighted_f1"],
+        "majority": results["majority"]["summary"]["weighted_f1"],
+        "head_minus_majority": doc["comparison"][mode]["head_minus_majority"],
+    }
+    if doc.get("models_compared"):
+        out["models_compared"] = doc["models_compared"]
+    return out
+
+
+def print_figures(figures: dict[str, Any]) -> None:
+    study = figures["study"]
+    print(f"synthetic study: {study['images']} images, {study['patients']} patients x "
+          f"{study['visits']} visits; {len(study['held_out_patients'])} patients held out "
+          "from tuning the segmenter")
+    ev = figures["evaluate"]
+    diff = ev["head_minus_majority"]
+    print(f"evaluate ({ev['segmenter_mode']}, {ev['scored_patients']} patients scored):")
+    print(f"  weighted F1 head {ev['head']['mean']:.3f}±{ev['head']['std']:.3f}, majority "
+          f"{ev['majority']['mean']:.3f}±{ev['majority']['std']:.3f}; head - majority "
+          f"{diff['weighted_f1']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]")
+    if "models_compared" in ev:
+        print(f"  embedders side by side: {json.dumps(ev['models_compared'])}")
+    for name, scores in figures["masks"].items():
+        if scores["dice"] is None:
+            print(f"  masks ({name} segmenter): none predicted on held-out patients")
+            continue
+        print(f"  masks ({name} segmenter) vs truth on held-out patients: Dice "
+              f"{scores['dice']:.3f}, IoU {scores['iou']:.3f} ({scores['images']} images)")
+    trend = figures["trend"]
+    print(f"  trend status right for {trend['right']} of {trend['patients']} patients with >= 3 "
+          f"visits ({100 * (trend['share'] or 0):.0f}%); truth -> reported: "
+          f"{json.dumps(trend['confusion'])}")
+    print("wall time (s): " + ", ".join(f"{k} {v}" for k, v in figures["seconds"].items()))
+
+
+if __name__ == "__main__":
+    main()
