@@ -7,9 +7,12 @@
 
 Steps: write the study, ingest it, run the pipeline (embed, retrieve prompts, segment, crop,
 embed), train a severity head on the manifest's labels, run again to predict, build the report.
-The real models (SegGPT ViT-L, DINO ViT-B/16) are used when their weights are found; otherwise
-tiny models of the same classes with random weights, whose results mean nothing. Every step is
-idempotent: running the demo again in the same folder reuses what is there.
+The real models (SegGPT ViT-L, DINO ViT-B/16) are used when their weights are found. Otherwise
+tiny models of the same classes are made and first trained on the demo's own synthetic study
+(`models adapt-embedder`, `models tune-segmenter`): random weights would measure nothing, trained
+ones show that the tool learns and measures what was painted, which says nothing about real
+photographs (`--untrained` keeps them random). Every step is idempotent: running the demo again
+in the same folder reuses what is there.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from eczema_batch.report.html import HtmlReport, write_html_report
 
 STUDY_NAME = "demo-study"
 TINY_SEGMENTER, TINY_EMBEDDER = "tiny-seggpt", "tiny-dino"
+#: the tiny models once trained on the demo study (derived models in DIR/models)
+DEMO_SEGMENTER, DEMO_EMBEDDER = "demo-seggpt", "demo-dino"
 #: SegGPT ViT-L with K=2 prompts on a 2-core CPU (DESIGN.md): ~26 s per image
 CPU_SECONDS_PER_IMAGE = 26
 
@@ -55,7 +60,7 @@ class DemoResult:
     folder: Path
     study_folder: Path
     database_url: str
-    #: "real" or "tiny"
+    #: "real", "tiny" (trained on the demo study) or "tiny-untrained" (random weights)
     models: str
     #: why the tiny models were used (the weights that were not found), or where the real ones are
     models_note: str
@@ -106,6 +111,38 @@ def choose_models(settings: Settings, folder: Path, *, tiny: bool) -> tuple[str,
     return "tiny", note, TINY_SEGMENTER, TINY_EMBEDDER, model_dir
 
 
+def _train_tiny_models(factory: sessionmaker[Session], config: RunConfig, result: DemoResult,
+                       say: Say) -> RunConfig:
+    """Adapt the tiny embedder and tune the tiny segmenter on the demo study (once: a folder
+    that has them reuses them); the configuration that uses them."""
+    from dataclasses import replace
+
+    from eczema_batch.training.adapt_embedder import adapt_study_embedder
+    from eczema_batch.training.tune_segmenter import tune_study_segmenter
+
+    assert config.model_path is not None
+    folder = config.model_path
+    with _step(result, "adapt", say, f"adapting {TINY_EMBEDDER} to the demo study's images "
+               "(self-supervised DINO, no labels)"):
+        if (folder / DEMO_EMBEDDER).is_dir():
+            say("  (already adapted: reusing it)")
+        else:
+            from eczema_batch.pipeline.adapt import defaults_for
+
+            adapt_study_embedder(
+                factory, config=config, name=DEMO_EMBEDDER, base=TINY_EMBEDDER, study=STUDY_NAME,
+                settings_of=lambda size, tiny: defaults_for(image_size=size, tiny=tiny))
+    with _step(result, "tune", say, f"tuning {TINY_SEGMENTER} on the demo study's manual masks "
+               "(a fifth of the patients held out)"):
+        if (folder / DEMO_SEGMENTER).is_dir():
+            say("  (already tuned: reusing it)")
+        else:
+            tune_study_segmenter(factory, config=config, name=DEMO_SEGMENTER,
+                                 base=TINY_SEGMENTER, study=STUDY_NAME)
+    result.segmenter, result.embedder = DEMO_SEGMENTER, DEMO_EMBEDDER
+    return replace(config, segmenter_model=DEMO_SEGMENTER, embedder_model=DEMO_EMBEDDER)
+
+
 def _measure(factory: sessionmaker[Session], config: RunConfig, settings: Settings) -> int:
     from eczema_batch.jobs.local import run_in_process
     from eczema_batch.jobs.runs import start_run
@@ -134,7 +171,7 @@ def _train(factory: sessionmaker[Session], config: RunConfig, result: DemoResult
         result.head_problem = f"training is not available ({exc})"
         return False
     try:
-        epochs, lr = default_schedule(tiny=result.models == "tiny")
+        epochs, lr = default_schedule(tiny=result.models != "real")
         result.head_id = train_head(factory, config=config,
                                     settings=TrainSettings(seed=0, epochs=epochs, lr=lr),
                                     study=STUDY_NAME, name="demo head").head.id
@@ -150,9 +187,13 @@ def run_demo(
     settings: Settings,
     size: DemoSize = DemoSize(),
     tiny: bool = False,
+    untrained: bool = False,
     say: Say = lambda _text: None,
 ) -> DemoResult:
-    """Run every step in `folder`; `say` hears what is happening, step by step."""
+    """Run every step in `folder`; `say` hears what is happening, step by step.
+
+    With the tiny models (`tiny`, or the real weights not found) they are first trained on the
+    demo study unless `untrained`."""
     from eczema_batch.ingest.service import ingest_study
     from eczema_batch.synth import write_synthetic_study
 
@@ -163,9 +204,12 @@ def run_demo(
     kind, note, segmenter, embedder, model_dir = choose_models(settings, folder, tiny=tiny)
     result = DemoResult(folder=folder, study_folder=study_folder, database_url=url, models=kind,
                         models_note=note, segmenter=segmenter, embedder=embedder)
-    if kind == "tiny":
+    if kind == "tiny" and untrained:
+        result.models = "tiny-untrained"
         say(f"models: TINY random-weight {segmenter} + {embedder} ({note}): the workflow runs, "
             "the numbers mean nothing")
+    elif kind == "tiny":
+        say(f"models: TINY {segmenter} + {embedder} ({note}), trained on the demo study first")
     else:
         say(f"models: REAL {segmenter} + {embedder}")
     with _step(result, "synth", say, f"writing a synthetic study to {study_folder}"):
@@ -183,6 +227,8 @@ def run_demo(
         result.images = ingest.catalogued + ingest.already_catalogued
     config = RunConfig.from_settings(settings, segmenter_model=segmenter, embedder_model=embedder,
                                      model_dir=str(model_dir) if model_dir else None)
+    if result.models == "tiny":
+        config = _train_tiny_models(factory, config, result, say)
     if kind == "real":
         from eczema_batch.pipeline.device import resolve_device
 
@@ -190,7 +236,8 @@ def run_demo(
             minutes = result.images * CPU_SECONDS_PER_IMAGE / 60
             say(f"  real SegGPT on a CPU: about {minutes:.0f} minutes for {result.images} images "
                 "(--tiny shows the workflow in a minute)")
-    with _step(result, "run", say, f"segmenting and embedding with {segmenter} + {embedder}"):
+    with _step(result, "run", say, f"segmenting and embedding with {config.segmenter_model} + "
+               f"{config.embedder_model}"):
         _measure(factory, config, settings)
     with _step(result, "train", say, "training the severity head on the manifest's labels"):
         trained = _train(factory, config, result)

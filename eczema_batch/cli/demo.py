@@ -25,15 +25,19 @@ def demo(
         help="Workspace to use (default: demo/ in ECZEMA_BATCH_HOME, ./.eczema-batch/demo), "
         "with its own catalogue: your studies' catalogue is never touched.")] = None,
     tiny: Annotated[bool, typer.Option(
-        "--tiny", help="Use tiny random models even when the real weights are found.")] = False,
+        "--tiny", help="Use tiny models even when the real weights are found.")] = False,
+    untrained: Annotated[bool, typer.Option(
+        "--untrained", help="Keep the tiny models' random weights (do not train them on the "
+        "demo study first): the workflow only, in less time.")] = False,
     patients: Annotated[int, typer.Option(min=1, help="Synthetic patients.")] = 8,
     visits: Annotated[int, typer.Option(min=2, help="Visits per patient.")] = 3,
     as_json: JsonOption = False,
 ) -> None:
     """Try everything on a synthetic study: write, ingest, measure, train, report.
 
-    Uses the real models when their weights are found, tiny random ones otherwise (and says so).
-    Runs on an embedded SQLite catalogue in FOLDER; running it again reuses what is there.
+    Uses the real models when their weights are found; otherwise tiny models of the same classes,
+    first trained on the demo's own synthetic study (adapted embedder, tuned segmenter), and says
+    so. Runs on an embedded SQLite catalogue in FOLDER; running it again reuses what is there.
 
     Example: eczema-batch demo ./demo --tiny
     """
@@ -44,8 +48,18 @@ def demo(
     # synthetic patients.
     where = folder or settings.home / "demo"
     result = run_demo(where, settings=settings, size=DemoSize(patients=patients, visits=visits),
-                      tiny=tiny, say=lambda text: err.print(literal(text), highlight=False))
+                      tiny=tiny, untrained=untrained,
+                      say=lambda text: err.print(literal(text), highlight=False))
     if result.models == "tiny":
+        err.print(f"\n[bold black on yellow] TINY MODELS TRAINED ON THE DEMO STUDY [/] "
+                  f"[bold yellow]{literal(result.segmenter)} + {literal(result.embedder)}: tiny "
+                  "models adapted and tuned on this synthetic study, the head trained on its "
+                  "labels. They show that the tool learns and measures what was painted here; "
+                  "they say nothing about eczema on real photographs.[/]\n"
+                  f"why tiny: {literal(result.models_note)}\n"
+                  "for real results: eczema-batch models list shows where weights are looked for",
+                  highlight=False, soft_wrap=True)
+    elif result.models == "tiny-untrained":
         err.print(f"\n[bold black on yellow] TINY MODELS [/] [bold yellow]"
                   f"{literal(result.segmenter)} + {literal(result.embedder)} have random "
                   "weights: every number below is meaningless; it shows the workflow, not "

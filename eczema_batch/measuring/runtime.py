@@ -20,6 +20,7 @@ from eczema_batch.errors import NoHeadError, UsageError
 from eczema_batch.measuring.config import RunConfig
 from eczema_batch.measuring.prompts import PromptCache
 from eczema_batch.pipeline.classify import SeverityHead, head_from_bytes
+from eczema_batch.pipeline.derived import read_identity
 from eczema_batch.pipeline.device import autocast_dtype, precision_name, resolve_device
 from eczema_batch.pipeline.embed import Embedder
 from eczema_batch.pipeline.loading import (
@@ -38,6 +39,16 @@ class WeightsIdentity:
     kind: str
     digest: str
     folder: str
+    #: the registered model a derived one was trained from, and how (None for a registered one)
+    derived_from: str | None = None
+    method: str | None = None
+
+    def row_config(self) -> dict[str, str]:
+        """What the catalogue's model row records beside the identity."""
+        config = {"folder": self.folder}
+        if self.derived_from is not None:
+            config.update(derived_from=self.derived_from, method=self.method or "")
+        return config
 
 
 def identify(name: str, *, kind: str, model_dir: str | None) -> WeightsIdentity:
@@ -45,7 +56,9 @@ def identify(name: str, *, kind: str, model_dir: str | None) -> WeightsIdentity:
     if spec.kind != kind:
         raise UsageError(f"model {name!r} is a {spec.kind}, not a {kind}")
     folder = find_weights(spec, model_dir=model_dir)
-    return WeightsIdentity(name, kind, weights_digest(folder), str(folder))
+    derived = read_identity(folder)
+    return WeightsIdentity(name, kind, weights_digest(folder), str(folder),
+                           derived.base if derived else None, derived.method if derived else None)
 
 
 def run_precision(config: RunConfig, *, queue: str | None = None) -> str:
@@ -72,14 +85,14 @@ def resolve_targets(
     embedder = identify(config.embedder_model, kind="embedder", model_dir=config.model_dir)
     embedder_id = model_row_id(
         session, kind="embedder", name=embedder.name, digest=embedder.digest,
-        precision=precision, config={"folder": embedder.folder},
+        precision=precision, config=embedder.row_config(),
     )
     segmenter_id = None
     if config.segmenter_mode != "none":
         segmenter = identify(config.segmenter_model, kind="segmenter", model_dir=config.model_dir)
         segmenter_id = model_row_id(
             session, kind="segmenter", name=segmenter.name, digest=segmenter.digest,
-            precision=precision, config={"folder": segmenter.folder},
+            precision=precision, config=segmenter.row_config(),
         )
     if head_id is None and use_head:
         head_id = session.scalar(

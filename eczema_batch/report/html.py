@@ -148,11 +148,20 @@ def page_names(patients: Iterable[PatientReport]) -> dict[int, str]:
 
 
 def _tiny_models(report: CohortReport) -> list[str]:
-    """The tiny random-weight test models the scores come from (the pages then say so loudly)."""
+    """The tiny test models the scores come from, or models trained from them (the pages then
+    say so loudly)."""
     head = report.head
-    names = [m.name for m in (head.embedder, head.segmenter) if m is not None] if head else []
+    models = [m for m in (head.embedder, head.segmenter) if m is not None] if head else []
     # The registry names every tiny test model "tiny-*" (eczema_batch.pipeline.registry).
-    return [n for n in names if n.startswith("tiny-")]
+    return [m.name for m in models
+            if m.name.startswith("tiny-") or m.derived_from.startswith("tiny-")]
+
+
+def _tiny_trained(report: CohortReport) -> bool:
+    """Whether a tiny model in use was trained on a study (adapted or tuned) rather than random."""
+    head = report.head
+    models = [m for m in (head.embedder, head.segmenter) if m is not None] if head else []
+    return any(m.derived_from.startswith("tiny-") for m in models)
 
 
 def _slope_text(p: PatientReport) -> str:
@@ -170,10 +179,13 @@ class _Common:
     classes: tuple[str, ...]
     tiny: list[str]
     generated: str
+    #: the tiny models were trained on a (synthetic) study, not random
+    tiny_trained: bool = False
 
 
 def _common(report: CohortReport, generated: str) -> _Common:
-    return _Common(classes=report.classes, tiny=_tiny_models(report), generated=generated)
+    return _Common(classes=report.classes, tiny=_tiny_models(report), generated=generated,
+                   tiny_trained=_tiny_trained(report))
 
 
 def _mean_scores(report: CohortReport) -> list[VisitNumberScore]:

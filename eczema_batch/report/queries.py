@@ -69,6 +69,8 @@ class ModelRef:
     digest: str
     #: fp32 | bf16 | fp16 | unrecorded (catalogue revision 0004)
     precision: str = ""
+    #: the registered model a derived (adapted, tuned) one was trained from; "" if none
+    derived_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -171,8 +173,9 @@ def flag_reasons(record: ImageRecord, thresholds: ReviewThresholds) -> list[str]
 
 
 def model_refs(session: Session) -> dict[int, ModelRef]:
-    return {mid: ModelRef(name, digest, precision) for mid, name, digest, precision in
-            session.execute(select(Model.id, Model.name, Model.digest, Model.precision))}
+    return {mid: ModelRef(name, digest, precision, str((config or {}).get("derived_from") or ""))
+            for mid, name, digest, precision, config in session.execute(
+                select(Model.id, Model.name, Model.digest, Model.precision, Model.config))}
 
 
 def choose_head(session: Session, *, head_id: int | None = None) -> HeadInfo | None:
