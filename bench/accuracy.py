@@ -8,7 +8,7 @@ Stages, each a real `eczema-batch` command on a scratch SQLite catalogue (wall t
    labels) and `models tune-segmenter` (SegGPT on the manual masks, a share of patients held
    out), each with its defaults;
 3. `run` with the adapted embedder and the tuned segmenter, `train` with the default settings,
-   `report` (each patient's trend status);
+   `run` again (the head's predictions), `report` (each patient's trend status);
 4. `evaluate` with the default settings, the frozen and the adapted embedder side by side.
 
 Figures: the head's weighted F1 against the majority class with the patient-bootstrap interval
@@ -177,6 +177,7 @@ def main() -> None:
         # the base segmenter on the same images, for the Dice it is compared with
         bench.cli("run (base segmenter)", "run", env={"ECZEMA_BATCH_SEGMENTER_MODEL": SEGMENTER})
         bench.cli("train", "train")
+        bench.cli("predict", "run")  # the trained head scores every image
         report = json.loads(bench.cli("report", "report", "--json", "--limit", "0"))
         evaluation_file = workdir / "evaluate.json"
         bench.cli("evaluate", "evaluate", "--embedder-model", EMBEDDER, "--embedder-model",
@@ -212,8 +213,18 @@ def summarise(doc: dict[str, Any]) -> dict[str, Any]:
         "majority": results["majority"]["summary"]["weighted_f1"],
         "head_minus_majority": doc["comparison"][mode]["head_minus_majority"],
     }
-    if doc.get("models_compared"):
-        out["models_compared"] = doc["models_compared"]
+    comparison = doc.get("model_comparison")
+    if comparison:
+        names = [c["models"]["embedder"]["name"] for c in comparison["configurations"]]
+        out["embedders"] = {
+            name: {"head": c["methods"]["head"]} for name, c in
+            zip(names, comparison["configurations"], strict=True)}
+        out["embedder_differences"] = [
+            {"of": names[d["of"]], "minus": names[d["minus"]],
+             "head": d["methods"]["head"]} for d in comparison["differences"]]
+    leakage = doc.get("leakage")
+    if leakage:
+        out["not_scored_patients"] = len(leakage.get("excluded", []))
     return out
 
 
@@ -228,8 +239,15 @@ def print_figures(figures: dict[str, Any]) -> None:
     print(f"  weighted F1 head {ev['head']['mean']:.3f}±{ev['head']['std']:.3f}, majority "
           f"{ev['majority']['mean']:.3f}±{ev['majority']['std']:.3f}; head - majority "
           f"{diff['weighted_f1']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]")
-    if "models_compared" in ev:
-        print(f"  embedders side by side: {json.dumps(ev['models_compared'])}")
+    if ev.get("not_scored_patients"):
+        print(f"  {ev['not_scored_patients']} patients not scored: their masks tuned the "
+              "segmenter (the leakage rule)")
+    for name, scores in ev.get("embedders", {}).items():
+        print(f"  embedder {name}: head weighted F1 {json.dumps(scores['head'])}")
+    for d in ev.get("embedder_differences", []):
+        head = d["head"]
+        print(f"  {d['of']} - {d['minus']}: head weighted F1 {head['weighted_f1']:+.3f} "
+              f"[{head['ci95'][0]:+.3f}, {head['ci95'][1]:+.3f}] (paired patient bootstrap)")
     for name, scores in figures["masks"].items():
         if scores["dice"] is None:
             print(f"  masks ({name} segmenter): none predicted on held-out patients")
