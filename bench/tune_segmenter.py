@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: temporary)")
     parser.add_argument("--threads", type=int, help="torch threads (OMP_NUM_THREADS)")
+    parser.add_argument("--image-size", type=int,
+                        help="tune-segmenter --image-size (default: the command's own)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-tune-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -113,8 +115,9 @@ def main() -> None:
     try:
         if not (workdir / "study").exists():
             prepare(workdir, args.images, url)
+        size = ["--image-size", str(args.image_size)] if args.image_size else []
         tune_s = cli(env, "models", "tune-segmenter", "--name", TUNED, "--from", "tiny-seggpt",
-                     "--replace")
+                     "--replace", *size)
         identity = read_identity(workdir / "models" / TUNED)
         assert identity is not None
         held = {(p.study, p.subject) for p in identity.holdout}
@@ -129,8 +132,13 @@ def main() -> None:
                        in held]
         print(json.dumps({
             "tune_seconds": round(tune_s, 1), "held_out_patients": sorted(held),
+            "image_size": identity.settings.get("image_size", 16),
+            "tuning_seconds": round(identity.extra["seconds"], 1),
+            "pairs_per_second": round(identity.extra["pairs_per_second"], 1),
             "tune_identity_held_out": identity.extra["held_out"],
             "ceiling_dice_16px": ceiling(workdir, held_truths),
+            "ceiling_dice_tuned_size": ceiling(workdir, held_truths,
+                                               int(identity.settings.get("image_size", 16))),
             "true_masks_on_held_out_patients": results,
         }, indent=2))
     finally:

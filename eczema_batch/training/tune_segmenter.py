@@ -187,7 +187,8 @@ def tune_study_segmenter(
     parent = read_identity(loaded.folder)
     root_base = parent.base if parent is not None else base_name
     earlier = set(parent.supervised) if parent is not None else set()
-    settings = default_settings(loaded.spec, loaded.model.config, seed=seed)
+    settings = default_settings(loaded.spec, loaded.model.config, seed=seed,
+                                image_size=(overrides or {}).get("image_size"))
     settings = replace(settings, **{k: v for k, v in (overrides or {}).items() if v is not None})
     if settings.image_size is None:
         settings = replace(settings, image_size=seggpt_input_size(loaded.model.config)[0])
@@ -205,7 +206,8 @@ def tune_study_segmenter(
 
     loaded.model.to(device)
     base_score = score(loaded.model)  # at the base's own size, as `run` runs the base
-    model = resize_seggpt(loaded.model.to("cpu"), settings.image_size)
+    model = resize_seggpt(loaded.model.to("cpu"),
+                          settings.image_size or seggpt_input_size(loaded.model.config)[0])
     checkpoints = checkpoint_folder(model_dir, name)
     fingerprint = {"base": base_name, "base_digest": loaded.digest,
                    "images": [r.image_id for r in train],
