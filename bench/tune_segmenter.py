@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (OMP_NUM_THREADS)")
     parser.add_argument("--image-size", type=int,
                         help="tune-segmenter --image-size (default: the command's own)")
+    parser.add_argument("--epochs", type=int,
+                        help="tune-segmenter --epochs (default: the command's own)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-tune-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +118,7 @@ def main() -> None:
         if not (workdir / "study").exists():
             prepare(workdir, args.images, url)
         size = ["--image-size", str(args.image_size)] if args.image_size else []
+        size += ["--epochs", str(args.epochs)] if args.epochs else []
         tune_s = cli(env, "models", "tune-segmenter", "--name", TUNED, "--from", "tiny-seggpt",
                      "--replace", *size)
         identity = read_identity(workdir / "models" / TUNED)
