@@ -30,7 +30,10 @@ from eczema_batch.pipeline.tune import (
     TuneData,
     TuneSettings,
     TuneStatus,
+    default_settings,
     patient_codes,
+    resize_rel_pos,
+    resize_seggpt,
     sample_pairs,
     training_inputs,
     tune_seggpt,
@@ -127,6 +130,81 @@ def test_gradient_checkpointing_and_the_step_estimate(tiny_model_dir: Path) -> N
     assert heard[-1].pairs_per_second > 0 and len(result.loss_curve) == 2
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     assert model.config.beta == 0.01  # type: ignore[union-attr]  # the saved config keeps its own
+
+
+def test_rel_pos_resize_is_what_transformers_does_at_run_time(tiny_model_dir: Path) -> None:
+    model, spec = _tiny(tiny_model_dir)
+    model.eval()
+    attention = model.model.encoder.layers[0].attention  # type: ignore[union-attr, index]
+    table = attention.rel_pos_h  # (2 x 8 - 1, head_dim): 32x16 stacked, patch 4
+    assert resize_rel_pos(table, 31).shape == (31, table.shape[1])
+    assert torch.equal(attention.get_rel_pos(16, 16, table),
+                       attention.get_rel_pos(16, 16, resize_rel_pos(table, 31)))
+    assert torch.equal(resize_rel_pos(table, table.shape[0]), table)
+
+    big = resize_seggpt(model, 32)
+    assert big.config.image_size == [64, 32] and big.config.pretrain_image_size == 16  # type: ignore[union-attr]
+    assert model.config.image_size == [32, 16]  # type: ignore[union-attr]  # the base is untouched
+    state, base = big.state_dict(), model.state_dict()
+    assert state.keys() == base.keys()
+    for key, value in state.items():
+        if key.endswith(("rel_pos_h", "rel_pos_w")):
+            grid = 16 if key.endswith("h") else 8
+            assert value.shape == (2 * grid - 1, base[key].shape[1]), key
+        else:
+            assert torch.equal(value, base[key]), key
+    assert resize_seggpt(model, 16) is model
+    with pytest.raises(Exception, match="multiple of the model's patch size"):
+        resize_seggpt(model, 30)
+
+    # Untrained, the resized model is the base run at 32 px (the base's own run-time
+    # interpolation of positions), so its masks of an upsampled input are the base's, enlarged.
+    images, masks = _images(3)
+    px = preprocess_images(images, size=(32, 32), resample="bicubic", mean=spec.mean,  # type: ignore[attr-defined]
+                           std=spec.std, device=CPU)  # type: ignore[attr-defined]
+    painted = preprocess_masks(masks, size=(32, 32), mean=spec.mean, std=spec.std, device=CPU)  # type: ignore[attr-defined]
+    masked = torch.zeros(1, 128, dtype=torch.bool)
+    masked[:, 64:] = True  # the query half, as at inference
+    inputs = {"pixel_values": px[:1], "prompt_pixel_values": px[1:2],
+              "prompt_masks": painted[1:2], "bool_masked_pos": masked}
+    with torch.no_grad():
+        resized = big(**inputs).pred_masks
+        model.model.embeddings.patch_embeddings.image_size = (64, 32)  # type: ignore[union-attr]
+        try:
+            stretched = model(**inputs).pred_masks
+        finally:
+            model.model.embeddings.patch_embeddings.image_size = (32, 16)  # type: ignore[union-attr]
+    assert resized.shape == (1, 3, 64, 32)
+    assert torch.allclose(resized, stretched, atol=1e-5)
+
+
+def test_resized_model_round_trips_and_segments_at_its_size(tiny_model_dir: Path,
+                                                             tmp_path: Path) -> None:
+    from eczema_batch.pipeline.loading import ModelIdentity
+    from eczema_batch.pipeline.segment import Segmenter, seggpt_input_size
+
+    model, spec = _tiny(tiny_model_dir)
+    assert default_settings(spec, model.config).image_size == 32  # type: ignore[arg-type, attr-defined]
+    big = resize_seggpt(model, 32)
+    big.save_pretrained(tmp_path / "big")  # type: ignore[operator]
+    from transformers import SegGptForImageSegmentation
+
+    again = SegGptForImageSegmentation.from_pretrained(tmp_path / "big")
+    assert seggpt_input_size(again.config) == (32, 32)
+    for key, value in big.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+    images, masks = _images(3)
+    segmenter = Segmenter(model=again.eval(), spec=spec, identity=ModelIdentity("big", "x"),  # type: ignore[arg-type]
+                          device=CPU, dtype=torch.float32)
+    small = Segmenter(model=model.eval(), spec=spec, identity=ModelIdentity("small", "x"),  # type: ignore[arg-type]
+                      device=CPU, dtype=torch.float32)
+    prompts = [(images[1], masks[1]), (images[2], masks[2])]
+    mask = segmenter.segment([images[0]], [prompts])[0].mask
+    base = small.segment([images[0]], [prompts])[0].mask
+    assert mask.shape == base.shape == (24, 20)
+    settings = TuneSettings(epochs=1, batch_size=2, lr=1e-3, steps_per_epoch=1, image_size=24)
+    with pytest.raises(Exception, match="resize_seggpt it first"):
+        tune_seggpt(big, spec, TuneData(images, masks, ["A", "B", "B"]), settings, device=CPU)  # type: ignore[arg-type]
 
 
 def test_prompts_never_come_from_the_query_patient() -> None:
@@ -226,12 +304,17 @@ def test_tuned_model_records_its_patients_and_segments_by_name(
     assert seen == [(len(identity.images), len(held_images))]
     for key in ("base", "tuned"):
         assert 0.0 <= identity.extra["held_out"][key]["dice"] <= 1.0
+    # tuned (and published) at the tiny model's default size, twice its own
+    assert identity.settings["image_size"] == 32
+    assert identity.extra["held_out"]["base_image_size"] == 16
     assert not checkpoint_folder(model_dir, "seggpt-mine").exists()
 
     clear_model_cache()
     segmenter = load_segmenter("seggpt-mine", model_dir=model_dir, device="cpu")
     assert segmenter.identity.config["derived_from"]["method"] == "seggpt-tuning"
     images, masks = _images(3)
+    assert segmenter.identity.config["input_size"] == [32, 32]
+    assert segmenter.spec.image_size == 32
     results = segmenter.segment([images[0]], [[(images[1], masks[1]), (images[2], masks[2])]])
     assert results[0].mask.shape == (24, 20)
 

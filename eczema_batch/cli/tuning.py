@@ -50,6 +50,10 @@ def models_tune_segmenter(
     loss_beta: Annotated[float | None, typer.Option(
         help="Smooth-L1 beta of SegGPT's loss while training (default: the model's 0.01 for "
              "a real SegGPT, 1 for the tiny one).")] = None,
+    image_size: Annotated[int | None, typer.Option(
+        min=1, help="Per-image side (px) to tune and publish the model at; it sees prompt and "
+                    "query stacked, 2N x N (default: the base's own, 448 for SegGPT-L; 32 for "
+                    "the 16 px tiny model). A multiple of the patch size.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the hold-out, the pairs and the order.")] = 0,
     device: Annotated[str | None, typer.Option(
         help="auto, cpu, cuda or cuda:N (ECZEMA_BATCH_DEVICE).")] = None,
@@ -79,7 +83,7 @@ def models_tune_segmenter(
 
     def on_plan(tune: TuneSettings, training: int, held: int) -> None:
         err.print(f"tuning on {training} reference(s), {held} held out: {tune.epochs} epochs, "
-                  f"batch {tune.batch_size}, lr {tune.lr:g}", highlight=False)
+                  f"batch {tune.batch_size}, lr {tune.lr:g}, {tune.image_size} px", highlight=False)
 
     with _progress("tuning the segmenter") as update:
 
@@ -96,7 +100,7 @@ def models_tune_segmenter(
             _catalogue(settings), config=config, name=name, base=base, study=study,
             holdout=holdout, seed=seed,
             overrides={"epochs": epochs, "batch_size": batch_size, "lr": lr,
-                       "loss_beta": loss_beta},
+                       "loss_beta": loss_beta, "image_size": image_size},
             replace_existing=replace, progress=on_progress, on_plan=on_plan,
         )
     identity = tuned.identity

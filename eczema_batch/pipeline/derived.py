@@ -132,8 +132,10 @@ def derived_spec(name: str, model_dir: Path | str | None, base_of: Callable[[str
     if identity is None:
         return None
     base = base_of(identity.base)
+    # a segmenter tuned at another resolution (tune-segmenter --image-size) runs at that size
+    size = identity.settings.get("image_size") if identity.kind == "segmenter" else None
     return replace(
-        base, name=name, hub_id=None,
+        base, name=name, hub_id=None, image_size=int(size) if size else base.image_size,
         description=f"{identity.method} of {identity.base} ({identity.created_at[:10]})",
     )
 

@@ -40,12 +40,13 @@ from eczema_batch.pipeline.derived import (
 from eczema_batch.pipeline.device import autocast_dtype, resolve_device
 from eczema_batch.pipeline.loading import ModelIdentity, load_trainable_segmenter
 from eczema_batch.pipeline.maskscore import OverlapSummary
-from eczema_batch.pipeline.segment import Segmenter
+from eczema_batch.pipeline.segment import Segmenter, seggpt_input_size
 from eczema_batch.pipeline.tune import (
     TuneData,
     TuneProgress,
     TuneSettings,
     default_settings,
+    resize_seggpt,
     score_held_out,
     tune_seggpt,
 )
@@ -186,8 +187,11 @@ def tune_study_segmenter(
     parent = read_identity(loaded.folder)
     root_base = parent.base if parent is not None else base_name
     earlier = set(parent.supervised) if parent is not None else set()
-    settings = default_settings(loaded.spec, loaded.model.config, seed=seed)
+    settings = default_settings(loaded.spec, loaded.model.config, seed=seed,
+                                image_size=(overrides or {}).get("image_size"))
     settings = replace(settings, **{k: v for k, v in (overrides or {}).items() if v is not None})
+    if settings.image_size is None:
+        settings = replace(settings, image_size=seggpt_input_size(loaded.model.config)[0])
     device = resolve_device(config.device)
     dtype = autocast_dtype(device, config.precision)
     if on_plan is not None:
@@ -201,13 +205,15 @@ def tune_study_segmenter(
                               [r.mask for r in test], k=SCORE_PROMPTS, seed=seed)
 
     loaded.model.to(device)
-    base_score = score(loaded.model)
+    base_score = score(loaded.model)  # at the base's own size, as `run` runs the base
+    model = resize_seggpt(loaded.model.to("cpu"),
+                          settings.image_size or seggpt_input_size(loaded.model.config)[0])
     checkpoints = checkpoint_folder(model_dir, name)
     fingerprint = {"base": base_name, "base_digest": loaded.digest,
                    "images": [r.image_id for r in train],
                    "holdout": sorted([p.study, p.subject] for p in held)}
     result = tune_seggpt(
-        loaded.model, loaded.spec,
+        model, loaded.spec,
         TuneData([r.pixels for r in train], [r.mask for r in train],
                  [r.patient for r in train]),
         settings, device=device, dtype=dtype, checkpoint_dir=checkpoints,
@@ -230,6 +236,8 @@ def tune_study_segmenter(
             "started_from": {"name": base_name, "digest": loaded.digest},
             "held_out": {"images": [r.image_id for r in test],
                          "prompts": SCORE_PROMPTS,
+                         "base_image_size": seggpt_input_size(loaded.model.config)[0],
+                         "tuned_image_size": settings.image_size,
                          "base": _overlap_json(base_score),
                          "tuned": _overlap_json(tuned_score)},
             "pairs_per_second": result.pairs_per_second,
