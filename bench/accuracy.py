@@ -225,6 +225,7 @@ def summarise(doc: dict[str, Any]) -> dict[str, Any]:
     leakage = doc.get("leakage")
     if leakage:
         out["not_scored_patients"] = len(leakage.get("excluded", []))
+        out["scored_patients"] = leakage.get("scored_patients", out["scored_patients"])
     return out
 
 
