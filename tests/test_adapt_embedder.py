@@ -257,3 +257,56 @@ def test_adapt_embedder_command_publishes_a_model_that_loads_by_name(
 
     again = CliRunner().invoke(app, args)  # an existing name is kept unless --replace
     assert again.exit_code == 2 and "already exists" in again.stderr
+
+
+def test_adapting_sees_the_lesion_crops_of_the_predicted_masks(
+    factory: sessionmaker[Session], tiny_model_dir: Path, tmp_path: Path  # noqa: F811
+) -> None:
+    from eczema_batch.catalogue.models import Mask
+    from eczema_batch.imaging import encode_mask_png
+    from eczema_batch.measuring.config import RunConfig
+    from eczema_batch.training.adapt_embedder import _read_images, predicted_masks
+
+    root = tmp_path / "study"
+    write_synthetic_study(root, patients=2, visits=2, seed=0, size=(64, 48))
+    assert ingest_study(root, factory=factory, max_pixels=DEFAULT_MAX_IMAGE_PIXELS).exit_code == 0
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model_dir / "tiny-dino", models / "tiny-dino")
+    args = ["models", "adapt-embedder", "--from", "tiny-dino", "--epochs", "1",
+            "--batch-size", "4", "--device", "cpu", "--model-dir", str(models)]
+
+    no_masks = CliRunner().invoke(app, [*args, "--name", "none", "--views", "crops"])
+    assert no_masks.exit_code == 2 and "no image has a predicted mask" in no_masks.stderr
+    assert CliRunner().invoke(app, [*args, "--name", "whole"]).exit_code == 0
+    whole = read_identity(models / "whole")
+    assert whole is not None and whole.settings["views"] == "images"
+
+    with factory() as session:
+        ids = sorted(session.scalars(select(Image.id)).all())
+        width, height = session.execute(
+            select(Image.width, Image.height).where(Image.id == ids[0])).one()
+        lesion = np.zeros((height, width), dtype=bool)
+        lesion[10:20, 30:50] = True
+        for variant in ("old", "new"):  # the newest predicted mask is the one used
+            session.add(Mask(image_id=ids[0], kind="predicted", variant=variant, width=width,
+                             height=height, area_fraction=float(lesion.mean()),
+                             png=encode_mask_png(lesion if variant == "new" else ~lesion)))
+            session.commit()
+        stored = predicted_masks(session, ids)
+        assert list(stored) == [ids[0]] and stored[ids[0]] == encode_mask_png(lesion)
+
+    masks = {ids[0]: encode_mask_png(lesion)}
+    config = RunConfig(segmenter_model="tiny-seggpt", embedder_model="tiny-dino",
+                       max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    kept, pixels, skipped = _read_images(factory, ids[:2], config=config, size=32,
+                                         progress=None, masks=masks)
+    assert kept == ids[:2] and skipped == 0
+    crop, full = pixels
+    assert crop.shape == full.shape == (32, 32, 3)
+    assert not np.array_equal(crop, full)  # the lesion's box, resized, not the whole image
+
+    assert CliRunner().invoke(app, [*args, "--name", "crops"]).exit_code == 0  # crops: default
+    crops = read_identity(models / "crops")
+    assert crops is not None and crops.settings["views"] == "crops"
+    assert crops.extra["crops"] == 1  # the other images, without a mask, are seen whole
+    assert crops.images == tuple(ids)

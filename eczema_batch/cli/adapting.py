@@ -39,6 +39,10 @@ def models_adapt_embedder(
     colour: Annotated[str, typer.Option(
         help="planckian (illuminant, brightness and contrast only: redness is kept) or "
         "standard (DINO's hue/saturation jitter, grayscale, solarisation).")] = "planckian",
+    views: Annotated[str | None, typer.Option(
+        help="crops (the lesion crops the head sees, from each image's newest predicted mask; "
+        "the whole image where it has none) or images (whole images). Default: crops when "
+        "a run has made masks.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the head, crops and batch order.")] = 0,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     gradient_checkpointing: Annotated[bool, typer.Option(
@@ -68,6 +72,8 @@ def models_adapt_embedder(
 
     if colour not in COLOURS:
         raise UsageError(f"--colour {colour!r}: use one of {', '.join(COLOURS)}")
+    if views not in (None, "crops", "images"):
+        raise UsageError(f"--views {views!r}: use crops or images")
     settings = _settings()
     config = RunConfig.from_settings(settings, device=device,
                                      model_dir=str(model_dir) if model_dir else None)
@@ -93,6 +99,7 @@ def models_adapt_embedder(
         adapted = adapt_study_embedder(
             _catalogue(settings), config=config, name=name,
             base=base or config.embedder_model, study=study, settings_of=settings_of,
+            views=views,
             replace_existing=replace, restart=restart, progress=on_progress, notice=notice,
         )
     if last["stage"]:

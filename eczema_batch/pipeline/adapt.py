@@ -83,6 +83,8 @@ class AdaptSettings:
     local_size: int
     local_crops: int
     colour: Colour = "planckian"
+    #: crops (lesion crops of the predicted masks, whole images where none) | images
+    views: str = "images"
     seed: int = 0
     gradient_checkpointing: bool = False
 

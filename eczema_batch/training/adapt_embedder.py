@@ -3,6 +3,9 @@
 Which images: every readable image (labelled or not) of the catalogue, or of one study. Their
 pixels are read under the same rules as a run's (`measuring.files`: only while the file is still
 the one catalogued), decoded at reduced scale and kept in memory at the adaptation's source size.
+With views "crops" (the default when a run has made masks) an image with a predicted mask is
+seen as the head sees it, the lesion crop of its newest one (`pipeline.crop`); the others are
+seen whole.
 A file that can no longer be read is skipped and counted. The model's identity records the base
 model and its digest, the settings, the seed, the images and every patient whose images trained
 it (`unlabelled`: self-supervised, no label or mask was used), so `evaluate` can tell.
@@ -10,6 +13,7 @@ it (`unlabelled`: self-supervised, no label or mask was used), so `evaluate` can
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +26,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.measurements import image_rows
-from eczema_batch.catalogue.models import Image, Patient, Study, Visit
+from eczema_batch.catalogue.models import Image, Mask, Patient, Study, Visit
 from eczema_batch.clock import utcnow
 from eczema_batch.errors import RejectedFileError, UsageError
+from eczema_batch.imaging import decode_mask_png
 from eczema_batch.measuring.config import RunConfig
 from eczema_batch.measuring.files import load_pixels
 from eczema_batch.pipeline.adapt import AdaptSettings, adapt_embedder, square_image
+from eczema_batch.pipeline.crop import crop_to_mask
 from eczema_batch.pipeline.derived import DerivedIdentity, PatientRef, check_name, publish
 from eczema_batch.pipeline.device import autocast_dtype, resolve_device
 from eczema_batch.pipeline.loading import load_trainable_backbone
@@ -84,18 +90,40 @@ def study_images(session: Session, *, study: str | None) -> list[tuple[int, Pati
             for iid, name, code in session.execute(stmt)]
 
 
+def predicted_masks(session: Session, ids: list[int]) -> dict[int, bytes]:
+    """image id -> PNG of its newest predicted mask (made by a segmenter: no label involved)."""
+    stmt = (
+        select(Mask.image_id, Mask.png)
+        .where(Mask.kind == "predicted", Mask.image_id.in_(ids))
+        .order_by(Mask.created_at, Mask.id)
+    )
+    return {int(iid): bytes(png) for iid, png in session.execute(stmt)}  # newest wins
+
+
+#: a crop keeps this many times the source size of the image it is cut from (then resized)
+CROP_DECODE_SCALE = 4
+
+
 def _read_images(factory: sessionmaker[Session], ids: list[int], *, config: RunConfig,
-                 size: int, progress: StageProgress | None
+                 size: int, progress: StageProgress | None,
+                 masks: dict[int, bytes] | None = None,
                  ) -> tuple[list[int], list[np.ndarray], int]:
     with factory() as session:
         rows = image_rows(session, ids, image_root=config.image_root)
+    masks = masks or {}
 
     def read(iid: int) -> np.ndarray | None:
+        mask = masks.get(iid)
         try:
-            decoded = load_pixels(rows[iid], max_pixels=config.max_pixels, max_side=size)
+            decoded = load_pixels(rows[iid], max_pixels=config.max_pixels,
+                                  max_side=size * CROP_DECODE_SCALE if mask else size)
         except RejectedFileError as error:
             logger.warning("image %d skipped: %s", iid, error)
             return None
+        if mask is not None:
+            # The head's view: the mask's bounding box, background zeroed (pipeline.crop).
+            crop = crop_to_mask(decoded.pixels, decode_mask_png(mask))
+            return square_image(crop.pixels, size).permute(1, 2, 0).numpy()
         # Kept at the source size, channels last: memory stays ~3 * size^2 bytes an image.
         return square_image(decoded.pixels, size).permute(1, 2, 0).numpy()
 
@@ -119,6 +147,7 @@ def adapt_study_embedder(
     base: str,
     study: str | None,
     settings_of: Callable[[int, bool], AdaptSettings],
+    views: str | None = None,
     replace_existing: bool = False,
     restart: bool = False,
     progress: StageProgress | None = None,
@@ -149,8 +178,19 @@ def adapt_study_embedder(
         raise UsageError(f"{where} has {len(found)} readable images; adapting needs at least 2 "
                          "(eczema-batch ingest FOLDER first)")
     patient_of = dict(found)
-    ids, pixels, skipped = _read_images(factory, [i for i, _ in found], config=config,
-                                        size=settings.source_size, progress=progress)
+    all_ids = [i for i, _ in found]
+    masks: dict[int, bytes] = {}
+    if views != "images":
+        with factory() as session:
+            masks = predicted_masks(session, all_ids)
+        if views == "crops" and not masks:
+            raise UsageError("--views crops: no image has a predicted mask (eczema-batch run "
+                             "first, or --views images)")
+    chosen = "crops" if masks else "images"
+    settings = dataclasses.replace(settings, views=chosen)
+    ids, pixels, skipped = _read_images(factory, all_ids, config=config,
+                                        size=settings.source_size, progress=progress,
+                                        masks=masks)
     if len(ids) < 2:
         raise UsageError(f"only {len(ids)} of {len(found)} images could be read: nothing to "
                          "adapt on (`eczema-batch status` lists the rejected files)")
@@ -173,6 +213,7 @@ def adapt_study_embedder(
         unlabelled=tuple(sorted({patient_of[i] for i in ids})),
         loss_curve=tuple(result.loss_curve), created_at=utcnow().isoformat(),
         extra={"study": study, "skipped_images": skipped,
+               "crops": sum(1 for i in ids if i in masks),
                "head": "DINO head started fresh (the base model is a backbone only)",
                "result": "teacher backbone"},
     )
