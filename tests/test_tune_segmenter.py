@@ -17,6 +17,7 @@ from eczema_batch.cli import app
 from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS
 from eczema_batch.ingest.service import ingest_study
 from eczema_batch.measuring.config import RunConfig
+from eczema_batch.pipeline.checkpoints import CHECKPOINT_FILE
 from eczema_batch.pipeline.derived import read_identity
 from eczema_batch.pipeline.loading import (
     clear_model_cache,
@@ -26,7 +27,6 @@ from eczema_batch.pipeline.loading import (
 from eczema_batch.pipeline.maskscore import dice, iou
 from eczema_batch.pipeline.preprocess import MASK_FOREGROUND, preprocess_images, preprocess_masks
 from eczema_batch.pipeline.tune import (
-    CHECKPOINT_FILE,
     TuneData,
     TuneSettings,
     TuneStatus,
@@ -243,7 +243,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model_dir: Path,
         tune_seggpt(model, spec, data, settings, device=CPU, checkpoint_dir=folder,  # type: ignore[arg-type]
                     fingerprint={"images": [1]}, progress=kill_in_epoch_3)
     assert (folder / CHECKPOINT_FILE).is_file()
-    assert not (folder / f"{CHECKPOINT_FILE}.partial").exists()
+    assert not (folder / f".{CHECKPOINT_FILE}.partial").exists()
     model, _ = _tiny(tiny_model_dir)
     resumed = tune_seggpt(model, spec, data, settings, device=CPU, checkpoint_dir=folder,  # type: ignore[arg-type]
                           fingerprint={"images": [1]})

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ from torch import nn
 
 from eczema_batch.errors import UsageError
 from eczema_batch.pipeline.augment import Colour, MultiCrop, ViewSettings
+from eczema_batch.pipeline.checkpoints import load_checkpoint, save_checkpoint
 from eczema_batch.pipeline.device import autocast
 from eczema_batch.pipeline.dino_loss import (
     DINOHead,
@@ -50,7 +50,6 @@ from eczema_batch.progress import StageProgress
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
 #: gradient norm clip (DINO's --clip_grad)
 CLIP_GRAD = 3.0
 
@@ -192,27 +191,11 @@ def _param_groups(student: _Student, settings: AdaptSettings) -> list[dict[str, 
             for (backbone, decay), params in sorted(groups.items())]
 
 
-def _save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    temporary = folder / f".{CHECKPOINT_FILE}.partial"
-    with temporary.open("wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, folder / CHECKPOINT_FILE)
-
-
 def _load_checkpoint(folder: Path | None, fingerprint: str) -> dict[str, Any] | None:
-    if folder is None or not (folder / CHECKPOINT_FILE).is_file():
-        return None
-    state: dict[str, Any] = torch.load(folder / CHECKPOINT_FILE, map_location="cpu",
-                                       weights_only=False)
-    if state.get("fingerprint") != fingerprint:
-        raise UsageError(
-            f"{folder} holds the checkpoint of an adaptation with other settings, base weights or "
-            "images: run the same command as before to resume it, or pass --restart to discard it"
-        )
-    return state
+    return load_checkpoint(
+        folder, fingerprint,
+        foreign="holds the checkpoint of an adaptation with other settings, base weights or "
+        "images: run the same command as before to resume it, or pass --restart to discard it")
 
 
 def adapt_embedder(
@@ -348,7 +331,7 @@ def adapt_embedder(
         logger.info("adaptation epoch %d/%d: loss %.4f", epoch + 1, settings.epochs,
                     loss_curve[-1])
         if checkpoint_dir is not None:
-            _save_checkpoint(checkpoint_dir, {
+            save_checkpoint(checkpoint_dir, {
                 "fingerprint": fingerprint, "epoch": epoch + 1,
                 "student": student.state_dict(), "teacher": teacher.state_dict(),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),

@@ -110,6 +110,20 @@ def check_name(name: str) -> str:
     return name
 
 
+def new_model_dir(model_dir: Path | None, name: str, *, replace_existing: bool) -> Path:
+    """The model folder a derived model `name` is about to be trained into: a UsageError, before
+    any work, for a bad name, no folder, or a model of that name already there."""
+    check_name(name)
+    if model_dir is None:
+        raise UsageError("a trained model is written into the model folder: set "
+                         "ECZEMA_BATCH_MODEL_DIR (or pass --model-dir)")
+    folder = Path(model_dir).expanduser()
+    if (folder / name).exists() and not replace_existing:
+        raise UsageError(f"{folder / name} already exists: choose another --name or pass "
+                         "--replace")
+    return folder
+
+
 def read_identity(folder: Path) -> DerivedIdentity | None:
     """The identity of the derived model in `folder`, or None for a plain model folder."""
     path = Path(folder) / IDENTITY_FILE

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from eczema_batch.errors import UsageError
+from eczema_batch.pipeline.checkpoints import load_checkpoint, save_checkpoint
 from eczema_batch.pipeline.device import autocast
 from eczema_batch.pipeline.maskscore import OverlapSummary, summarise
 from eczema_batch.pipeline.preprocess import preprocess_images, preprocess_masks
@@ -38,7 +38,6 @@ from eczema_batch.pipeline.registry import ModelSpec
 from eczema_batch.pipeline.segment import PromptPair, Segmenter, seggpt_input_size
 
 #: the checkpoint file inside the checkpoint folder
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
@@ -252,34 +251,11 @@ class _Tensors:
                                prompt_masked=prompt_masked)
 
 
-def _fingerprint_matches(saved: dict[str, Any], fingerprint: dict[str, Any]) -> bool:
-    return bool(saved == fingerprint)
-
-
-def _save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
-    """Write the checkpoint beside the old one and swap it in: a kill leaves one whole file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f"{CHECKPOINT_FILE}.partial"
-    with partial.open("wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, folder / CHECKPOINT_FILE)
-
-
-def load_checkpoint(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint in `folder` if it belongs to this run (same fingerprint), else None;
-    a checkpoint of another run is an error (it is not silently thrown away)."""
-    path = folder / CHECKPOINT_FILE
-    if not path.is_file():
-        return None
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-    if not _fingerprint_matches(state.get("fingerprint", {}), fingerprint):
-        raise UsageError(
-            f"{folder} holds a checkpoint of a tuning run with other settings or data: rerun "
-            "that command to finish it, or delete the folder to start afresh"
-        )
-    return state
+def _load_checkpoint(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    return load_checkpoint(
+        folder, fingerprint,
+        foreign="holds a checkpoint of a tuning run with other settings or data: rerun that "
+        "command to finish it, or delete the folder to start afresh")
 
 
 def _checkpointing(model: Any, action: str) -> None:
@@ -360,7 +336,7 @@ def _train(model: torch.nn.Module, data: TuneData, settings: TuneSettings, codes
     loss_curve: list[float] = []
     start = 0
     if checkpoint_dir is not None:
-        state = load_checkpoint(checkpoint_dir, fingerprint)
+        state = _load_checkpoint(checkpoint_dir, fingerprint)
         if state is not None:
             model.load_state_dict(state["model"])
             optimiser.load_state_dict(state["optimizer"])
@@ -412,7 +388,7 @@ def _train(model: torch.nn.Module, data: TuneData, settings: TuneSettings, codes
                                     pairs_done / elapsed if elapsed > 0 else 0.0))
         loss_curve.append(float(np.mean(losses)))
         if checkpoint_dir is not None:
-            _save_checkpoint(checkpoint_dir, {
+            save_checkpoint(checkpoint_dir, {
                 "fingerprint": fingerprint, "epoch": epoch + 1, "loss_curve": loss_curve,
                 "model": model.state_dict(), "optimizer": optimiser.state_dict(),
                 "schedule": schedule.state_dict()})

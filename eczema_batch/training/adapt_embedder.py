@@ -34,7 +34,7 @@ from eczema_batch.measuring.config import RunConfig
 from eczema_batch.measuring.files import load_pixels
 from eczema_batch.pipeline.adapt import AdaptSettings, adapt_embedder, square_image
 from eczema_batch.pipeline.crop import crop_to_mask
-from eczema_batch.pipeline.derived import DerivedIdentity, PatientRef, check_name, publish
+from eczema_batch.pipeline.derived import DerivedIdentity, PatientRef, new_model_dir, publish
 from eczema_batch.pipeline.device import autocast_dtype, resolve_device
 from eczema_batch.pipeline.loading import load_trainable_backbone
 from eczema_batch.progress import StageProgress
@@ -161,14 +161,7 @@ def adapt_study_embedder(
     """
     import shutil
 
-    check_name(name)
-    if config.model_path is None:
-        raise UsageError("adapting writes a model into the model folder: set "
-                         "ECZEMA_BATCH_MODEL_DIR (or --model-dir)")
-    model_dir = config.model_path.expanduser()
-    if (model_dir / name).exists() and not replace_existing:
-        raise UsageError(f"{model_dir / name} already exists: choose another --name or pass "
-                         "--replace")
+    model_dir = new_model_dir(config.model_path, name, replace_existing=replace_existing)
     backbone, spec, digest = load_trainable_backbone(base, model_dir=model_dir)
     settings = settings_of(spec.image_size, spec.tiny)
     with factory() as session:

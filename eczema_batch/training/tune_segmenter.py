@@ -33,7 +33,7 @@ from eczema_batch.measuring.files import load_pixels
 from eczema_batch.pipeline.derived import (
     DerivedIdentity,
     PatientRef,
-    check_name,
+    new_model_dir,
     publish,
     read_identity,
 )
@@ -164,14 +164,7 @@ def tune_study_segmenter(
     `overrides` replaces fields of the base model's default settings (epochs, batch_size, lr,
     ...). `on_plan(settings, training images, held-out images)` is called before training.
     """
-    check_name(name)
-    if config.model_path is None:
-        raise UsageError("no model folder: pass --model-dir or set ECZEMA_BATCH_MODEL_DIR "
-                         "(the tuned model is written there)")
-    model_dir = config.model_path.expanduser()
-    if (model_dir / name).exists() and not replace_existing:
-        raise UsageError(f"{model_dir / name} already exists: choose another --name or pass "
-                         "--replace")
+    model_dir = new_model_dir(config.model_path, name, replace_existing=replace_existing)
     with factory() as session:
         refs, unreadable = load_references(session, config, study=study)
     held = split_patients([r.patient for r in refs], holdout, seed)
