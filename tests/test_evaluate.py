@@ -321,7 +321,8 @@ def test_evaluate_is_leak_free_cached_and_repeatable(
     csv_file.symlink_to(victim)  # a pre-placed link is replaced, its target left alone
     result = CliRunner().invoke(app, [
         "evaluate", "--folds", "3", "--repeats", "2", "--fractions", "0.5,1.0",
-        "--bootstrap", "100", "--epochs", "20", "--model-dir", str(tiny_model_dir),
+        "--bootstrap", "100", "--epochs", "20", "--lr", "1e-4",  # not the tiny default
+        "--model-dir", str(tiny_model_dir),
         "--segmenter-model", "tiny-seggpt", "--embedder-model", "tiny-dino",
         "--output", str(json_file), "--predictions", str(csv_file),
     ])
