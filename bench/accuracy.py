@@ -9,7 +9,9 @@ Stages, each a real `eczema-batch` command on a scratch SQLite catalogue (wall t
    out), each with its defaults;
 3. `run` with the adapted embedder and the tuned segmenter, `train` with the default settings,
    `run` again (the head's predictions), `report` (each patient's trend status);
-4. `evaluate` with the default settings, the frozen and the adapted embedder side by side.
+4. `evaluate` with the default settings, the frozen and the adapted embedder side by side; and
+   again under `--segmenter none`, where no patient's masks trained a model in use, so every
+   patient is scored (more power for the embedders' paired difference).
 
 Figures: the head's weighted F1 against the majority class with the patient-bootstrap interval
 of the difference; the frozen against the adapted embedder (paired interval of the difference);
@@ -183,11 +185,19 @@ def main() -> None:
         bench.cli("evaluate", "evaluate", "--embedder-model", EMBEDDER, "--embedder-model",
                   ADAPTED, "--output", str(evaluation_file))
         evaluation = json.loads(evaluation_file.read_text())
+        # The embedders again on every patient: without a segmenter no patient's masks trained
+        # a model in use, so all of them are scored (more power for the paired difference).
+        whole_file = workdir / "evaluate-whole-images.json"
+        bench.cli("evaluate (whole images)", "evaluate", "--segmenter", "none", "--no-ablation",
+                  "--fractions", "1.0", "--embedder-model", EMBEDDER, "--embedder-model",
+                  ADAPTED, "--output", str(whole_file))
+        whole = json.loads(whole_file.read_text())
         truth_rows = truth_table(truth)
         figures = {
             "study": {"images": len(truth_rows), "patients": patients, "visits": VISITS,
                       "held_out_patients": sorted(held_out)},
             "evaluate": summarise(evaluation),
+            "evaluate_whole_images": summarise(whole),
             "masks": {"tuned": mask_scores(workdir, truth, held_out, TUNED),
                       "base": mask_scores(workdir, truth, held_out, SEGMENTER)},
             "trend": trend_agreement(report, truth_rows),
@@ -229,12 +239,7 @@ def summarise(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def print_figures(figures: dict[str, Any]) -> None:
-    study = figures["study"]
-    print(f"synthetic study: {study['images']} images, {study['patients']} patients x "
-          f"{study['visits']} visits; {len(study['held_out_patients'])} patients held out "
-          "from tuning the segmenter")
-    ev = figures["evaluate"]
+def print_evaluation(ev: dict[str, Any]) -> None:
     diff = ev["head_minus_majority"]
     print(f"evaluate ({ev['segmenter_mode']}, {ev['scored_patients']} patients scored):")
     print(f"  weighted F1 head {ev['head']['mean']:.3f}±{ev['head']['std']:.3f}, majority "
@@ -244,11 +249,22 @@ def print_figures(figures: dict[str, Any]) -> None:
         print(f"  {ev['not_scored_patients']} patients not scored: their masks tuned the "
               "segmenter (the leakage rule)")
     for name, scores in ev.get("embedders", {}).items():
-        print(f"  embedder {name}: head weighted F1 {json.dumps(scores['head'])}")
+        head = scores["head"]
+        print(f"  embedder {name}: head weighted F1 {head['weighted_f1']['mean']:.3f}±"
+              f"{head['weighted_f1']['std']:.3f}, pooled {head['pooled']:.3f}")
     for d in ev.get("embedder_differences", []):
         head = d["head"]
         print(f"  {d['of']} - {d['minus']}: head weighted F1 {head['weighted_f1']:+.3f} "
               f"[{head['ci95'][0]:+.3f}, {head['ci95'][1]:+.3f}] (paired patient bootstrap)")
+
+
+def print_figures(figures: dict[str, Any]) -> None:
+    study = figures["study"]
+    print(f"synthetic study: {study['images']} images, {study['patients']} patients x "
+          f"{study['visits']} visits; {len(study['held_out_patients'])} patients held out "
+          "from tuning the segmenter")
+    print_evaluation(figures["evaluate"])
+    print_evaluation(figures["evaluate_whole_images"])
     for name, scores in figures["masks"].items():
         if scores["dice"] is None:
             print(f"  masks ({name} segmenter): none predicted on held-out patients")

@@ -114,6 +114,22 @@ def test_defaults_suit_the_base_model() -> None:
     assert defaults_for(image_size=224, tiny=False, lr=1e-5, epochs=None).lr == 1e-5
     assert real.teacher_temp == 0.07 and real.warmup_teacher_temp == 0.04
     assert real.colour == tiny.colour == "planckian"
+    # the tiny backbone's features vary too little for DINO's plain head: batch norm keeps it
+    # from collapsing to a uniform output; DINO's ViT recipe has none
+    assert (tiny.head_bn, tiny.epochs, real.head_bn) == (True, 60, False)
+
+
+def test_the_head_can_batch_normalise_its_hidden_layers() -> None:
+    torch.manual_seed(0)
+    plain = DINOHead(8, 16, hidden_dim=12, bottleneck_dim=4)
+    normed = DINOHead(8, 16, hidden_dim=12, bottleneck_dim=4, use_bn=True)
+    kinds = [type(m).__name__ for m in normed.mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.mlp)
+    # nearly identical inputs (a tiny random backbone's features) still give distinct outputs
+    x = 1.0 + 1e-3 * torch.randn(6, 8)
+    spread = normed(x).std(dim=0).mean() / plain(x).std(dim=0).mean()
+    assert spread > 10
 
 
 # --- colour ------------------------------------------------------------------------------------

@@ -33,13 +33,15 @@ class DINOHead(nn.Module):
     """MLP -> L2-normalised bottleneck -> weight-normalised last layer (its norm fixed at 1)."""
 
     def __init__(self, in_dim: int, out_dim: int, *, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, layers: int = 3) -> None:
+                 bottleneck_dim: int = 256, layers: int = 3, use_bn: bool = False) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (max(layers, 1) - 1) + [bottleneck_dim]
         modules: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
             modules.append(nn.Linear(a, b))
             if i < len(dims) - 2:
+                if use_bn:  # DINO's `use_bn` option: batch-standardised hidden layers
+                    modules.append(nn.BatchNorm1d(b))
                 modules.append(nn.GELU())
         self.mlp = nn.Sequential(*modules)
         for module in self.mlp:
