@@ -15,8 +15,9 @@ Stages, each a real `eczema-batch` command on a scratch SQLite catalogue (wall t
 
 Figures: the head's weighted F1 against the majority class with the patient-bootstrap interval
 of the difference; the frozen against the adapted embedder (paired interval of the difference);
-Dice and IoU of the run's predicted masks against the true masks on the patients held out from
-tuning the segmenter (and the same for the base segmenter, measured the same way); the share of
+Dice and IoU against the true masks of every predicted mask (the run's and those `evaluate` made
+with each fold's prompts) on the patients held out from tuning the segmenter, for the tuned and
+the base segmenter (`bench.tune_segmenter.held_out_scores`); the share of
 patients with at least 3 visits whose reported trend status matches the truth.
 
 Targets (issue 13): head - majority >= 0.30 with its interval above 0; adapted - frozen with its
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import shutil
@@ -45,8 +45,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
+from bench.tune_segmenter import held_out_scores
+from eczema_batch.pipeline.maskscore import OverlapSummary
 
 VISITS = 5
 IMAGES_PER_VISIT = 1
@@ -94,41 +94,10 @@ def truth_table(truth: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def mask_scores(workdir: Path, truth: Path, patients: set[str], segmenter: str
-                ) -> dict[str, Any]:
-    """Dice and IoU of the catalogue's predicted masks by `segmenter` against the truth, over
-    the images of `patients` (subject codes)."""
-    from sqlalchemy import select
-
-    from eczema_batch.catalogue.db import dispose_engines, open_catalogue
-    from eczema_batch.catalogue.models import Image as ImageRow
-    from eczema_batch.catalogue.models import Mask, Model, Patient, Visit
-
-    factory = open_catalogue(f"sqlite:///{(workdir / 'catalogue.sqlite3').resolve()}")
-    dice, iou = [], []
-    with factory() as session:
-        rows = session.execute(
-            select(ImageRow.path, Mask.png, Mask.id)
-            .join(Mask, Mask.image_id == ImageRow.id)
-            .join(Model, Model.id == Mask.model_id)
-            .join(Visit, Visit.id == ImageRow.visit_id)
-            .join(Patient, Patient.id == Visit.patient_id)
-            .where(Mask.kind == "predicted", Model.name == segmenter,
-                   Patient.subject_code.in_(sorted(patients)))
-            .order_by(ImageRow.path, Mask.id)
-        ).all()
-    dispose_engines()
-    newest = {path: png for path, png, _ in rows}  # the latest run's mask of each image
-    for path, png in newest.items():
-        predicted = np.asarray(Image.open(io.BytesIO(png))) > 0
-        true = np.asarray(Image.open(truth / f"{path.rsplit('.', 1)[0]}.mask.png")) > 0
-        union = (predicted | true).sum()
-        inter = (predicted & true).sum()
-        total = predicted.sum() + true.sum()
-        dice.append(1.0 if total == 0 else 2.0 * inter / total)
-        iou.append(1.0 if union == 0 else inter / union)
-    return {"images": len(newest), "dice": float(np.mean(dice)) if dice else None,
-            "iou": float(np.mean(iou)) if iou else None}
+def overlap(summary: OverlapSummary) -> dict[str, Any]:
+    empty = summary.images == 0
+    return {"images": summary.images, "dice": None if empty else summary.dice,
+            "iou": None if empty else summary.iou}
 
 
 def trend_agreement(report: dict[str, Any], truth: list[dict[str, str]]) -> dict[str, Any]:
@@ -174,7 +143,7 @@ def main() -> None:
                   "--from", SEGMENTER)
         identity = json.loads(
             (workdir / "models" / TUNED / "eczema-batch-model.json").read_text())
-        held_out = {subject for _, subject in identity["holdout"]}
+        held_out = {(study_name, subject) for study_name, subject in identity["holdout"]}
         bench.cli("run", "run")
         # the base segmenter on the same images, for the Dice it is compared with
         bench.cli("run (base segmenter)", "run", env={"ECZEMA_BATCH_SEGMENTER_MODEL": SEGMENTER})
@@ -193,13 +162,14 @@ def main() -> None:
                   ADAPTED, "--output", str(whole_file))
         whole = json.loads(whole_file.read_text())
         truth_rows = truth_table(truth)
+        database_url = bench.env["ECZEMA_BATCH_DATABASE_URL"]
         figures = {
             "study": {"images": len(truth_rows), "patients": patients, "visits": VISITS,
-                      "held_out_patients": sorted(held_out)},
+                      "held_out_patients": sorted(subject for _, subject in held_out)},
             "evaluate": summarise(evaluation),
             "evaluate_whole_images": summarise(whole),
-            "masks": {"tuned": mask_scores(workdir, truth, held_out, TUNED),
-                      "base": mask_scores(workdir, truth, held_out, SEGMENTER)},
+            "masks": {name: overlap(held_out_scores(database_url, workdir, model, held_out))
+                      for name, model in (("tuned", TUNED), ("base", SEGMENTER))},
             "trend": trend_agreement(report, truth_rows),
             "seconds": {stage: round(s, 1) for stage, s in bench.seconds.items()},
         }
