@@ -321,7 +321,10 @@ def test_adapting_sees_the_lesion_crops_of_the_predicted_masks(
     assert crop.shape == full.shape == (32, 32, 3)
     assert not np.array_equal(crop, full)  # the lesion's box, resized, not the whole image
 
-    assert CliRunner().invoke(app, [*args, "--name", "crops"]).exit_code == 0  # crops: default
+    assert CliRunner().invoke(app, [*args, "--name", "still-whole"]).exit_code == 0
+    still = read_identity(models / "still-whole")  # whole images stay the default
+    assert still is not None and still.settings["views"] == "images"
+    assert CliRunner().invoke(app, [*args, "--name", "crops", "--views", "crops"]).exit_code == 0
     crops = read_identity(models / "crops")
     assert crops is not None and crops.settings["views"] == "crops"
     assert crops.extra["crops"] == 1  # the other images, without a mask, are seen whole

@@ -41,8 +41,7 @@ def models_adapt_embedder(
         "standard (DINO's hue/saturation jitter, grayscale, solarisation).")] = "planckian",
     views: Annotated[str | None, typer.Option(
         help="crops (the lesion crops the head sees, from each image's newest predicted mask; "
-        "the whole image where it has none) or images (whole images). Default: crops when "
-        "a run has made masks.")] = None,
+        "the whole image where it has none) or images (whole images, the default).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the head, crops and batch order.")] = 0,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     gradient_checkpointing: Annotated[bool, typer.Option(

@@ -3,9 +3,9 @@
 Which images: every readable image (labelled or not) of the catalogue, or of one study. Their
 pixels are read under the same rules as a run's (`measuring.files`: only while the file is still
 the one catalogued), decoded at reduced scale and kept in memory at the adaptation's source size.
-With views "crops" (the default when a run has made masks) an image with a predicted mask is
-seen as the head sees it, the lesion crop of its newest one (`pipeline.crop`); the others are
-seen whole.
+With views "crops" an image with a predicted mask is seen as the head sees it, the lesion crop of
+its newest one (`pipeline.crop`); the others are seen whole. The default is whole images: on the
+synthetic studies crops did no better with the tiny models (README, "Adapting the embedder").
 A file that can no longer be read is skipped and counted. The model's identity records the base
 model and its digest, the settings, the seed, the images and every patient whose images trained
 it (`unlabelled`: self-supervised, no label or mask was used), so `evaluate` can tell.
@@ -173,10 +173,10 @@ def adapt_study_embedder(
     patient_of = dict(found)
     all_ids = [i for i, _ in found]
     masks: dict[int, bytes] = {}
-    if views != "images":
+    if views == "crops":
         with factory() as session:
             masks = predicted_masks(session, all_ids)
-        if views == "crops" and not masks:
+        if not masks:
             raise UsageError("--views crops: no image has a predicted mask (eczema-batch run "
                              "first, or --views images)")
     chosen = "crops" if masks else "images"
