@@ -133,6 +133,18 @@ class Image(Timestamped, Base):
     #: the DICOM tag that says the pixels identify the patient (BurnedInAnnotation,
     #: RecognizableVisualFeatures); such images stay out of shared outputs. None: not flagged
     identifying_pixels: Mapped[str | None] = mapped_column(String(32))
+    #: the camera: "Make Model" from EXIF, or DICOM Manufacturer and ManufacturerModelName
+    device: Mapped[str | None] = mapped_column(String(128))
+    #: Fitzpatrick skin type 1-6 given by the manifest (None: not given)
+    fitzpatrick: Mapped[int | None] = mapped_column(Integer)
+    #: estimated Individual Typology Angle (degrees, CIELAB) of the skin outside the lesion mask,
+    #: and that mask as "kind:variant" (None: not estimated yet)
+    skin_ita: Mapped[float | None] = mapped_column(Float)
+    skin_ita_mask: Mapped[str | None] = mapped_column(String(216))
+    #: image-quality measures (blur, exposure, colour cast) taken at ingest; None: not measured
+    quality: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: why the image is out of the quality gate's range ("; "-joined reasons), None when in range
+    quality_flag: Mapped[str | None] = mapped_column(Text)
 
     visit: Mapped[Visit] = relationship(back_populates="images")
 
