@@ -230,7 +230,7 @@ _LAYOUT = {
                  "bootstrap": 0, "ablation": [""],
                  "train": {"epochs": 0, "lr": 0.0, "hidden": 0, "dropout": 0.0, "seed": 0,
                            "class_weights": "", "batch_size": 0},
-                 "reference_label": ""},
+                 "reference_label": "", "subgroups": True},
     "data": {"images": 0, "patients": 0, "references": 0, "classes": [""], "class_counts": [0],
              "splits": 0},
     "results": {mode: dict.fromkeys(("head", "majority", "logistic"), _METHOD)
@@ -247,11 +247,20 @@ _LAYOUT = {
     "models": {"embedder": _MODEL, "prompts": 0, "segmenter": _MODEL},
     "study": None,
     "prompt_leaks": 0,
+    "subgroups": {
+        "segmenter": "",
+        "rows": [{"grouping": "", "group": "", "source": "", "images": 0, "patients": 0,
+                  "predictions": 0, "few_patients": True,
+                  **dict.fromkeys(("weighted_f1", "qwk", "ece", "score_bias"),
+                                  {"value": 0.0, "ci95": [0.0]})}],
+        "tone_sources": {"manifest": 0, "estimated": 0, "unknown": 0},
+        "bootstrap": 0, "seed": 0,
+    },
     "run": {
         "forwards": {"embedder_images": 0, "segmenter_queries": 0, "segmenter_prompt_pairs": 0},
         "naive_forwards": {"embedder_images": 0, "segmenter_queries": 0},
         "seconds": {"features_seggpt": 0.0, "features_none": 0.0, "segmentation_quality": 0.0,
-                    "training": 0.0, "metrics": 0.0, "total": 0.0},
+                    "training": 0.0, "metrics": 0.0, "subgroups": 0.0, "total": 0.0},
     },
 }
 
@@ -281,9 +290,11 @@ def _layout(document: Any) -> list[str]:
 
 def _check_layout(report: EvaluationReport) -> None:
     document = json.loads(report_json(report))
-    assert _layout(document) == _layout(_LAYOUT)
-    assert list(document) == list(_LAYOUT)
     assert document == report.as_dict()
+    assert list(document) == list(_LAYOUT)
+    # Which of a subgroup row's intervals are defined differs by row: its paths in any order.
+    assert sorted(_layout(document.pop("subgroups"))) == sorted(_layout(_LAYOUT["subgroups"]))
+    assert _layout(document) == _layout({k: v for k, v in _LAYOUT.items() if k != "subgroups"})
 
 
 @pytest.fixture

@@ -135,7 +135,11 @@ def test_a_tuned_segmenter_never_scores_the_patients_whose_masks_trained_it(
     assert (leakage.scored_patients, leakage.not_evaluated) == (6, 0)
     assert leakage.adapted_on_unlabelled == ()
     document = json.loads(report_json(report))
-    assert list(document)[-3:] == ["prompt_leaks", "leakage", "run"]
+    assert list(document)[-4:] == ["prompt_leaks", "leakage", "subgroups", "run"]
+    # The subgroups score only the scored patients' images.
+    assert report.subgroups is not None
+    assert sum(r.images for r in report.subgroups.rows if r.grouping == "device") == len(
+        {row["image_id"] for row in result.predictions})
     assert "model_comparison" not in document
     assert EvaluationReport.from_dict(document).leakage == leakage
     titles = [title for title, _, _ in summary_tables(report)]

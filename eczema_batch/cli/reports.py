@@ -173,6 +173,10 @@ def report(
     patient: PatientOption = None,
     html: Annotated[Path | None, typer.Option(
         "--html", help="Also write the HTML report (a page per patient) to this folder.")] = None,
+    evaluation: Annotated[Path | None, typer.Option(
+        "--evaluation", help="With --html: show this evaluation's agreement, subgroup and "
+        "robustness tables (the JSON `eczema-batch evaluate -o FILE` wrote) on the cohort "
+        "page.")] = None,
     head: HeadOption = None,
     limit: Annotated[int, typer.Option(min=0, help="Patients listed (0: all).")] = 30,
     include_identifying_pixels: Annotated[bool, typer.Option(
@@ -188,17 +192,27 @@ def report(
     rater's class); change is measured from the first scored visit (baseline).
 
     Example: eczema-batch report --patient S001 --html ./report
+
+    Example: eczema-batch report --html ./report --evaluation evaluation.json
     """
     from eczema_batch.report.cohort import build_report, review_thresholds, trend_rules
 
     settings = _settings()
     if html is not None:
         check_output(html, folder=True)
+    tables = []
+    if evaluation is not None:
+        if html is None:
+            raise UsageError("--evaluation adds tables to the HTML report: give --html FOLDER")
+        from eczema_batch.report.evaluation import evaluation_tables, load_evaluation
+
+        tables = evaluation_tables(load_evaluation(evaluation))
     factory = _catalogue(settings)
     with factory() as session:
         cohort = build_report(session, rules=trend_rules(settings),
                               thresholds=review_thresholds(settings), study=study,
                               patient=patient, head_id=head)
+        cohort.tables.extend(tables)
         written = None
         if html is not None:
             from eczema_batch.report.html import write_html_report

@@ -184,6 +184,9 @@ def evaluate(
     ] = None,
     verbatim: VerbatimOption = False,
     reference_label: ReferenceLabelOption = None,
+    no_subgroups: Annotated[bool, typer.Option(
+        "--no-subgroups", help="Skip the subgroup section (per skin tone, body site, device; "
+        "estimates the skin tone of images the manifest gives none).")] = False,
 ) -> None:
     """Cross-validate the method by patient and report it with error bars.
 
@@ -235,6 +238,7 @@ def evaluate(
         train=_train_settings(configs[0], epochs, lr, hidden, dropout, seed, class_weights,
                               batch_size),
         reference_label=reference_label or settings.reference_label,
+        subgroups=not no_subgroups,
     )
     stage = {"name": ""}
     with _progress("evaluating") as update:

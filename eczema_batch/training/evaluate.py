@@ -26,6 +26,7 @@ from eczema_batch.catalogue.labels import parse_reference_rule
 from eczema_batch.errors import UsageError
 from eczema_batch.measuring.config import SEGMENTER_MODES, RunConfig, SegmenterMode
 from eczema_batch.measuring.runtime import identify, resolve_targets
+from eczema_batch.measuring.skintone import estimate_skin_tones
 from eczema_batch.pipeline.classify import predict_proba
 from eczema_batch.pipeline.evaluate import (
     BOOTSTRAP_REPLICATES,
@@ -70,6 +71,7 @@ from eczema_batch.training.results import (
     SegmentationQuality,
 )
 from eczema_batch.training.segmentation import segmentation_quality
+from eczema_batch.training.subgroups import SubgroupReport, image_attributes, subgroup_report
 
 DEFAULT_FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -87,6 +89,8 @@ class EvaluationSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     #: which label is an image's truth (catalogue.labels): newest, majority, adjudicator:NAME
     reference_label: str = "newest"
+    #: the head's accuracy per skin tone, body site and device (training.subgroups)
+    subgroups: bool = True
 
     def __post_init__(self) -> None:
         if self.segmenter not in SEGMENTER_MODES:
@@ -111,7 +115,8 @@ class EvaluationSettings:
         return {"folds": self.folds, "repeats": self.repeats, "segmenter": self.segmenter,
                 "fractions": list(self.fractions), "seed": self.seed,
                 "bootstrap": self.bootstrap, "ablation": list(self.modes),
-                "train": self.train.as_dict(), "reference_label": self.reference_label}
+                "train": self.train.as_dict(), "reference_label": self.reference_label,
+                "subgroups": self.subgroups}
 
 
 @dataclass
@@ -215,6 +220,12 @@ def run_evaluation(
             first_replicates=scores.replicates.get(settings.segmenter))
     data_summary = DataSummary.of(data, refs, splits)
     timings["metrics"] = time.perf_counter() - tick
+    subgroups = None
+    if settings.subgroups:
+        tick = time.perf_counter()
+        subgroups = _subgroups(factory, config, data, results[settings.segmenter]["head"],
+                               settings)
+        timings["subgroups"] = time.perf_counter() - tick
     naive = naive_forwards(data, refs, splits, settings.modes, seg_mode is not None)
     for _ in others:  # each compared configuration: the main mode and segmentation quality
         more = naive_forwards(data, refs, splits, (settings.segmenter,),
@@ -231,7 +242,7 @@ def run_evaluation(
         # `run` is a function of the catalogue, the models and the seed.
         run=RunInfo(forwards=Forwards.from_dict(counts.as_dict()), naive_forwards=naive,
                     seconds={k: round(v, 3) for k, v in timings.items()}),
-        leakage=excluded.report, model_comparison=comparison,
+        leakage=excluded.report, model_comparison=comparison, subgroups=subgroups,
     )
     rows = prediction_rows(data, results)
     with factory() as session:
@@ -241,6 +252,22 @@ def run_evaluation(
             seed=settings.seed)
     report = replace(report, agreement=agreement)
     return EvaluationResult(report=report, predictions=rows, prompt_audit=audit)
+
+
+def _subgroups(factory: sessionmaker[Session], config: RunConfig, data: LabelledImages,
+               head: MethodPredictions, settings: EvaluationSettings) -> SubgroupReport:
+    """The head's scores per skin tone, body site and device; skin tones not given by the
+    manifest are estimated (and recorded) first."""
+    positions, proba = head.pooled()
+    image_ids = data.image_ids[positions]
+    with factory() as session, session.begin():
+        estimate_skin_tones(session, image_ids.tolist(), image_root=config.image_root,
+                            max_pixels=config.max_pixels, threads=config.decode_threads)
+        attributes = image_attributes(session, np.unique(image_ids).tolist())
+    return subgroup_report(
+        image_ids=image_ids, patient_ids=data.patient_ids[positions],
+        labels=data.labels[positions], proba=proba, attributes=attributes,
+        segmenter=settings.segmenter, bootstrap=settings.bootstrap, seed=settings.seed)
 
 
 def _other_configuration(

@@ -369,6 +369,10 @@ def summary_tables(report: EvaluationReport) -> list[Table]:
         tables += agreement_tables(report.agreement)
     else:
         tables.append(("reference label", ["rule"], [[report.settings.reference_label]]))
+    if report.subgroups is not None:
+        from eczema_batch.training.subgroups import subgroup_tables
+
+        tables += subgroup_tables(report.subgroups)
     return tables
 
 
