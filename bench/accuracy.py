@@ -18,7 +18,9 @@ of the difference; the frozen against the adapted embedder (paired interval of t
 Dice and IoU against the true masks of every predicted mask (the run's and those `evaluate` made
 with each fold's prompts) on the patients held out from tuning the segmenter, for the tuned and
 the base segmenter (`bench.tune_segmenter.held_out_scores`); the share of
-patients with at least 3 visits whose reported trend status matches the truth.
+patients with at least 3 visits whose reported trend status matches the truth; the subgroup
+section of the whole-image evaluation (per skin tone, body site, device) and how the estimated
+skin tones (ITA) rank the images against the Fitzpatrick type the study painted.
 
 Targets (issue 13): head - majority >= 0.30 with its interval above 0; adapted - frozen with its
 interval above 0; Dice >= 0.75 on held-out patients; trend status right for >= 80% of them.
@@ -37,6 +39,7 @@ import csv
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -45,7 +48,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.tune_segmenter import held_out_scores
+from eczema_batch.imaging.skintone import ita_category
 from eczema_batch.pipeline.maskscore import OverlapSummary
 
 VISITS = 5
@@ -53,6 +59,7 @@ IMAGES_PER_VISIT = 1
 SEED = 0
 EMBEDDER, SEGMENTER = "tiny-dino", "tiny-seggpt"
 ADAPTED, TUNED = "dino-study", "seggpt-study"
+ROMAN = ("I", "II", "III", "IV", "V", "VI")
 #: the trend statuses a truth trend can be read as
 TRENDS = ("improving", "stable", "worsening")
 
@@ -171,6 +178,7 @@ def main() -> None:
             "masks": {name: overlap(held_out_scores(database_url, workdir, model, held_out))
                       for name, model in (("tuned", TUNED), ("base", SEGMENTER))},
             "trend": trend_agreement(report, truth_rows),
+            "subgroups": subgroups(whole, workdir / "catalogue.sqlite3", truth_rows),
             "seconds": {stage: round(s, 1) for stage, s in bench.seconds.items()},
         }
     finally:
@@ -180,6 +188,52 @@ def main() -> None:
         print(json.dumps(figures, indent=2))
     else:
         print_figures(figures)
+
+
+def subgroups(doc: dict[str, Any], catalogue: Path, truth: list[dict[str, str]]
+              ) -> dict[str, Any]:
+    """The evaluation's subgroup section, and how its estimated skin tones (ITA) rank the images
+    against the Fitzpatrick type the study painted (Spearman; -1: deeper type, lower ITA)."""
+    painted = {row["path"]: ROMAN.index(row["tone"]) + 1 for row in truth}
+    with sqlite3.connect(catalogue) as db:
+        estimated = db.execute("SELECT path, skin_ita FROM images WHERE skin_ita IS NOT NULL"
+                               ).fetchall()
+    pairs = np.array([(painted[path], ita) for path, ita in estimated if path in painted])
+    ranks = [np.argsort(np.argsort(pairs[:, k])) for k in (0, 1)] if len(pairs) > 2 else []
+    by_type: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for fitzpatrick, ita in pairs:
+        by_type[ROMAN[int(fitzpatrick) - 1]][ita_category(float(ita))] += 1
+    section = doc["subgroups"]
+    return {"embedder": doc["models"]["embedder"]["name"], "segmenter": section["segmenter"],
+            "rows": section["rows"], "tone_sources": section["tone_sources"],
+            "ita_vs_painted": {
+                "images": len(pairs),
+                "spearman": float(np.corrcoef(*ranks)[0, 1]) if ranks else None,
+                "categories_by_type": {t: dict(c) for t, c in sorted(by_type.items())}}}
+
+
+def print_subgroups(section: dict[str, Any]) -> None:
+    ita = section["ita_vs_painted"]
+    print(f"subgroups (embedder {section['embedder']}, segmenter {section['segmenter']}, "
+          f"head weighted F1 and score bias with 95% patient-bootstrap intervals):")
+    for row in section["rows"]:
+        f1, bias = row["weighted_f1"], row["score_bias"]
+        print(f"  {row['grouping']:9} {row['group']:20} {row['patients']:3} patients "
+              f"{row['images']:4} images  F1 {_value(f1)}  bias {_value(bias, signed=True)}"
+              + ("  (few patients)" if row["few_patients"] else ""))
+    spearman = "-" if ita["spearman"] is None else f"{ita['spearman']:+.2f}"
+    print(f"  estimated ITA vs painted Fitzpatrick type: Spearman {spearman} over "
+          f"{ita['images']} images; ITA categories by type: "
+          f"{json.dumps(ita['categories_by_type'])}")
+
+
+def _value(score: dict[str, Any], *, signed: bool = False) -> str:
+    if score["value"] is None:
+        return "-"
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    ci = score["ci95"]
+    interval = "" if ci is None else f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+    return fmt.format(score["value"]) + interval
 
 
 def summarise(doc: dict[str, Any]) -> dict[str, Any]:
@@ -245,6 +299,7 @@ def print_figures(figures: dict[str, Any]) -> None:
     print(f"  trend status right for {trend['right']} of {trend['patients']} patients with >= 3 "
           f"visits ({100 * (trend['share'] or 0):.0f}%); truth -> reported: "
           f"{json.dumps(trend['confusion'])}")
+    print_subgroups(figures["subgroups"])
     print("wall time (s): " + ", ".join(f"{k} {v}" for k, v in figures["seconds"].items()))
 
 
