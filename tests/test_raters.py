@@ -364,3 +364,22 @@ def test_evaluate_reports_raters_and_the_model_beside_them(
         == report.as_dict()
     titles = [title for title, _, _ in summary_tables(report)]
     assert any("agree" in title.lower() for title in titles)
+
+
+def test_the_html_report_shows_the_raters_agreement_once_two_raters_label(
+    rated: list[int], tmp_path: Path
+) -> None:
+    html = tmp_path / "html"
+    code, _, err = _invoke("report", "--html", str(html))
+    assert code == 0, err
+    assert "agreement" not in (html / "index.html").read_text()  # one rater only
+    for n, image in enumerate(rated):
+        _invoke("review", "set", str(image), "--severity", str((n + n // 4) % 4), "--by",
+                "<i>dr-b</i>", "--blinded")
+    code, _, err = _invoke("report", "--html", str(html))
+    assert code == 0, err
+    index = (html / "index.html").read_text()
+    assert "<h2>agreement: quadratic-weighted kappa" in index
+    assert "&lt;i&gt;dr-b&lt;/i&gt; vs dr-a" in index and "<i>dr-b</i>" not in index
+    assert "From the catalogue&#39;s labels: 8 images labelled by two raters" in index
+    assert "Krippendorff" in index

@@ -200,19 +200,29 @@ def report(
     settings = _settings()
     if html is not None:
         check_output(html, folder=True)
-    tables = []
+    evaluated = None
     if evaluation is not None:
         if html is None:
             raise UsageError("--evaluation adds tables to the HTML report: give --html FOLDER")
-        from eczema_batch.report.evaluation import evaluation_tables, load_evaluation
+        from eczema_batch.report.extra_tables import load_evaluation
 
-        tables = evaluation_tables(load_evaluation(evaluation))
+        evaluated = load_evaluation(evaluation)
     factory = _catalogue(settings)
     with factory() as session:
         cohort = build_report(session, rules=trend_rules(settings),
                               thresholds=review_thresholds(settings), study=study,
                               patient=patient, head_id=head)
-        cohort.tables.extend(tables)
+        if html is not None:
+            from eczema_batch.report.extra_tables import (
+                evaluation_tables,
+                rater_agreement_tables,
+            )
+
+            if evaluated is None or evaluated.agreement is None:
+                cohort.tables.extend(rater_agreement_tables(
+                    session, study=study, reference_rule=settings.reference_label))
+            if evaluated is not None:
+                cohort.tables.extend(evaluation_tables(evaluated))
         written = None
         if html is not None:
             from eczema_batch.report.html import write_html_report

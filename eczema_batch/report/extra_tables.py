@@ -1,13 +1,18 @@
-"""Tables of a saved `eczema-batch evaluate -o FILE` for the HTML report's cohort page.
+"""The cohort page's extra tables: the raters' agreement, and a saved evaluation's tables.
 
 Evaluating cross-validates the whole method (minutes to hours); the report only reads what an
-evaluation wrote, and says which one: its study, settings and models head every table's note.
+evaluation wrote (`eczema-batch evaluate -o FILE`), and says which one: its study, settings and
+models head every table's note. The raters' agreement needs no model: it is computed from the
+catalogue's labels whenever two raters labelled an image, unless the evaluation carries it (with
+the model beside the raters).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from sqlalchemy.orm import Session
 
 from eczema_batch.errors import UsageError
 from eczema_batch.report.cohort import ReportTable
@@ -46,3 +51,20 @@ def evaluation_tables(report: EvaluationReport) -> list[ReportTable]:
                         rows=tuple(tuple(row) for row in rows), note=origin)
             for title, columns, rows in summary_tables(report)
             if title.startswith(CARRIED)]
+
+
+def rater_agreement_tables(session: Session, *, study: str | None, reference_rule: str
+                           ) -> list[ReportTable]:
+    """Rater vs rater agreement from the catalogue's labels; none unless an image has two
+    raters."""
+    from eczema_batch.training.agreement import agreement_tables, catalogue_agreement
+
+    report = catalogue_agreement(session, study=study, reference_rule=reference_rule)
+    if report.multi_rated == 0:
+        return []
+    note = (f"From the catalogue's labels: {report.multi_rated} images labelled by two raters "
+            "or more. The model beside the raters: eczema-batch evaluate -o FILE, then "
+            "eczema-batch report --html DIR --evaluation FILE.")
+    return [ReportTable(title=title, header=tuple(columns),
+                        rows=tuple(tuple(row) for row in rows), note=note)
+            for title, columns, rows in agreement_tables(report)]
