@@ -1,13 +1,28 @@
-"""`evaluate --robustness`: the perturbations on hand-built images."""
+"""`evaluate --robustness`: the perturbations on hand-built images, the held-out sample, and the
+pass end to end with tiny models on SQLite and PostgreSQL (zero strength changes nothing, the
+catalogue is untouched, the report section through the CLI)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from typer.testing import CliRunner
 
+from eczema_batch.catalogue.models import Embedding, Mask
+from eczema_batch.cli import app
+from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS
+from eczema_batch.ingest.service import ingest_study
+from eczema_batch.measuring.config import RunConfig
+from eczema_batch.pipeline.evaluate import Split
 from eczema_batch.pipeline.perturb import (
     DEFAULT_PERTURBATIONS,
     KINDS,
@@ -15,6 +30,14 @@ from eczema_batch.pipeline.perturb import (
     PerturbedPixels,
     image_rng,
 )
+from eczema_batch.pipeline.train import TrainSettings
+from eczema_batch.synth import write_synthetic_study
+from eczema_batch.training import evaluate as evaluate_module
+from eczema_batch.training.evaluate import EvaluationSettings, run_evaluation
+from eczema_batch.training.report import summary_tables
+from eczema_batch.training.results import EvaluationReport
+from eczema_batch.training.robustness import sample_held_out
+from tests._model_fixtures import tiny_model_dir_fixture  # noqa: F401
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -146,3 +169,111 @@ def test_perturbed_pixels_change_the_query_not_the_prompts() -> None:
     assert pixels.pairs([5], (8, 8))[5] is source.pair
     plain = PerturbedPixels(source, None, seed=3)  # type: ignore[arg-type]
     assert plain.get(2) is source.images[2]
+
+
+def test_the_sample_spreads_over_patients() -> None:
+    patients = np.repeat(np.arange(6), 4)  # 6 patients x 4 images
+    splits = [Split(0, f, np.array([], dtype=np.int64), np.flatnonzero(patients % 2 == f))
+              for f in range(2)]
+    chosen = sample_held_out(splits, patients, 6, seed=0)
+    taken = np.concatenate(chosen)
+    assert len(taken) == 6 and sorted(set(patients[taken].tolist())) == list(range(6))
+    for split, mine in zip(splits, chosen, strict=True):
+        assert set(mine.tolist()) <= set(split.test.tolist())
+    assert all(np.array_equal(a, b) for a, b in
+               zip(chosen, sample_held_out(splits, patients, 6, seed=0), strict=True))
+    assert len(np.concatenate(sample_held_out(splits, patients, 100, seed=0))) == 24
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_study(tmp_path: Path, factory: sessionmaker[Session]) -> Path:
+    root = tmp_path / "study"
+    # 48 images of 8 patients, 14 references (the evaluate tests' study).
+    write_synthetic_study(root, patients=8, visits=3, seed=0, size=(64, 48))
+    assert ingest_study(root, factory=factory, max_pixels=DEFAULT_MAX_IMAGE_PIXELS).exit_code == 0
+    return root
+
+
+def _stored(factory: sessionmaker[Session]) -> tuple[list[tuple[object, ...]], ...]:
+    """Every mask and embedding row, with a digest of its payload."""
+    with factory() as session:
+        masks = [(i, iid, v, hashlib.sha256(png).hexdigest()) for i, iid, v, png in
+                 session.execute(select(Mask.id, Mask.image_id, Mask.variant, Mask.png)
+                                 .order_by(Mask.id))]
+        vectors = [(i, iid, v, hashlib.sha256(b).hexdigest()) for i, iid, v, b in
+                   session.execute(select(Embedding.id, Embedding.image_id, Embedding.variant,
+                                          Embedding.vector).order_by(Embedding.id))]
+    return masks, vectors
+
+
+def test_robustness_zero_changes_nothing_and_stores_nothing(
+    small_study: Path, factory: sessionmaker[Session], tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    config = RunConfig(segmenter_model="tiny-seggpt", embedder_model="tiny-dino",
+                       model_dir=str(tiny_model_dir), device="cpu")
+    settings = EvaluationSettings(folds=3, repeats=2, fractions=(1.0,), bootstrap=50,
+                                  ablation=False, train=TrainSettings(lr=1e-2, epochs=30))
+    plain = run_evaluation(factory, config=config, settings=settings).report
+    assert plain.robustness is None and "robustness" not in plain.as_dict()
+    assert "robustness_images" not in plain.as_dict()["settings"]
+    before = _stored(factory)
+    assert before[0] and before[1]
+
+    zero = (Perturbation("blur", 0), Perturbation("brightness", 1.0), Perturbation("noise", 0),
+            Perturbation("white_balance", 0))
+    strong = (Perturbation("jpeg", 10), Perturbation("brightness", 0.3))
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate_module, "DEFAULT_PERTURBATIONS", zero + strong)
+        report = run_evaluation(factory, config=config,
+                                settings=replace(settings, robustness_images=20)).report
+    robust = report.robustness
+    assert robust is not None
+    # The cross-validation itself is what it was without the robustness pass.
+    assert report.results == plain.results
+    assert robust.images == 20 and robust.available == 48 and robust.repeat == 0
+    assert robust.patients == 8  # 20 images spread over all 8 patients
+    # The unperturbed pass is evaluate's measurement: its head, its prompts, its crop.
+    assert robust.baseline_max_difference < 1e-4
+    assert robust.forwards.segmenter_queries == 20 * 7  # baseline + 6 perturbations
+    for p in robust.perturbations[: len(zero)]:
+        assert p.score_change.mean == 0 and p.abs_score_change.mean == 0, p.name
+        assert p.class_changed.mean == 0 and p.abs_score_change.ci95.high == 0
+        assert p.mask_iou is not None and p.mask_iou.mean == 1.0 and p.mask_iou.n == 20
+    for p in robust.perturbations[len(zero):]:
+        assert p.abs_score_change.mean > 0, p.name
+        assert p.abs_score_change.ci95.low <= p.abs_score_change.mean \
+            <= p.abs_score_change.ci95.high
+        assert p.mask_iou is not None and p.mask_iou.mean < 1.0
+    # Nothing of the perturbed images reached the catalogue.
+    assert _stored(factory) == before
+
+    # Through the CLI, with the default perturbations: the section and its table.
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(app, [
+        "evaluate", "--folds", "3", "--repeats", "1", "--fractions", "1.0", "--bootstrap", "50",
+        "--epochs", "30", "--no-ablation", "--model-dir", str(tiny_model_dir),
+        "--segmenter-model", "tiny-seggpt", "--embedder-model", "tiny-dino",
+        "--robustness", "--robustness-images", "9", "--output", str(out),
+    ])
+    assert result.exit_code == 0, result.stderr
+    assert "robustness (seggpt" in result.stderr and "jpeg q10" in result.stderr
+    document = json.loads(out.read_text())
+    assert document["settings"]["robustness_images"] == 9
+    section = document["robustness"]
+    assert section["images"] == 9 and section["segmenter"] == "seggpt"
+    assert [p["name"] for p in section["perturbations"]] == [
+        p.name for p in DEFAULT_PERTURBATIONS]
+    for p in section["perturbations"]:
+        assert set(p) == {"kind", "value", "name", "parameter", "score_change",
+                          "abs_score_change", "class_changed", "mask_iou"}
+        for key in ("score_change", "abs_score_change", "class_changed", "mask_iou"):
+            assert set(p[key]) == {"mean", "ci95", "n"} and len(p[key]["ci95"]) == 2
+        assert 0 <= p["class_changed"]["mean"] <= 1 and 0 <= p["mask_iou"]["mean"] <= 1
+    typed = EvaluationReport.from_dict(document)
+    assert typed.robustness is not None and typed.as_dict() == document
+    assert any(title.startswith("robustness") for title, _, _ in summary_tables(typed))
+    assert _stored(factory) == before

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from eczema_batch.training.agreement import AgreementReport
     from eczema_batch.training.data import LabelledImages, References
     from eczema_batch.training.evaluate import EvaluationSettings
+    from eczema_batch.training.robustness import RobustnessReport
 
 BASELINES = ("majority", "logistic")
 #: the scalar metrics, in the order the report lists them (the fields of `Metrics`)
@@ -631,6 +632,8 @@ class EvaluationReport:
     model_comparison: ModelComparison | None = None
     #: raters vs raters and the model vs each rater; None unless some image has two raters
     agreement: AgreementReport | None = None
+    #: `--robustness`: held-out predictions under perturbed pixels; None (absent) unless asked
+    robustness: RobustnessReport | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -654,6 +657,8 @@ class EvaluationReport:
             out["model_comparison"] = self.model_comparison.as_dict()
         if self.agreement is not None:
             out["agreement"] = self.agreement.as_dict()
+        if self.robustness is not None:
+            out["robustness"] = self.robustness.as_dict()
         out["run"] = self.run.as_dict()
         return out
 
@@ -678,6 +683,7 @@ class EvaluationReport:
             model_comparison=None if "model_comparison" not in doc
             else ModelComparison.from_dict(doc["model_comparison"]),
             agreement=_agreement_from_dict(doc.get("agreement")),
+            robustness=_robustness_from_dict(doc.get("robustness")),
         )
 
 
@@ -685,6 +691,12 @@ def _agreement_from_dict(doc: Doc | None) -> AgreementReport | None:
     from eczema_batch.training.agreement import AgreementReport
 
     return None if doc is None else AgreementReport.from_dict(doc)
+
+
+def _robustness_from_dict(doc: Doc | None) -> RobustnessReport | None:
+    from eczema_batch.training.robustness import RobustnessReport
+
+    return None if doc is None else RobustnessReport.from_dict(doc)
 
 
 def _settings_from_dict(doc: Doc) -> EvaluationSettings:
@@ -698,4 +710,5 @@ def _settings_from_dict(doc: Doc) -> EvaluationSettings:
         # The document lists the modes evaluated: more than one when the ablation ran.
         ablation=len(doc["ablation"]) > 1, train=TrainSettings(**doc["train"]),
         reference_label=doc.get("reference_label", "newest"),
+        robustness_images=doc.get("robustness_images"),
     )
