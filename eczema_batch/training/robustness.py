@@ -234,7 +234,7 @@ def measure_robustness(
         iou = (_estimate(np.asarray(out.ious), np.asarray(out.iou_patients), bootstrap, seed)
                if out.ious else None)
         results.append(PerturbationResult(
-            kind=perturbation.kind, value=perturbation.value, name=perturbation.name,
+            kind=perturbation.kind, value=float(perturbation.value), name=perturbation.name,
             parameter=PARAMETERS[perturbation.kind],
             score_change=_estimate(change, patients, bootstrap, seed),
             abs_score_change=_estimate(np.abs(change), patients, bootstrap, seed),
