@@ -252,16 +252,22 @@ def test_robustness_zero_changes_nothing_and_stores_nothing(
     assert _stored(factory) == before
 
     # Through the CLI, with the default perturbations: the section and its table.
-    out = tmp_path / "report.json"
-    result = CliRunner().invoke(app, [
-        "evaluate", "--folds", "3", "--repeats", "1", "--fractions", "1.0", "--bootstrap", "50",
-        "--epochs", "30", "--no-ablation", "--model-dir", str(tiny_model_dir),
-        "--segmenter-model", "tiny-seggpt", "--embedder-model", "tiny-dino",
-        "--robustness", "--robustness-images", "9", "--output", str(out),
-    ])
-    assert result.exit_code == 0, result.stderr
-    assert "robustness (seggpt" in result.stderr and "jpeg q10" in result.stderr
+    def cli(out: Path) -> str:
+        result = CliRunner().invoke(app, [
+            "evaluate", "--folds", "3", "--repeats", "1", "--fractions", "1.0", "--bootstrap",
+            "50", "--epochs", "30", "--no-ablation", "--model-dir", str(tiny_model_dir),
+            "--segmenter-model", "tiny-seggpt", "--embedder-model", "tiny-dino",
+            "--robustness", "--robustness-images", "9", "--output", str(out),
+        ])
+        assert result.exit_code == 0, result.stderr
+        return result.stderr
+
+    out, again = tmp_path / "report.json", tmp_path / "again.json"
+    stderr = cli(out)
+    assert "robustness (seggpt" in stderr and "jpeg q10" in stderr
     document = json.loads(out.read_text())
+    cli(again)  # the same seed: the same section, noise draws included
+    assert json.loads(again.read_text())["robustness"] == document["robustness"]
     assert document["settings"]["robustness_images"] == 9
     section = document["robustness"]
     assert section["images"] == 9 and section["segmenter"] == "seggpt"
