@@ -187,6 +187,12 @@ def evaluate(
     no_subgroups: Annotated[bool, typer.Option(
         "--no-subgroups", help="Skip the subgroup section (per skin tone, body site, device; "
         "estimates the skin tone of images the manifest gives none).")] = False,
+    robustness: Annotated[bool, typer.Option(
+        "--robustness", help="Also re-measure held-out images under blur, brightness, noise, "
+        "JPEG and white-balance perturbations (first repeat's folds; nothing stored).")] = False,
+    robustness_images: Annotated[int, typer.Option(
+        min=1, help="--robustness: at most this many held-out images, spread over patients.")
+    ] = 200,
 ) -> None:
     """Cross-validate the method by patient and report it with error bars.
 
@@ -238,7 +244,7 @@ def evaluate(
         train=_train_settings(configs[0], epochs, lr, hidden, dropout, seed, class_weights,
                               batch_size),
         reference_label=reference_label or settings.reference_label,
-        subgroups=not no_subgroups,
+        subgroups=not no_subgroups, robustness_images=robustness_images if robustness else None,
     )
     stage = {"name": ""}
     with _progress("evaluating") as update:

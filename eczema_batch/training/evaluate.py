@@ -35,6 +35,7 @@ from eczema_batch.pipeline.evaluate import (
     majority_proba,
     subsample_groups,
 )
+from eczema_batch.pipeline.perturb import DEFAULT_PERTURBATIONS
 from eczema_batch.pipeline.records import Counts, Keyed, Measurement
 from eczema_batch.pipeline.train import (
     MIN_LABELS_PER_CLASS,
@@ -45,7 +46,7 @@ from eczema_batch.pipeline.train import (
 from eczema_batch.progress import Progress, StageProgress
 from eczema_batch.training.agreement import evaluation_agreement
 from eczema_batch.training.data import LabelledImages, References, labelled_images, references
-from eczema_batch.training.features import FeatureRequest, FeatureStore, study_references
+from eczema_batch.training.features import FeatureRequest, FeatureStore, fold_references
 from eczema_batch.training.leakage import (
     UsedModel,
     check_scorable,
@@ -70,6 +71,7 @@ from eczema_batch.training.results import (
     RunInfo,
     SegmentationQuality,
 )
+from eczema_batch.training.robustness import measure_robustness
 from eczema_batch.training.segmentation import segmentation_quality
 from eczema_batch.training.subgroups import SubgroupReport, image_attributes, subgroup_report
 
@@ -91,6 +93,9 @@ class EvaluationSettings:
     reference_label: str = "newest"
     #: the head's accuracy per skin tone, body site and device (training.subgroups)
     subgroups: bool = True
+    #: `--robustness`: re-measure at most this many held-out images under perturbations
+    #: (training.robustness); None: not asked
+    robustness_images: int | None = None
 
     def __post_init__(self) -> None:
         if self.segmenter not in SEGMENTER_MODES:
@@ -102,6 +107,8 @@ class EvaluationSettings:
             raise UsageError(f"--fractions {self.fractions}: each must be in (0, 1]")
         if self.bootstrap < 1:
             raise UsageError("--bootstrap must be at least 1")
+        if self.robustness_images is not None and self.robustness_images < 1:
+            raise UsageError("--robustness-images must be at least 1")
         object.__setattr__(self, "reference_label",
                            str(parse_reference_rule(self.reference_label)))
 
@@ -112,11 +119,14 @@ class EvaluationSettings:
         return (self.segmenter, "seggpt" if self.segmenter == "none" else "none")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"folds": self.folds, "repeats": self.repeats, "segmenter": self.segmenter,
-                "fractions": list(self.fractions), "seed": self.seed,
-                "bootstrap": self.bootstrap, "ablation": list(self.modes),
-                "train": self.train.as_dict(), "reference_label": self.reference_label,
-                "subgroups": self.subgroups}
+        out = {"folds": self.folds, "repeats": self.repeats, "segmenter": self.segmenter,
+               "fractions": list(self.fractions), "seed": self.seed,
+               "bootstrap": self.bootstrap, "ablation": list(self.modes),
+               "train": self.train.as_dict(), "reference_label": self.reference_label,
+               "subgroups": self.subgroups}
+        if self.robustness_images is not None:  # absent when not asked: documents unchanged
+            out["robustness_images"] = self.robustness_images
+        return out
 
 
 @dataclass
@@ -205,6 +215,15 @@ def run_evaluation(
         audit.extend(other_audit)
         leaks += other_leaks
         timings[f"compare_{index + 2}"] = time.perf_counter() - tick
+    robust = None
+    if settings.robustness_images is not None:
+        tick = time.perf_counter()
+        robust = measure_robustness(
+            stores[settings.segmenter], data, refs, splits, *features[settings.segmenter],
+            mode=settings.segmenter, train=settings.train, perturbations=DEFAULT_PERTURBATIONS,
+            images=settings.robustness_images, seed=settings.seed,
+            bootstrap=settings.bootstrap, progress=progress)
+        timings["robustness"] = time.perf_counter() - tick
     tick = time.perf_counter()
     scores = score_methods(data, results, segmenter=settings.segmenter,
                            fractions=settings.fractions, bootstrap=settings.bootstrap,
@@ -243,6 +262,7 @@ def run_evaluation(
         run=RunInfo(forwards=Forwards.from_dict(counts.as_dict()), naive_forwards=naive,
                     seconds={k: round(v, 3) for k, v in timings.items()}),
         leakage=excluded.report, model_comparison=comparison, subgroups=subgroups,
+        robustness=robust,
     )
     rows = prediction_rows(data, results)
     with factory() as session:
@@ -353,11 +373,7 @@ def _mode_features(
     manual = store.manual_masks(refs.image_ids.tolist()) if mode == "manual" else {}
     requests = []
     for split in splits:
-        # The pool: references of patients outside the test fold (training patients and
-        # patients with no labelled image at all); the method leaves out the query's own.
-        pool = ~np.isin(refs.patient_ids, data.patient_ids[split.test])
-        by_study = study_references(refs.image_ids[pool], refs.patient_ids[pool],
-                                    refs.study_ids[pool], full)
+        by_study = fold_references(split, data, refs, full)
         requests += [FeatureRequest(int(iid), patients[pos], by_study.get(int(study)),
                                     manual.get(int(iid)))
                      for pos, (iid, study) in enumerate(zip(data.image_ids, data.study_ids,

@@ -15,9 +15,10 @@ the command stops, because an evaluation must not silently change which images i
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,17 +28,23 @@ from eczema_batch.errors import EczemaBatchError
 from eczema_batch.measuring.config import PROMPT_MAX_SIDE, QUERY_MAX_SIDE, RunConfig
 from eczema_batch.measuring.pixels import StudyPixels
 from eczema_batch.measuring.runtime import Runtime, get_runtime
+from eczema_batch.pipeline.evaluate import Split
 from eczema_batch.pipeline.measure import choose_prompts, embed_whole, mask_key, measure
 from eczema_batch.pipeline.records import (
     Counts,
     Keyed,
     Measurement,
     Method,
+    Pixels,
     Query,
     References,
     StoredMask,
 )
 from eczema_batch.progress import Progress
+from eczema_batch.training import data as training_data
+
+if TYPE_CHECKING:
+    from eczema_batch.pipeline.classify import SeverityHead
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +133,26 @@ class FeatureStore:
                 progress(start + len(batch), len(unique))
         return [found[k] for k in keys]
 
+    def remeasure(self, requests: Sequence[FeatureRequest], *, pixels: Callable[[Pixels], Pixels],
+                  head: SeverityHead | None = None, counts: Counts | None = None
+                  ) -> list[Measurement]:
+        """Steps 3 to 5 again from the pixels `pixels` makes of the study's, reading from the
+        catalogue only the whole-image embeddings (so each request gets the prompts `measure`
+        gave it) and writing nothing: for images that are not the study's, such as the
+        robustness check's perturbed ones. One batch: the caller bounds its size."""
+        ids = {r.image_id for r in requests}
+        with self.factory() as session, ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
+            rows = catalogue.image_rows(session, ids, image_root=self.config.image_root)
+            full = catalogue.CatalogueStore(session, embedder_id=self.targets.embedder_id
+                                            ).full_vectors(list(ids))
+            source = StudyPixels(session, self.config, max_side=QUERY_MAX_SIDE, pool=pool,
+                                 prompts=self.runtime.prompts, rows=rows)
+            results, _ = measure(_queries(requests, rows), self.method, self.runtime,
+                                 _WholeImageOnly(full), pixels(source), head=head,
+                                 counts=counts if counts is not None else Counts())
+        _stop_on({m.image_id: m.error for m in results if m.error})
+        return results
+
     def _keys(self, requests: Sequence[FeatureRequest]) -> list[Keyed]:
         """Each request's (image, mask key): step 2 on the stored whole-image embeddings."""
         ids = {r.image_id for r in requests}
@@ -149,6 +176,23 @@ class FeatureStore:
             return catalogue.manual_masks(session, ids)
 
 
+class _WholeImageOnly:
+    """A `pipeline.records.Store` that has the whole-image embeddings and nothing else, so
+    `measure` segments and embeds every query anew."""
+
+    def __init__(self, full: dict[int, np.ndarray]) -> None:
+        self.full = full
+
+    def full_vectors(self, image_ids: Sequence[int]) -> dict[int, np.ndarray]:
+        return {i: self.full[i] for i in image_ids if i in self.full}
+
+    def crop_vectors(self, keys: Sequence[Keyed]) -> dict[Keyed, np.ndarray]:
+        return {}
+
+    def masks(self, keys: Sequence[Keyed]) -> dict[Keyed, StoredMask]:
+        return {}
+
+
 def _queries(requests: Sequence[FeatureRequest], rows: dict[int, catalogue.ImageRow]
              ) -> list[Query]:
     return [Query(r.image_id, r.patient_id, (rows[r.image_id].height, rows[r.image_id].width),
@@ -163,6 +207,17 @@ def _stop_on(failed: dict[int, str]) -> None:
         f"{len(failed)} image(s) cannot be read (image {first[0]}: {first[1]}); they are "
         "now marked and left out: run the command again"
     )
+
+
+def fold_references(split: Split, data: training_data.LabelledImages,
+                    refs: training_data.References, full: dict[int, np.ndarray]
+                    ) -> dict[int, References]:
+    """Who may prompt the images of one split, per study: the references of patients outside
+    its test fold (training patients and patients with no labelled image at all); `measure`
+    leaves out the query's own patient."""
+    pool = ~np.isin(refs.patient_ids, data.patient_ids[split.test])
+    return study_references(refs.image_ids[pool], refs.patient_ids[pool],
+                            refs.study_ids[pool], full)
 
 
 def study_references(ids: np.ndarray, patients: np.ndarray, studies: np.ndarray,

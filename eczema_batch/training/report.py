@@ -363,6 +363,10 @@ def summary_tables(report: EvaluationReport) -> list[Table]:
         tables += _model_comparison_tables(report.model_comparison)
     if report.leakage is not None:
         tables += _leakage_tables(report.leakage)
+    if report.robustness is not None:
+        from eczema_batch.training.robustness import robustness_tables
+
+        tables += robustness_tables(report.robustness)
     if report.agreement is not None:
         from eczema_batch.training.agreement import agreement_tables
 

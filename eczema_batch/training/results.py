@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from eczema_batch.training.agreement import AgreementReport
     from eczema_batch.training.data import LabelledImages, References
     from eczema_batch.training.evaluate import EvaluationSettings
+    from eczema_batch.training.robustness import RobustnessReport
     from eczema_batch.training.subgroups import SubgroupReport
 
 BASELINES = ("majority", "logistic")
@@ -634,6 +635,8 @@ class EvaluationReport:
     agreement: AgreementReport | None = None
     #: the head per skin tone, body site and device; None when not asked for
     subgroups: SubgroupReport | None = None
+    #: `--robustness`: held-out predictions under perturbed pixels; None (absent) unless asked
+    robustness: RobustnessReport | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -659,6 +662,8 @@ class EvaluationReport:
             out["agreement"] = self.agreement.as_dict()
         if self.subgroups is not None:
             out["subgroups"] = self.subgroups.as_dict()
+        if self.robustness is not None:
+            out["robustness"] = self.robustness.as_dict()
         out["run"] = self.run.as_dict()
         return out
 
@@ -684,6 +689,7 @@ class EvaluationReport:
             else ModelComparison.from_dict(doc["model_comparison"]),
             agreement=_agreement_from_dict(doc.get("agreement")),
             subgroups=_subgroups_from_dict(doc.get("subgroups")),
+            robustness=_robustness_from_dict(doc.get("robustness")),
         )
 
 
@@ -697,6 +703,10 @@ def _subgroups_from_dict(doc: Doc | None) -> SubgroupReport | None:
     from eczema_batch.training.subgroups import SubgroupReport
 
     return None if doc is None else SubgroupReport.from_dict(doc)
+def _robustness_from_dict(doc: Doc | None) -> RobustnessReport | None:
+    from eczema_batch.training.robustness import RobustnessReport
+
+    return None if doc is None else RobustnessReport.from_dict(doc)
 
 
 def _settings_from_dict(doc: Doc) -> EvaluationSettings:
@@ -711,4 +721,5 @@ def _settings_from_dict(doc: Doc) -> EvaluationSettings:
         ablation=len(doc["ablation"]) > 1, train=TrainSettings(**doc["train"]),
         reference_label=doc.get("reference_label", "newest"),
         subgroups=doc.get("subgroups", False),
+        robustness_images=doc.get("robustness_images"),
     )
