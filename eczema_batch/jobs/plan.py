@@ -10,6 +10,7 @@ those planned with another configuration are cancelled (their images are planned
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,10 @@ class Plan:
     #: stage -> images to do: new jobs' and those of the unfinished jobs taken over
     images: dict[str, int] = field(default_factory=dict)
     resumed: int = 0
+    #: --quality skip: images left unscored for their quality flag
+    quality_skipped: int = 0
+    #: ... and their reasons: kind (blurred, underexposed, blue colour cast...) -> images
+    quality_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
     def job_count(self) -> int:
@@ -105,6 +110,13 @@ def images_needing_measure(
     return [i for i in in_scope if not current(i)]
 
 
+def flagged_images(session: Session, study: str | None) -> dict[int, str]:
+    """Image id -> quality flag of the flagged images in scope (a cleared flag is None)."""
+    flagged = Image.quality_flag.is_not(None)
+    return {iid: flag or "" for iid, flag in session.execute(
+        select(Image.id, Image.quality_flag).where(_scope(study), flagged)).all()}
+
+
 def _chunks(ids: Sequence[int], size: int) -> list[list[int]]:
     return [list(ids[i : i + size]) for i in range(0, len(ids), size)]
 
@@ -133,11 +145,18 @@ def plan_run(
         reset = session.execute(reset_stmt.values(decode_status="ok")
                                 .execution_options(synchronize_session=False))
         retried = getattr(reset, "rowcount", 0)
-    settings = RunSettings(config, targets, study, retried).as_json()
+    skipped: dict[int, str] = {}
+    if config.quality == "skip":
+        skipped = flagged_images(session, study)
+    kinds = dict(sorted(Counter(
+        reason.split(" (", 1)[0] for flag in skipped.values() for reason in flag.split("; ")
+    ).items()))
+    left_out = {"images": len(skipped), "reasons": kinds} if config.quality == "skip" else None
+    settings = RunSettings(config, targets, study, retried, left_out).as_json()
     run = Run(executor=executor, settings=settings, state=RunState.RUNNING)
     session.add(run)
     session.flush()
-    plan = Plan(run_id=run.id)
+    plan = Plan(run_id=run.id, quality_skipped=len(skipped), quality_reasons=kinds)
 
     covered: set[int] = set()
     #: stage -> images in the unfinished jobs taken over (they count in the run's images)
@@ -169,7 +188,8 @@ def plan_run(
     if config.segmenter_mode != "none":
         needs["embed"] = images_needing_embed(session, targets, study)
     needs["measure"] = [
-        i for i in images_needing_measure(session, config, targets, study) if i not in covered
+        i for i in images_needing_measure(session, config, targets, study)
+        if i not in covered and i not in skipped
     ]
     in_embed_jobs = {i for job_id in plan.jobs.get("embed", [])
                      for i in session.get_one(Job, job_id).image_ids}
@@ -194,9 +214,14 @@ def run_settings(session: Session, run_id: int | None) -> dict[str, Any]:
 
 
 #: Settings that change what a job computes; the rest (batch size, device) only how fast.
-_WORK_KEYS = ("segmenter_model", "embedder_model", "segmenter_mode", "prompts", "targets")
+#: `quality` too: a run that skips flagged images must not take over jobs that score them.
+_WORK_KEYS = ("segmenter_model", "embedder_model", "segmenter_mode", "prompts", "targets",
+              "quality")
+#: What a key means when a run planned before it existed has none.
+_WORK_DEFAULTS = {"quality": "flag"}
 
 
 def same_work(old: dict[str, Any], new: dict[str, Any]) -> bool:
     """Whether runs planned with these settings compute the same results."""
-    return all(old.get(k) == new.get(k) for k in _WORK_KEYS)
+    return all(old.get(k, _WORK_DEFAULTS.get(k)) == new.get(k, _WORK_DEFAULTS.get(k))
+               for k in _WORK_KEYS)
