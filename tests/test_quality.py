@@ -142,3 +142,11 @@ def test_camera_names_are_cleaned_and_capped() -> None:
     assert camera_name("  FotoFinder\x1b[2J ", None) == "FotoFinder [2J"
     assert camera_name(b"", "  ") is None and camera_name(None, None) is None
     assert len(camera_name("M" * 100, "X" * 100) or "") == MAX_DEVICE
+
+
+def test_a_png_gets_a_sample_too() -> None:
+    out = io.BytesIO()
+    Image.fromarray(skin_checkerboard(600)).save(out, format="PNG")
+    info = check_bytes(out.getvalue(), max_pixels=10**8, sample_side=SAMPLE_SIDE)
+    assert info.sample is not None and info.sample.shape == (SAMPLE_SIDE, SAMPLE_SIDE, 3)
+    assert reasons(np.asarray(info.sample)) == []

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from eczema_batch.catalogue.models import Embedding, Event, Image, Rejection, Run
 from eczema_batch.cli import app
 from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS
+from eczema_batch.ingest.manifest import read_manifest
 from eczema_batch.ingest.service import IngestReport, ingest_study
 from eczema_batch.synth import write_synthetic_study
 from tests._model_fixtures import tiny_model_dir  # noqa: F401
@@ -65,6 +66,41 @@ def study(tmp_path: Path) -> Path:
         {"path": UNTYPED, "fitzpatrick": "7", "severity": "1"},
     ], columns=COLUMNS)
     return root
+
+
+@pytest.mark.parametrize(("cell", "value"), [
+    ("1", 1), ("VI", 6), ("iii", 3), (" Type IV ", 4), ("", None)])
+def test_fitzpatrick_cells_are_read_as_types(tmp_path: Path, cell: str, value: int | None) -> None:
+    write_manifest(tmp_path, [{"path": SHARP, "fitzpatrick": cell}], columns=COLUMNS)
+    manifest = read_manifest(tmp_path / "manifest.csv")
+    assert manifest.rows[SHARP].fitzpatrick == value and manifest.rows[SHARP].parts == ()
+
+
+def test_raters_rows_must_agree_on_the_fitzpatrick_type(tmp_path: Path) -> None:
+    write_manifest(tmp_path, [
+        {"path": SHARP, "fitzpatrick": "II", "rater": "a", "severity": "1"},
+        {"path": SHARP, "fitzpatrick": "", "rater": "b", "severity": "2"},
+        {"path": SOFT, "fitzpatrick": "II", "rater": "a"},
+        {"path": SOFT, "fitzpatrick": "3", "rater": "b"},
+    ], columns=(*COLUMNS, "rater"))
+    manifest = read_manifest(tmp_path / "manifest.csv")
+    assert manifest.rows[SHARP].fitzpatrick == 2
+    assert manifest.problems[SOFT] == (
+        "manifest.csv line 5: fitzpatrick '3' differs from '2' on line 4 of the same path: the "
+        "rows of one image must agree")
+
+
+def test_a_bad_severity_and_a_bad_type_on_one_row_are_both_said(
+    study: Path, factory: sessionmaker[Session]
+) -> None:
+    write_manifest(study, [{"path": SHARP, "fitzpatrick": "VII", "severity": "sever"}],
+                   columns=COLUMNS)
+    report = run_ingest(study, factory)
+    assert sorted(r["kind"] for r in report.rejected) == ["fitzpatrick", "label"]
+    with factory() as session:
+        [stored] = session.execute(select(Rejection.path, Rejection.reason)).all()
+    assert stored.path == SHARP
+    assert "severity 'sever'" in stored.reason and "fitzpatrick 'VII'" in stored.reason
 
 
 def images(factory: sessionmaker[Session]) -> dict[str, Image]:
