@@ -258,6 +258,9 @@ def test_run_flag_scores_flagged_images(
     assert synthetic in crops(factory)
     with factory() as session:
         assert session.get_one(Run, payload["run"]).settings["quality"] == "flag"
+    # Scored already: a skip run has nothing to leave out (it counts only what needed work).
+    assert run_cli(tiny_model_dir, "--quality", "skip")["quality_skipped"] == {
+        "images": 0, "reasons": {}}
 
 
 def test_a_wrong_quality_mode_is_refused(

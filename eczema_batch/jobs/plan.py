@@ -6,6 +6,8 @@ Two stages, because prompts must exist before anything is segmented:
   segmentation, the crop embedding and, with a head, the prediction.
 Unfinished jobs of an earlier run with the same configuration are taken over, not duplicated;
 those planned with another configuration are cancelled (their images are planned again).
+With `--quality skip`, images the quality gate flagged are left out of `measure`, and how many
+(of those that needed it) and why is recorded in the run's settings.
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ def images_needing_measure(
 
 
 def flagged_images(session: Session, study: str | None) -> dict[int, str]:
-    """Image id -> quality flag of the flagged images in scope (a cleared flag is None)."""
+    """Image id -> quality flag of the flagged images in scope (a cleared flag is None, and a
+    `--quality skip` run scores the image)."""
     flagged = Image.quality_flag.is_not(None)
     return {iid: flag or "" for iid, flag in session.execute(
         select(Image.id, Image.quality_flag).where(_scope(study), flagged)).all()}
@@ -145,18 +148,11 @@ def plan_run(
         reset = session.execute(reset_stmt.values(decode_status="ok")
                                 .execution_options(synchronize_session=False))
         retried = getattr(reset, "rowcount", 0)
-    skipped: dict[int, str] = {}
-    if config.quality == "skip":
-        skipped = flagged_images(session, study)
-    kinds = dict(sorted(Counter(
-        reason.split(" (", 1)[0] for flag in skipped.values() for reason in flag.split("; ")
-    ).items()))
-    left_out = {"images": len(skipped), "reasons": kinds} if config.quality == "skip" else None
-    settings = RunSettings(config, targets, study, retried, left_out).as_json()
+    settings = RunSettings(config, targets, study, retried).as_json()
     run = Run(executor=executor, settings=settings, state=RunState.RUNNING)
     session.add(run)
     session.flush()
-    plan = Plan(run_id=run.id, quality_skipped=len(skipped), quality_reasons=kinds)
+    plan = Plan(run_id=run.id)
 
     covered: set[int] = set()
     #: stage -> images in the unfinished jobs taken over (they count in the run's images)
@@ -188,9 +184,19 @@ def plan_run(
     if config.segmenter_mode != "none":
         needs["embed"] = images_needing_embed(session, targets, study)
     needs["measure"] = [
-        i for i in images_needing_measure(session, config, targets, study)
-        if i not in covered and i not in skipped
+        i for i in images_needing_measure(session, config, targets, study) if i not in covered
     ]
+    if config.quality == "skip":
+        flagged = flagged_images(session, study)
+        left_out = [flagged[i] for i in needs["measure"] if i in flagged]
+        needs["measure"] = [i for i in needs["measure"] if i not in flagged]
+        plan.quality_skipped = len(left_out)
+        plan.quality_reasons = dict(sorted(Counter(
+            reason.split(" (", 1)[0] for flag in left_out for reason in flag.split("; ")
+        ).items()))
+        run.settings = RunSettings(
+            config, targets, study, retried,
+            {"images": plan.quality_skipped, "reasons": plan.quality_reasons}).as_json()
     in_embed_jobs = {i for job_id in plan.jobs.get("embed", [])
                      for i in session.get_one(Job, job_id).image_ids}
     needs["embed"] = [i for i in needs["embed"] if i not in in_embed_jobs]
