@@ -126,6 +126,29 @@ class Settings(BaseSettings):
         default=1, ge=1,
         description="a responder's last visit is at least this many classes better than baseline",
     )
+    # The image-quality gate (eczema_batch/imaging/quality.py, QualityThresholds: the same
+    # defaults, with the measurements that chose them). Compared at ingest, stored per image.
+    quality_min_sharpness: float = Field(
+        default=3.0, ge=0,
+        description="flag an image as blurred below this variance of its Laplacian (512 px copy)",
+    )
+    quality_min_luminance: float = Field(
+        default=0.15, ge=0, le=1, description="flag as underexposed below this mean luminance (0-1)"
+    )
+    quality_max_luminance: float = Field(
+        default=0.85, ge=0, le=1, description="flag as overexposed above this mean luminance (0-1)"
+    )
+    quality_max_dark_share: float = Field(
+        default=0.25, ge=0, le=1, description="flag when more of the pixels than this are black"
+    )
+    quality_max_bright_share: float = Field(
+        default=0.10, ge=0, le=1, description="flag when more of the pixels than this are white"
+    )
+    quality_max_cast: float = Field(
+        default=4.0, ge=0,
+        description="flag a colour cast: the picture's median colour this far (CIELAB units) "
+        "outside skin's red-to-yellow hues",
+    )
     # Several raters (eczema_batch/catalogue/labels.py): which label is an image's truth.
     reference_label: str = Field(
         default="newest",

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from eczema_batch.catalogue.db import open_catalogue
 from eczema_batch.config import Settings
 from eczema_batch.errors import EczemaBatchError, ModelNotFoundError
+from eczema_batch.imaging.quality import thresholds_from
 from eczema_batch.measuring.config import RunConfig
 from eczema_batch.report.cohort import (
     CohortReport,
@@ -223,7 +224,8 @@ def run_demo(
         ingest = ingest_study(study_folder, factory=factory, study_name=STUDY_NAME,
                               max_pixels=settings.max_image_pixels,
                               processes=settings.ingest_workers or 1,
-                              batch_files=settings.ingest_batch_files)
+                              batch_files=settings.ingest_batch_files,
+                              quality=thresholds_from(settings))
         result.images = ingest.catalogued + ingest.already_catalogued
     config = RunConfig.from_settings(settings, segmenter_model=segmenter, embedder_model=embedder,
                                      model_dir=str(model_dir) if model_dir else None)

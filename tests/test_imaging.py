@@ -603,7 +603,7 @@ def test_dicom_tags_keep_codes_never_names() -> None:
     assert {field.name for field in fields(DicomTags)} == {
         "subject_code", "subject_source", "visit_date", "date_source", "timepoint", "body_site",
         "study_uid", "series_uid", "sop_uid", "modality", "frames", "subject_problem",
-        "identifying_pixels",
+        "identifying_pixels", "device",
     }  # fmt: skip
 
 

@@ -142,7 +142,8 @@ class Image(Timestamped, Base):
     skin_ita: Mapped[float | None] = mapped_column(Float)
     skin_ita_mask: Mapped[str | None] = mapped_column(String(216))
     #: image-quality measures (blur, exposure, colour cast) taken at ingest; None: not measured
-    quality: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: (stored as SQL NULL, which ingest looks for, never as JSON null)
+    quality: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     #: why the image is out of the quality gate's range ("; "-joined reasons), None when in range
     quality_flag: Mapped[str | None] = mapped_column(Text)
 

@@ -35,6 +35,8 @@ class StudyCounts:
     duplicates: int
     #: images whose DICOM header says the pixels identify the patient
     identifying_pixels: int = 0
+    #: images the quality gate flagged (blurred, badly exposed, a colour cast), not cleared
+    quality_flagged: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +89,12 @@ def study_counts(session: Session) -> list[StudyCounts]:
         .where(Image.identifying_pixels.is_not(None))
         .group_by(Image.study_id),
     )
+    flagged = _count_by_study(
+        session,
+        select(Image.study_id, func.count())
+        .where(Image.quality_flag.is_not(None))
+        .group_by(Image.study_id),
+    )
     return [
         StudyCounts(
             study=study.name,
@@ -99,6 +107,7 @@ def study_counts(session: Session) -> list[StudyCounts]:
             rejected=rejected.get(study.id, 0),
             duplicates=duplicates.get(study.id, 0),
             identifying_pixels=identifying.get(study.id, 0),
+            quality_flagged=flagged.get(study.id, 0),
         )
         for study in session.scalars(select(Study).order_by(Study.name))
     ]

@@ -63,6 +63,7 @@ def ingest(
     Example: eczema-batch ingest ./study --json
     """
     from eczema_batch.config import pseudonym_key
+    from eczema_batch.imaging.quality import thresholds_from
     from eczema_batch.ingest.service import ingest_study
 
     settings = _settings()
@@ -80,6 +81,7 @@ def ingest(
             progress=update,
             moved=moved,
             pseudonym_key=key,
+            quality=thresholds_from(settings),
         )
     warnings = report.warnings + report.note_lines()
     for warning in warnings[:50]:  # stderr in both modes: stdout holds only the JSON object
@@ -97,6 +99,8 @@ def ingest(
         table.add_row("already catalogued", str(report.already_catalogued))
         if report.updated:
             table.add_row("labels/masks added", str(report.updated))
+        if report.quality_flagged:
+            table.add_row("quality flagged", f"{report.quality_flagged} (eczema-batch review list)")
         table.add_row("duplicates", str(len(report.duplicates)))
         table.add_row("rejected", str(len(report.rejected)))
         err.print(table)
@@ -164,6 +168,10 @@ def status(
                       str(c.duplicates))
     err.print(table)
     for c in counts:
+        if c.quality_flagged:
+            err.print(f"  {literal(c.study)}: {c.quality_flagged} photograph(s) the quality gate "
+                      "flagged (blurred, badly exposed, a colour cast): eczema-batch review list",
+                      highlight=False)
         if c.identifying_pixels:
             err.print(f"  {c.study}: {c.identifying_pixels} image(s) whose DICOM header says the "
                       "pixels identify the patient (BurnedInAnnotation or "

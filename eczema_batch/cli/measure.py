@@ -50,10 +50,14 @@ def _run_on_queue(
     if not wait:
         if as_json:
             _emit_json({"run": plan.run_id, "queue": queue, "jobs_sent": len(sent),
-                        "resumed_jobs": plan.resumed, "images": plan.images})
+                        "resumed_jobs": plan.resumed, "images": plan.images,
+                        "quality_skipped": {"images": plan.quality_skipped,
+                                            "reasons": plan.quality_reasons}})
         else:
-            err.print(f"run {plan.run_id}: sent {len(sent)} jobs to queue {literal(queue)}; "
-                      "follow them with: eczema-batch status", highlight=False)
+            left_out = (f" (left out {plan.quality_skipped} quality-flagged photographs: "
+                        "eczema-batch review list)" if plan.quality_skipped else "")
+            err.print(f"run {plan.run_id}: sent {len(sent)} jobs to queue {literal(queue)}"
+                      f"{left_out}; follow them with: eczema-batch status", highlight=False)
         return None
     if sent and not as_json:
         err.print(f"run {plan.run_id}: {len(sent)} jobs sent to queue {literal(queue)}, progress "
@@ -104,6 +108,11 @@ def run(
     no_wait: Annotated[
         bool, typer.Option("--no-wait", help="With --queue: return once the jobs are sent.")
     ] = False,
+    quality: Annotated[
+        str, typer.Option(help="Photographs the quality gate flagged at ingest: flag (score them; "
+                          "the review queue shows why) or skip (leave them unscored until a "
+                          "reviewer clears the flag: review clear-quality).")
+    ] = "flag",
     as_json: JsonOption = False,
 ) -> None:
     """Measure every image that still needs it: embed, retrieve prompts, segment, crop, classify.
@@ -116,6 +125,8 @@ def run(
     Example: eczema-batch run --model-dir ./models --segmenter seggpt
 
     Example: ECZEMA_BATCH_BROKER_URL=redis://redis:6379/0 eczema-batch run --queue gpu --no-wait
+
+    Example: eczema-batch run --quality skip
     """
     from eczema_batch.jobs.local import run_in_process
     from eczema_batch.jobs.runs import start_run
@@ -129,7 +140,7 @@ def run(
     config = RunConfig.from_settings(
         settings, segmenter_mode=segmenter, segmenter_model=segmenter_model,
         embedder_model=embedder_model, model_dir=str(model_dir) if model_dir else None,
-        prompts=prompts, batch_size=batch_size, device=device,
+        prompts=prompts, batch_size=batch_size, device=device, quality=quality,
     )
     if queue is None:
         from eczema_batch.pipeline.device import resolve_device
@@ -158,6 +169,9 @@ def run(
         "failed_jobs": {str(k): v for k, v in summary.failed_jobs.items()},
         "failed_images": {str(k): v for k, v in summary.failed_images.items()},
         "head": summary.targets.head_id,
+        "quality": config.quality,
+        "quality_skipped": {"images": summary.quality_skipped,
+                            "reasons": summary.quality_reasons},
     }
     if as_json:
         _emit_json(payload)
@@ -173,6 +187,11 @@ def run(
             )
         for iid, reason in list(summary.failed_images.items())[:20]:
             err.print(f"  image {iid}: {literal(reason)}", highlight=False)
+        if summary.quality_skipped:
+            why = ", ".join(f"{n} {kind}" for kind, n in summary.quality_reasons.items())
+            err.print(f"left out {summary.quality_skipped} photographs the quality gate flagged "
+                      f"({literal(why)}): eczema-batch review list shows them; review "
+                      "clear-quality IMAGE --by RATER lets one be scored", highlight=False)
         if not summary.has_head:
             err.print("no severity head trained for these features: stopped after the crop "
                       "embeddings (eczema-batch train makes one)")

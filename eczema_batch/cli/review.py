@@ -28,9 +28,11 @@ def review_list(
     head: HeadOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Flagged predictions waiting for a rater: low confidence, a flagged mask, weak prompts.
+    """Flagged images waiting for a rater: low confidence, a flagged mask, weak prompts, and
+    photographs the quality gate flagged at ingest (blurred, badly exposed, a colour cast).
 
-    Thresholds: ECZEMA_BATCH_REVIEW_MIN_CONFIDENCE, ECZEMA_BATCH_REVIEW_MIN_PROMPT_SIMILARITY.
+    Thresholds: ECZEMA_BATCH_REVIEW_MIN_CONFIDENCE, ECZEMA_BATCH_REVIEW_MIN_PROMPT_SIMILARITY,
+    ECZEMA_BATCH_QUALITY_*.
 
     Example: eczema-batch review list --json
     """
@@ -46,7 +48,7 @@ def review_list(
         _emit_json({"head": queue.head.id if queue.head else None,
                     "items": [i.as_dict() for i in queue.items]})
         return
-    if queue.head is None:
+    if queue.head is None and not queue.items:
         err.print("no predictions to review yet: eczema-batch train, then eczema-batch run")
         return
     table = Table(title=f"review queue: {len(queue.items)} images")
@@ -60,6 +62,34 @@ def review_list(
     _print_wide(table)
     if queue.items:
         err.print("record a decision: eczema-batch review set IMAGE --severity K --by RATER")
+    if any(r.startswith("quality: ") for i in queue.items for r in i.reasons):
+        err.print("a flagged photograph good enough to score: eczema-batch review clear-quality "
+                  "IMAGE --by RATER")
+
+
+@command(review_app, "clear-quality")
+def review_clear_quality(
+    image: Annotated[int, typer.Argument(help="Image id (eczema-batch review list).")],
+    by: Annotated[str, typer.Option("--by", help="Who decided (a rater's id, not a name).")],
+    note: Annotated[str | None, typer.Option(help="Why, for the audit trail.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Clear a photograph's quality flag: it is good enough to score after all.
+
+    The measures stay in the catalogue and an audit event keeps the flag and who cleared it;
+    `run --quality skip` scores the image from then on.
+
+    Example: eczema-batch review clear-quality 42 --by rater-07 --note "sharp where it matters"
+    """
+    from eczema_batch.report.review import clear_quality_flag
+
+    factory = _catalogue(_settings())
+    cleared = clear_quality_flag(factory, image_id=image, rater=by, note=note)
+    if as_json:
+        _emit_json(cleared.as_dict())
+    else:
+        err.print(f"image {image}: quality flag cleared by {literal(cleared.rater)} (was: "
+                  f"{literal(cleared.flag)}); event {cleared.event_id}", highlight=False)
 
 
 @command(review_app, "set")

@@ -52,6 +52,7 @@ from pydicom.pixels import (
 
 from eczema_batch.errors import RejectedFileError
 from eczema_batch.identifiers import IdentifierError, normalise_code, pseudonym
+from eczema_batch.imaging.camera import camera_name
 
 #: A DICOM Part 10 file has a 128-byte preamble, then these four bytes.
 DICM_OFFSET = 128
@@ -134,6 +135,8 @@ class DicomTags:
     #: the tag that says the pixels identify the patient (BurnedInAnnotation,
     #: RecognizableVisualFeatures), or None
     identifying_pixels: str | None = None
+    #: Manufacturer and ManufacturerModelName as one "Make Model" (`camera.camera_name`), or None
+    device: str | None = None
 
 
 def first_line(exc: BaseException, limit: int = _MAX_DETAIL) -> str:
@@ -264,6 +267,7 @@ def _read_tags(ds: Dataset, pseudonym_key: bytes | None) -> DicomTags:
         identifying_pixels=next(
             (k for k in _IDENTIFYING_PIXELS if (_text(ds, k) or "").upper() == "YES"), None
         ),
+        device=camera_name(_text(ds, "Manufacturer"), _text(ds, "ManufacturerModelName")),
     )
 
 

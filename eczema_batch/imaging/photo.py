@@ -28,6 +28,7 @@ Why it works this way:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import warnings
@@ -41,6 +42,7 @@ from PIL import ExifTags, Image, ImageFile, JpegImagePlugin, PngImagePlugin
 
 from eczema_batch.errors import RejectedFileError
 from eczema_batch.imaging.budget import DECODE_BUDGET
+from eczema_batch.imaging.camera import camera_name
 from eczema_batch.imaging.dicom import (
     DICM_MAGIC,
     DICM_OFFSET,
@@ -96,6 +98,10 @@ class ImageInfo:
     height: int
     format: Format
     dicom: DicomTags | None = None
+    #: the camera ("Make Model" from EXIF or DICOM), None when the file does not say
+    device: str | None = None
+    #: the picture shrunk to `check_bytes`'s sample_side (RGB uint8), when asked for
+    sample: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,8 @@ class DecodedImage:
     height: int
     format: Format
     dicom: DicomTags | None = None
+    #: the camera ("Make Model" from EXIF or DICOM), None when the file does not say
+    device: str | None = None
 
 
 def sniff_format(head: bytes) -> Format | None:
@@ -165,25 +173,35 @@ def _kind(data: bytes) -> Format:
     return kind
 
 
-def check_bytes(data: bytes, *, max_pixels: int, pseudonym_key: bytes | None = None
-                ) -> ImageInfo:
+def check_bytes(data: bytes, *, max_pixels: int, pseudonym_key: bytes | None = None,
+                sample_side: int | None = None) -> ImageInfo:
     """Decode a whole file's content as a check, keeping only its size (see the module's notes).
 
     Raises RejectedFileError (and only that) for bad content, with the reasons `decode_bytes`
-    gives. `pseudonym_key` as in `decode_bytes`.
+    gives. `pseudonym_key` as in `decode_bytes`. `sample_side`: also keep a copy of the picture
+    with this longest side (`ImageInfo.sample`, for the quality measures); a JPEG then decodes at
+    the DCT scale that still covers it, a PNG is decoded a second time in full (its check holds no
+    pixels), DICOM shrinks the frame it decoded anyway.
     """
     kind = _kind(data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "png":
-            return _check_png(data, max_pixels=max_pixels)
+            info = _check_png(data, max_pixels=max_pixels)
+            if sample_side is None:
+                return info
+            decoded = _decode_photo(data, kind, max_pixels=max_pixels, max_side=sample_side)
+            return dataclasses.replace(info, device=decoded.device, sample=decoded.pixels)
         if kind == "dicom":
-            decoded = _decode_dicom(data, max_pixels=max_pixels, max_side=None,
+            decoded = _decode_dicom(data, max_pixels=max_pixels, max_side=sample_side,
                                     pseudonym_key=pseudonym_key)
         else:
-            # 1 px asked: the largest DCT scaling (1/8), then a resize to nearly nothing.
-            decoded = _decode_photo(data, kind, max_pixels=max_pixels, max_side=1)
-    return ImageInfo(decoded.width, decoded.height, decoded.format, decoded.dicom)
+            # Without a sample, 1 px asked: the largest DCT scaling (1/8), then a resize to
+            # nearly nothing.
+            decoded = _decode_photo(data, kind, max_pixels=max_pixels, max_side=sample_side or 1)
+    return ImageInfo(decoded.width, decoded.height, decoded.format, decoded.dicom,
+                     device=decoded.device,
+                     sample=decoded.pixels if sample_side is not None else None)
 
 
 def _check_png(data: bytes, *, max_pixels: int) -> ImageInfo:
@@ -296,6 +314,7 @@ def _decode_photo(
         with DECODE_BUDGET.hold(_decode_bytes_needed(*image.size, max_side)):
             image.load()
             orientation = _orientation(image)  # after load: a PNG's eXIf may follow its pixels
+            device = _exif_camera(image)
             image = _fit(_to_rgb(image), max_side)
             if orientation in _UPRIGHT:
                 image = image.transpose(_UPRIGHT[orientation])
@@ -306,7 +325,7 @@ def _decode_photo(
         raise RejectedFileError(_photo_reason(kind, data, exc)) from exc
     if orientation in _SIDEWAYS:
         full_width, full_height = full_height, full_width
-    return _result(pixels, full_width, full_height, kind)
+    return _result(pixels, full_width, full_height, kind, device=device)
 
 
 def _decode_bytes_needed(width: int, height: int, max_side: int | None) -> int:
@@ -328,6 +347,14 @@ def _orientation(image: Image.Image) -> int:
         return int(image.getexif().get(ExifTags.Base.Orientation, 1))
     except Exception:  # unreadable EXIF: show the image as stored, as viewers do
         return 1
+
+
+def _exif_camera(image: Image.Image) -> str | None:
+    try:
+        exif = image.getexif()
+        return camera_name(exif.get(ExifTags.Base.Make), exif.get(ExifTags.Base.Model))
+    except Exception:  # unreadable EXIF: the camera is unknown, the picture still fine
+        return None
 
 
 def _photo_reason(kind: Literal["jpeg", "png"], data: bytes, exc: BaseException) -> str:
@@ -376,12 +403,15 @@ def _decode_dicom(
         pixels = dicom.decode()
         if max_side is not None and max(dicom.width, dicom.height) > max_side:
             pixels = np.asarray(_fit(Image.fromarray(pixels), max_side))
-    return _result(pixels, dicom.width, dicom.height, "dicom", dicom.tags)
+    return _result(pixels, dicom.width, dicom.height, "dicom", dicom.tags,
+                   device=dicom.tags.device)
 
 
 def _result(
-    pixels: np.ndarray, width: int, height: int, kind: Format, tags: DicomTags | None = None
+    pixels: np.ndarray, width: int, height: int, kind: Format, tags: DicomTags | None = None,
+    device: str | None = None,
 ) -> DecodedImage:
     pixels = np.ascontiguousarray(pixels)
     pixels.flags.writeable = False
-    return DecodedImage(pixels=pixels, width=width, height=height, format=kind, dicom=tags)
+    return DecodedImage(pixels=pixels, width=width, height=height, format=kind, dicom=tags,
+                        device=device)

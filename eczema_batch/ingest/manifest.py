@@ -2,7 +2,8 @@
 
 Columns: `path` (required, relative to the study folder), and any of `patient`, `visit_date`
 (YYYY-MM-DD), `body_site`, `severity` (0-3 or a class name), `mask` (relative path of a manual
-mask), `rater` (who gave the severity). The manifest wins over DICOM tags and folder names.
+mask), `rater` (who gave the severity), `fitzpatrick` (skin type 1-6 or I-VI). The manifest wins
+over DICOM tags and folder names.
 
 Several raters: with a `rater` column, an image may have one row per rater (its other cells
 blank or the same on every row). A path listed twice for one rater (or twice without a `rater`
@@ -14,7 +15,8 @@ line. A column the tool does not know is ignored with a warning (spreadsheets co
 columns), not a stop.
 
 A bad row does not stop the ingest. A wrong patient, date or path rejects the file it names, so
-nothing is catalogued under a wrong visit; a wrong severity or mask rejects only that label or mask
+nothing is catalogued under a wrong visit; a wrong severity, mask or Fitzpatrick type rejects only
+that
 (`ManifestRow.parts`) and the photograph is catalogued without it. Fix the row and ingest again.
 """
 
@@ -30,14 +32,15 @@ from pathlib import Path, PurePosixPath
 
 from eczema_batch.errors import UsageError
 from eczema_batch.identifiers import check_subject_code, normalise_code
-from eczema_batch.ingest.rejections import LABEL, MASK, PartProblem
+from eczema_batch.ingest.rejections import FITZPATRICK, LABEL, MASK, PartProblem
 from eczema_batch.severity import DEFAULT_CLASSES, parse_severity
 
-COLUMNS = ("path", "patient", "visit_date", "body_site", "severity", "mask", "rater")
+COLUMNS = ("path", "patient", "visit_date", "body_site", "severity", "mask", "rater",
+           "fitzpatrick")
 #: Longest rater name the catalogue stores (labels.rater).
 MAX_RATER = 64
 #: The cells every row of one image must agree on (a blank cell agrees with any).
-SHARED = ("patient", "visit_date", "body_site", "mask")
+SHARED = ("patient", "visit_date", "body_site", "mask", "fitzpatrick")
 KNOWN_COLUMNS = frozenset(COLUMNS)
 #: Delimiter -> its name in messages, in the order ties are broken.
 DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}
@@ -58,6 +61,8 @@ class ManifestRow:
     rater: str | None = None
     #: every (rater, severity) of the image's rows, in file order
     ratings: tuple[tuple[str | None, int], ...] = ()
+    #: Fitzpatrick skin type, 1-6 (None: not given)
+    fitzpatrick: int | None = None
 
 
 @dataclass
@@ -240,6 +245,12 @@ def _parse_row(
         parts.append(PartProblem(LABEL, rel, f"{where}: rater {rater!r} must be 1 to {MAX_RATER} "
                                  "printable characters (a rater's id such as rater-07)"))
         severity = None
+    fitzpatrick = None
+    if raw_type := fields.get("fitzpatrick"):
+        fitzpatrick = parse_fitzpatrick(raw_type)
+        if fitzpatrick is None:
+            parts.append(PartProblem(FITZPATRICK, rel, f"{where}: fitzpatrick {raw_type!r} is not "
+                                     "a Fitzpatrick skin type: use 1 to 6 or I to VI"))
     mask = None
     if raw_mask := fields.get("mask"):
         mask = _normalise_path(raw_mask)
@@ -258,4 +269,17 @@ def _parse_row(
         parts=tuple(parts),
         rater=rater,
         ratings=() if severity is None else ((rater, severity),),
+        fitzpatrick=fitzpatrick,
     )
+
+
+_ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6}
+
+
+def parse_fitzpatrick(text: str) -> int | None:
+    """1-6 from "1".."6" or "I".."VI" (any case; "type IV" too, as clinics write it); None for
+    anything else."""
+    value = text.strip().upper().removeprefix("TYPE").strip()
+    if value in _ROMAN:
+        return _ROMAN[value]
+    return int(value) if value in {"1", "2", "3", "4", "5", "6"} else None

@@ -2,9 +2,10 @@
 
 Each file is read once: the same bytes are hashed and decoded, so a broken image is found at ingest
 rather than later on a GPU. The decode is `check_bytes`: all the compressed data, but never the
-full-size pixels (ingest keeps only the size), so a 200 MP photo costs megabytes, not gigabytes.
-A file whose content is already catalogued is hashed but not decoded again, which makes re-running
-an ingest cheap. Files are opened by `eczema_batch.studyfiles`
+full-size pixels (ingest keeps only the size and a copy of at most 512 px, which the quality
+measures read here, in the worker), so a 200 MP photo costs megabytes, not gigabytes.
+A file whose content is already catalogued (and measured) is hashed but not decoded again,
+which makes re-running an ingest cheap. Files are opened by `eczema_batch.studyfiles`
 (inside the study, no link followed, the file the scan saw, regular, within the size limit, an
 image from its first bytes) before anything else is read.
 """
@@ -29,6 +30,7 @@ from eczema_batch.imaging import (
     sniff_format,
 )
 from eczema_batch.imaging.photo import NOT_AN_IMAGE, PNG_MAGIC
+from eczema_batch.imaging.quality import SAMPLE_SIDE, QualityMeasures, measure
 from eczema_batch.ingest.scan import ScanEntry
 from eczema_batch.studyfiles import FileId, read_study_file
 
@@ -73,6 +75,10 @@ class FileRead:
     height: int = 0
     dicom: DicomTags | None = None
     mask: MaskRead | None = None
+    #: the camera (EXIF or DICOM), None when the file does not say or was not decoded
+    device: str | None = None
+    #: blur, exposure and colour cast of the decoded picture; None when it was not decoded
+    quality: QualityMeasures | None = None
 
 
 #: Set once per worker process: sha256 -> (width, height) of everything already catalogued,
@@ -136,9 +142,11 @@ def read_file(task: ReadTask) -> FileRead:
     if not data:
         return FileRead(rel=task.rel, sha256=sha, error="empty file")
     try:
-        decoded = check_bytes(data, max_pixels=_MAX_PIXELS, pseudonym_key=_PSEUDONYM_KEY)
+        decoded = check_bytes(data, max_pixels=_MAX_PIXELS, pseudonym_key=_PSEUDONYM_KEY,
+                              sample_side=SAMPLE_SIDE)
     except RejectedFileError as exc:
         return FileRead(rel=task.rel, sha256=sha, size_bytes=len(data), error=str(exc))
+    assert decoded.sample is not None
     return FileRead(
         rel=task.rel,
         sha256=sha,
@@ -148,6 +156,9 @@ def read_file(task: ReadTask) -> FileRead:
         height=decoded.height,
         dicom=decoded.dicom,
         mask=_read_mask(task, (decoded.width, decoded.height)),
+        device=decoded.device,
+        # here, in the decode process, on the small copy: a few ms beside the decode itself
+        quality=measure(decoded.sample),
     )
 
 

@@ -7,6 +7,8 @@ A rejection's `kind` says what was refused:
 - `label`: the manifest's severity for a photograph that is catalogued all the same; filed under
   the photograph's path.
 - `mask`: a manual mask whose photograph is catalogued without it; filed under the mask's path.
+- `fitzpatrick`: the manifest's Fitzpatrick skin type, refused while the photograph is
+  catalogued; filed under the photograph's path (with a refused label, one row says both).
 
 A label or a mask is one part of a photograph's record: losing the photograph for it would lose the
 study a visit, so only that part is refused. Parts are filed under paths of their own so that one
@@ -21,6 +23,7 @@ FILE = "rejected"
 DUPLICATE = "duplicate"
 LABEL = "label"
 MASK = "mask"
+FITZPATRICK = "fitzpatrick"
 
 
 def rejection(path: str, reason: str, kind: str = FILE) -> dict[str, str]:
@@ -40,6 +43,8 @@ class PartProblem:
     def rejection(self, image: str) -> dict[str, str]:
         if self.kind == LABEL:  # filed under the photograph: no need to name it again
             outcome = "the photograph is catalogued without a severity label: correct the row"
+        elif self.kind == FITZPATRICK:
+            outcome = "the photograph is catalogued without a Fitzpatrick type: correct the row"
         else:
             outcome = f"{image} is catalogued without this mask: correct it"
         return rejection(self.path, f"{self.problem}; {outcome} and ingest again to add it",

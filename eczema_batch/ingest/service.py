@@ -30,6 +30,7 @@ from eczema_batch.clock import utcnow
 from eczema_batch.config import DEFAULT_MAX_FILE_BYTES
 from eczema_batch.errors import RejectedFileError, StudyFolderError, UsageError
 from eczema_batch.identifiers import MAX_STUDY_NAME, IdentifierError, key_check, normalise_label
+from eczema_batch.imaging.quality import QualityThresholds
 from eczema_batch.ingest.manifest import Manifest, read_manifest
 from eczema_batch.ingest.read import FileRead, FileReader, ReadTask, StudyRoot
 from eczema_batch.ingest.rejections import MASK, PartProblem, rejection
@@ -54,8 +55,10 @@ class IngestReport:
     files: int = 0
     catalogued: int = 0
     already_catalogued: int = 0
-    #: labels or manual masks added to images catalogued before
+    #: labels, manual masks or Fitzpatrick types added to images catalogued before
     updated: int = 0
+    #: images measured by this ingest that the quality gate flagged (`review list` shows why)
+    quality_flagged: int = 0
     duplicates: list[dict[str, str]] = field(default_factory=list)
     #: files, labels and masks not catalogued: {path, kind, reason} (kinds: `rejections.py`)
     rejected: list[dict[str, str]] = field(default_factory=list)
@@ -78,6 +81,7 @@ class IngestReport:
             "catalogued": self.catalogued,
             "already_catalogued": self.already_catalogued,
             "updated": self.updated,
+            "quality_flagged": self.quality_flagged,
             "duplicates": sorted(self.duplicates, key=lambda d: d["path"]),
             "rejected": sorted(self.rejected, key=lambda d: d["path"]),
             "warnings": list(self.warnings) + self.note_lines(),
@@ -248,11 +252,13 @@ def ingest_study(
     progress: Progress | None = None,
     moved: bool = False,
     pseudonym_key: bytes | None = None,
+    quality: QualityThresholds | None = None,
 ) -> IngestReport:
     """Catalogue the folder `root` as study `study_name` (default: the folder's name).
 
     `moved`: the study was catalogued from another folder and now lives here. `pseudonym_key`:
     the study keys on DICOM PatientID, stored as a keyed pseudonym (`identifiers.pseudonym`).
+    `quality`: where the image-quality gate flags a photograph (default: QualityThresholds()).
     """
     if not root.exists():
         raise StudyFolderError(f"{root} does not exist: give the folder that holds the study")
@@ -270,9 +276,11 @@ def ingest_study(
 
     with factory() as session, session.begin():
         study_id = _study(session, root, name, moved=moved, pseudonym_key=pseudonym_key).id
+        # Images catalogued before the quality measures existed are decoded again to take them.
         known = {
             sha: (w, h)
-            for sha, w, h in session.execute(select(Image.sha256, Image.width, Image.height))
+            for sha, w, h in session.execute(select(Image.sha256, Image.width, Image.height)
+                                             .where(Image.quality.is_not(None)))
         }
     report = IngestReport(study=name, study_id=study_id,
                           warnings=list(manifest.warnings) + look_alike_folders(scan.images))
@@ -286,7 +294,8 @@ def ingest_study(
         processes = os.cpu_count() or 1
     if len(tasks) < POOL_THRESHOLD:
         processes = 1
-    writer = CatalogueWriter(factory=factory, study_id=study_id, present=set(scan.images))
+    writer = CatalogueWriter(factory=factory, study_id=study_id, present=set(scan.images),
+                             thresholds=quality)
     done = 0
     study_root = StudyRoot(root, scan.root_id, max_file_bytes)
     with FileReader(known=known, max_pixels=max_pixels, processes=processes,
@@ -345,11 +354,13 @@ def _write_batch(
             continue
         row = manifest.rows.get(read.rel)
         images.append(NewImage(read=read, identity=identity,
-                               labels=row.ratings if row is not None else ()))
+                               labels=row.ratings if row is not None else (),
+                               fitzpatrick=row.fitzpatrick if row is not None else None))
     outcome = writer.write(images)
     report.catalogued += outcome.catalogued
     report.already_catalogued += outcome.already
     report.updated += outcome.updated
+    report.quality_flagged += outcome.quality_flagged
     report.duplicates.extend(outcome.duplicates)
     report.rejected.extend(outcome.rejected)
     # A label or mask is rejected only for a photograph in the catalogue: a file rejected as a

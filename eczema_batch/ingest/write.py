@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Image, Label, Mask, Patient, Rejection, Study, Visit
 from eczema_batch.clock import utcnow
+from eczema_batch.imaging.quality import QualityThresholds, quality_record
 from eczema_batch.ingest.read import FileRead
 from eczema_batch.ingest.rejections import DUPLICATE, FILE, rejection
 from eczema_batch.ingest.resolve import Identity
@@ -30,6 +31,8 @@ class NewImage:
     identity: Identity
     #: the manifest's (rater, severity) pairs: one per rater, rater None without a rater column
     labels: tuple[tuple[str | None, int], ...] = ()
+    #: the manifest's Fitzpatrick skin type (None: not given)
+    fitzpatrick: int | None = None
 
 
 @dataclass
@@ -37,6 +40,8 @@ class WriteOutcome:
     catalogued: int = 0
     already: int = 0
     updated: int = 0
+    #: images measured now whose quality is out of range
+    quality_flagged: int = 0
     duplicates: list[dict[str, str]] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)
 
@@ -50,10 +55,14 @@ class _Known:
 
 class CatalogueWriter:
     def __init__(
-        self, *, factory: sessionmaker[Session], study_id: int, present: set[str] | None = None
+        self, *, factory: sessionmaker[Session], study_id: int, present: set[str] | None = None,
+        thresholds: QualityThresholds | None = None,
     ) -> None:
         self._factory = factory
         self._study_id = study_id
+        self._thresholds = thresholds or QualityThresholds()
+        #: flagged by _quality since the last outcome
+        self._flagged = 0
         #: image paths present in the folder now (a catalogued path missing from it has moved)
         self._present = present or set()
         #: paths in the catalogue after this ingest's writes (new or catalogued before)
@@ -102,6 +111,7 @@ class CatalogueWriter:
 
     def _write(self, session: Session, images: list[NewImage], *, per_file: bool) -> WriteOutcome:
         outcome = WriteOutcome()
+        self._flagged = 0  # a batch written again file by file counts afresh
         pending: dict[str, str] = {}  # duplicates within this batch: path -> sha
         fresh: list[NewImage] = []
         known: list[tuple[NewImage, _Known]] = []
@@ -152,6 +162,7 @@ class CatalogueWriter:
                 self.duplicate_of[rel] = self._by_sha[sha].id
         outcome.already += len(known)
         outcome.updated += self._sync_known(session, known)
+        outcome.quality_flagged = self._flagged
         self.catalogued_paths.update(item.read.rel for item in inserted)
         self.catalogued_paths.update(item.read.rel for item, _ in known)
         return outcome
@@ -212,6 +223,9 @@ class CatalogueWriter:
                 "sop_uid": tags.sop_uid if tags else None,
                 "decode_status": "ok",
                 "identifying_pixels": tags.identifying_pixels if tags else None,
+                "device": read.device,
+                "fitzpatrick": item.fitzpatrick,
+                **self._quality(read),
             })
         result = session.execute(
             insert(Image).returning(Image.id, sort_by_parameter_order=True), rows
@@ -229,11 +243,32 @@ class CatalogueWriter:
         if masks:
             session.execute(insert(Mask), masks)
 
+    def _quality(self, read: FileRead) -> dict[str, Any]:
+        if read.quality is None:
+            return {"quality": None, "quality_flag": None}
+        doc, flag = quality_record(read.quality, self._thresholds)
+        self._flagged += flag is not None
+        return {"quality": doc, "quality_flag": flag}
+
     def _sync_known(self, session: Session, known: list[tuple[NewImage, _Known]]) -> int:
-        """Add manifest labels and manual masks that appeared since the image was catalogued."""
+        """Add manifest labels and manual masks that appeared since the image was catalogued, a
+        Fitzpatrick type the manifest gives now or changed, and the quality measures and camera
+        of an image catalogued before they were taken (it was decoded again for them)."""
         if not known:
             return 0
         ids = [existing.id for _, existing in known]
+        types: dict[int, int | None] = dict(session.execute(
+            select(Image.id, Image.fitzpatrick).where(Image.id.in_(ids))).all())
+        changed = 0
+        for item, existing in known:
+            if item.fitzpatrick is not None and types.get(existing.id) != item.fitzpatrick:
+                session.execute(update(Image).where(Image.id == existing.id)
+                                .values(fitzpatrick=item.fitzpatrick))
+                changed += 1
+            if item.read.quality is not None:  # measured now: it had no measures
+                session.execute(update(Image).where(Image.id == existing.id,
+                                                    Image.quality.is_(None))
+                                .values(device=item.read.device, **self._quality(item.read)))
         # Per image and rater: a rater's label changed in the manifest is added again.
         newest: dict[tuple[int, str | None], int] = {}
         for image_id, rater, severity in session.execute(
@@ -259,7 +294,7 @@ class CatalogueWriter:
             session.execute(insert(Label), labels)
         if masks:
             session.execute(insert(Mask), masks)
-        return len(labels) + len(masks)
+        return len(labels) + len(masks) + changed
 
     # -- rejections ------------------------------------------------------------------------
 
@@ -290,9 +325,16 @@ class CatalogueWriter:
 
 
 def _unique(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """One row per path; a photograph's refused label and Fitzpatrick type (two parts filed under
+    its path) become one row that says both."""
     seen: dict[str, dict[str, str]] = {}
+    kinds: dict[str, set[str]] = {}
     for row in rows:
-        seen.setdefault(row["path"], row)
+        first = seen.setdefault(row["path"], row)
+        kind = row.get("kind", FILE)
+        if first is not row and FILE not in kinds[row["path"]] and kind not in kinds[row["path"]]:
+            seen[row["path"]] = {**first, "reason": f"{first['reason']}; {row['reason']}"}
+        kinds.setdefault(row["path"], set()).add(kind)
     return list(seen.values())
 
 

@@ -6,10 +6,13 @@ Two stages, because prompts must exist before anything is segmented:
   segmentation, the crop embedding and, with a head, the prediction.
 Unfinished jobs of an earlier run with the same configuration are taken over, not duplicated;
 those planned with another configuration are cancelled (their images are planned again).
+With `--quality skip`, images the quality gate flagged are left out of `measure`, and how many
+(of those that needed it) and why is recorded in the run's settings.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +47,10 @@ class Plan:
     #: stage -> images to do: new jobs' and those of the unfinished jobs taken over
     images: dict[str, int] = field(default_factory=dict)
     resumed: int = 0
+    #: --quality skip: images left unscored for their quality flag
+    quality_skipped: int = 0
+    #: ... and their reasons: kind (blurred, underexposed, blue colour cast...) -> images
+    quality_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
     def job_count(self) -> int:
@@ -103,6 +110,14 @@ def images_needing_measure(
         return targets.head_id is None or predicted.get(iid, None) == key.variant
 
     return [i for i in in_scope if not current(i)]
+
+
+def flagged_images(session: Session, study: str | None) -> dict[int, str]:
+    """Image id -> quality flag of the flagged images in scope (a cleared flag is None, and a
+    `--quality skip` run scores the image)."""
+    flagged = Image.quality_flag.is_not(None)
+    return {iid: flag or "" for iid, flag in session.execute(
+        select(Image.id, Image.quality_flag).where(_scope(study), flagged)).all()}
 
 
 def _chunks(ids: Sequence[int], size: int) -> list[list[int]]:
@@ -171,6 +186,17 @@ def plan_run(
     needs["measure"] = [
         i for i in images_needing_measure(session, config, targets, study) if i not in covered
     ]
+    if config.quality == "skip":
+        flagged = flagged_images(session, study)
+        left_out = [flagged[i] for i in needs["measure"] if i in flagged]
+        needs["measure"] = [i for i in needs["measure"] if i not in flagged]
+        plan.quality_skipped = len(left_out)
+        plan.quality_reasons = dict(sorted(Counter(
+            reason.split(" (", 1)[0] for flag in left_out for reason in flag.split("; ")
+        ).items()))
+        run.settings = RunSettings(
+            config, targets, study, retried,
+            {"images": plan.quality_skipped, "reasons": plan.quality_reasons}).as_json()
     in_embed_jobs = {i for job_id in plan.jobs.get("embed", [])
                      for i in session.get_one(Job, job_id).image_ids}
     needs["embed"] = [i for i in needs["embed"] if i not in in_embed_jobs]
@@ -194,9 +220,14 @@ def run_settings(session: Session, run_id: int | None) -> dict[str, Any]:
 
 
 #: Settings that change what a job computes; the rest (batch size, device) only how fast.
-_WORK_KEYS = ("segmenter_model", "embedder_model", "segmenter_mode", "prompts", "targets")
+#: `quality` too: a run that skips flagged images must not take over jobs that score them.
+_WORK_KEYS = ("segmenter_model", "embedder_model", "segmenter_mode", "prompts", "targets",
+              "quality")
+#: What a key means when a run planned before it existed has none.
+_WORK_DEFAULTS = {"quality": "flag"}
 
 
 def same_work(old: dict[str, Any], new: dict[str, Any]) -> bool:
     """Whether runs planned with these settings compute the same results."""
-    return all(old.get(k) == new.get(k) for k in _WORK_KEYS)
+    return all(old.get(k, _WORK_DEFAULTS.get(k)) == new.get(k, _WORK_DEFAULTS.get(k))
+               for k in _WORK_KEYS)

@@ -33,6 +33,9 @@ class RunSummary:
     measured: dict[str, int] = field(default_factory=dict)
     failed_jobs: dict[int, str] = field(default_factory=dict)
     failed_images: dict[int, str] = field(default_factory=dict)
+    #: --quality skip: flagged images left unscored, and their reasons (kind -> images)
+    quality_skipped: int = 0
+    quality_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
     def has_head(self) -> bool:
@@ -70,7 +73,9 @@ def new_summary(session: Session, plan: Plan) -> RunSummary:
     run = session.get_one(Run, plan.run_id)
     return RunSummary(run_id=plan.run_id,
                       targets=RunSettings.from_json(run.settings, run_id=run.id).targets,
-                      jobs=plan.job_count, resumed=plan.resumed, images=dict(plan.images))
+                      jobs=plan.job_count, resumed=plan.resumed, images=dict(plan.images),
+                      quality_skipped=plan.quality_skipped,
+                      quality_reasons=dict(plan.quality_reasons))
 
 
 def finish_run(session: Session, summary: RunSummary) -> None:

@@ -12,6 +12,10 @@ from eczema_batch.errors import TransientError, UsageError
 
 SegmenterMode = Literal["seggpt", "none", "manual"]
 SEGMENTER_MODES: tuple[SegmenterMode, ...] = ("seggpt", "none", "manual")
+#: What a run does with photographs the quality gate flagged: score them (and the review queue
+#: shows the flag) or leave them out until a reviewer clears the flag.
+QualityMode = Literal["flag", "skip"]
+QUALITY_MODES: tuple[QualityMode, ...] = ("flag", "skip")
 
 #: Decode queries with their longest side at least this: SegGPT wants 448 and the lesion crop,
 #: often a quarter of the picture, still has ~256 px for DINO's 224 input.
@@ -37,6 +41,8 @@ class RunConfig:
     decode_threads: int = 2
     #: decoded reference images kept per process for SegGPT's prompts (measuring.prompts)
     prompt_cache_mb: int = 512
+    #: flag: score quality-flagged photographs too; skip: leave them unscored
+    quality: QualityMode = "flag"
 
     def __post_init__(self) -> None:
         parse_device(self.device)
@@ -44,6 +50,8 @@ class RunConfig:
             raise UsageError(
                 f"--segmenter {self.segmenter_mode!r}: use one of {', '.join(SEGMENTER_MODES)}"
             )
+        if self.quality not in QUALITY_MODES:
+            raise UsageError(f"--quality {self.quality!r}: use one of {', '.join(QUALITY_MODES)}")
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> RunConfig:
@@ -84,11 +92,15 @@ class RunSettings:
     study: str | None = None
     #: images `--retry-failed` gave another chance
     retried_images: int | None = None
+    #: with --quality skip: {"images": flagged images left unscored, "reasons": {kind: images}}
+    quality_skipped: dict[str, Any] | None = None
 
     def as_json(self) -> dict[str, Any]:
         doc = {**self.config.as_dict(), "targets": asdict(self.targets), "study": self.study}
         if self.retried_images is not None:
             doc["retried_images"] = self.retried_images
+        if self.quality_skipped is not None:
+            doc["quality_skipped"] = self.quality_skipped
         return doc
 
     @classmethod
@@ -96,7 +108,8 @@ class RunSettings:
         """Read back; keys this version does not know are an error, not silently dropped: a
         newer planner may have meant something this worker would not do."""
         config_keys = set(RunConfig.__dataclass_fields__)
-        unknown = set(doc) - config_keys - {"targets", "study", "retried_images"} - _RETIRED_KEYS
+        known = {"targets", "study", "retried_images", "quality_skipped"}
+        unknown = set(doc) - config_keys - known - _RETIRED_KEYS
         if unknown:
             raise TransientError(
                 f"run {run_id} was planned by a newer eczema-batch (settings this one does not "
@@ -107,4 +120,5 @@ class RunSettings:
             targets=Targets(**doc["targets"]),
             study=doc.get("study"),
             retried_images=doc.get("retried_images"),
+            quality_skipped=doc.get("quality_skipped"),
         )

@@ -136,6 +136,8 @@ class ImageRecord:
     date_source: str | None = None
     #: the share of the image the lesion mask covers (`lesion_area`), None without a measurement
     lesion_area: float | None = None
+    #: why the image-quality gate flagged the photograph (images.quality_flag), None when not
+    quality_flag: str | None = None
 
     @property
     def effective(self) -> tuple[float, ...] | None:
@@ -152,9 +154,14 @@ class ImageRecord:
 
 
 def flag_reasons(record: ImageRecord, thresholds: ReviewThresholds) -> list[str]:
-    """Why an unreviewed prediction needs a rater; the same rule as `_flagged` in SQL."""
-    if record.reviewed is not None or record.probabilities is None:
+    """Why an unreviewed image needs a rater, its prediction's reasons first, then the quality
+    gate's (a flagged photograph needs one with or without a prediction); the same rule as
+    `_Join.flagged` in SQL."""
+    if record.reviewed is not None:
         return []
+    quality = [f"quality: {record.quality_flag}"] if record.quality_flag else []
+    if record.probabilities is None:
+        return quality
     reasons = []
     top = max(record.probabilities)
     if top < thresholds.min_confidence:
@@ -166,7 +173,7 @@ def flag_reasons(record: ImageRecord, thresholds: ReviewThresholds) -> list[str]
     if sim is not None and sim < thresholds.min_prompt_similarity:
         reasons.append(f"weak prompts: mean similarity {sim:.2f} < "
                        f"{thresholds.min_prompt_similarity:.2f}")
-    return reasons
+    return reasons + quality
 
 
 # --- heads and scope ---------------------------------------------------------------------------
@@ -275,12 +282,17 @@ class _Join:
 
     def flagged(self, thresholds: ReviewThresholds) -> ColumnElement[bool]:
         return and_(
-            Prediction.id.is_not(None),
             self.review.id.is_(None),
             or_(
-                self.top_probability() < thresholds.min_confidence,
-                Mask.flag.is_not(None),
-                self.similarity < thresholds.min_prompt_similarity,
+                and_(
+                    Prediction.id.is_not(None),
+                    or_(
+                        self.top_probability() < thresholds.min_confidence,
+                        Mask.flag.is_not(None),
+                        self.similarity < thresholds.min_prompt_similarity,
+                    ),
+                ),
+                Image.quality_flag.is_not(None),
             ),
         )
 
@@ -457,7 +469,7 @@ def image_records_select(
             Visit.visit_date, Image.body_site, Image.format, Prediction.id,
             Prediction.severity, j.review.severity, j.review.rater, j.review.note, Mask.id,
             Mask.flag, j.similarity, Mask.model_id, Patient.code_source, Visit.date_source,
-            j.lesion_area, *j.p,
+            j.lesion_area, Image.quality_flag, *j.p,
         ).where(Image.id.is_not(None))
         .order_by(*j.patient_order(), Image.id),
         study=study, patient=patient, patient_ids=patient_ids,
@@ -476,7 +488,7 @@ def iter_image_records(session: Session, *, head: HeadInfo | None, **scope: Any
     for row in _stream(session, stmt):
         (iid, study_name, code, pid, vid, label, vdate, site, fmt, pred_id, predicted, reviewed,
          rater, note, mask_id, flag, sim, segmenter_id, code_source, date_source, area,
-         *probs) = row
+         quality_flag, *probs) = row
         yield ImageRecord(
             image_id=iid, study=study_name, patient=code, patient_id=pid, visit_id=vid,
             visit_label=label, visit_date=_as_date(vdate), body_site=site, format=fmt,
@@ -484,7 +496,7 @@ def iter_image_records(session: Session, *, head: HeadInfo | None, **scope: Any
             predicted=predicted, reviewed=reviewed, rater=rater, note=note, mask_id=mask_id,
             mask_flag=flag, prompt_similarity=None if sim is None else float(sim),
             segmenter_id=segmenter_id, code_source=code_source, date_source=date_source,
-            lesion_area=None if area is None else float(area),
+            lesion_area=None if area is None else float(area), quality_flag=quality_flag,
         )
 
 

@@ -2,9 +2,12 @@
 
 An unreviewed prediction is flagged when its top class probability is low, its mask is flagged
 (SegGPT found no lesion, or no reference image could prompt it), or its SegGPT prompts were weakly
-similar to it (thresholds in Settings, ECZEMA_BATCH_REVIEW_*). A decision is a new label
-(source=review) plus an audit event; earlier labels and the prediction stay as they were, and the
-newest reviewed label is what reports use for that image.
+similar to it (thresholds in Settings, ECZEMA_BATCH_REVIEW_*). An unreviewed photograph the
+image-quality gate flagged at ingest (blurred, badly exposed, a colour cast) is in the queue too,
+scored or not. A decision is a new label (source=review) plus an audit event; earlier labels and
+the prediction stay as they were, and the newest reviewed label is what reports use for that image.
+A reviewer who finds a flagged photograph good enough to score clears its flag
+(`clear_quality_flag`, also an audit event): `run --quality skip` then scores it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from eczema_batch.severity import DEFAULT_CLASSES, parse_severity
 
 #: Event.kind of a recorded review decision.
 REVIEW_EVENT = "review.label"
+#: Event.kind of a quality flag a reviewer cleared.
+QUALITY_CLEARED_EVENT = "review.quality_cleared"
 #: Longest rater name the catalogue stores (labels.rater).
 MAX_RATER = 64
 #: C0 and C1 control characters but line breaks and tabs: PostgreSQL refuses NUL in text, and the
@@ -100,9 +105,8 @@ def list_review_queue(
     """Flagged, unreviewed predictions in patient and visit order, with why each is flagged."""
     check_scope(session, study=study, patient=patient)
     head = choose_head(session, head_id=head_id)
-    if head is None:
-        return ReviewQueue(head=None, items=[])
-    classes = head.classes
+    # Without a head there are no predictions, but photographs the quality gate flagged.
+    classes = head.classes if head is not None else DEFAULT_CLASSES
     items = []
     for record in iter_image_records(session, head=head, thresholds=thresholds, study=study,
                                      patient=patient):
@@ -145,10 +149,7 @@ def record_review(
     Everything that can refuse the decision is checked before the commit, so that a command that
     fails has recorded nothing and running it again records the decision once.
     """
-    rater = rater.strip()
-    if not rater or len(rater) > MAX_RATER or not rater.isprintable():
-        raise UsageError(f"--by must name the rater in 1 to {MAX_RATER} printable characters "
-                         "(a rater's id such as rater-07)")
+    rater = _check_rater(rater)
     if note is not None and _CONTROL.search(note):
         raise UsageError("--note has a control character (NUL, escape...): write it as plain text; "
                          "line breaks and tabs are fine")
@@ -184,6 +185,57 @@ def record_review(
             severity_class=classes[level], rater=rater, note=note or None, previous=previous,
             previous_source=source, source=kind, blinded=blinded,
         )
+
+
+@dataclass(frozen=True)
+class QualityClearance:
+    image_id: int
+    event_id: int
+    rater: str
+    #: the flag cleared
+    flag: str
+    note: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def clear_quality_flag(
+    factory: sessionmaker[Session], *, image_id: int, rater: str, note: str | None = None
+) -> QualityClearance:
+    """A rater says a flagged photograph is good enough to score: its flag is cleared (the
+    measures stay in `images.quality`, with who cleared it) and an audit event keeps the flag."""
+    rater = _check_rater(rater)
+    if note is not None and _CONTROL.search(note):
+        raise UsageError("--note has a control character (NUL, escape...): write it as plain text; "
+                         "line breaks and tabs are fine")
+    with transaction(factory) as session:
+        image = session.get(Image, image_id)
+        if image is None:
+            raise UsageError(
+                f"no image {image_id} in the catalogue: `eczema-batch review list` shows image ids"
+            )
+        if image.quality_flag is None:
+            raise UsageError(f"image {image_id} has no quality flag to clear: `eczema-batch review "
+                             "list` shows the flagged images and why")
+        flag = image.quality_flag
+        event = Event(kind=QUALITY_CLEARED_EVENT, actor=rater, subject_type="image",
+                      subject_id=image_id, detail={"flag": flag, "note": note or None})
+        session.add(event)
+        session.flush()
+        image.quality = {**(image.quality or {}),
+                         "cleared": {"by": rater, "event": event.id, "flag": flag}}
+        image.quality_flag = None
+        return QualityClearance(image_id=image_id, event_id=event.id, rater=rater, flag=flag,
+                                note=note or None)
+
+
+def _check_rater(rater: str) -> str:
+    rater = rater.strip()
+    if not rater or len(rater) > MAX_RATER or not rater.isprintable():
+        raise UsageError(f"--by must name the rater in 1 to {MAX_RATER} printable characters "
+                         "(a rater's id such as rater-07)")
+    return rater
 
 
 def _previous(session: Session, image_id: int, head: HeadInfo | None
