@@ -37,7 +37,8 @@ IMAGE_COLUMNS = ["study", "patient", "visit", "visit_number", "visit_date",
                  "reviewed_severity", "change_from_baseline", "review_status", "review_reasons",
                  "prompt_similarity", *IDENTITY, "code_source", "date_source", "lesion_area",
                  "reference_severity", "reference_class", "reference_source", "reference_rater",
-                 "n_labels", "n_raters", "rater_labels"]
+                 "n_labels", "n_raters", "rater_labels", "device", "fitzpatrick", "skin_ita",
+                 "skin_tone", "skin_tone_source", "quality_flag"]
 VISIT_COLUMNS = ["study", "patient", "visit", "visit_number", "visit_date", "days_from_baseline",
                  "body_sites", "n_images", "n_scored", "n_flagged", "n_reviewed", "severity",
                  "severity_class", *P, "expected_score", "worst_severity", "baseline",

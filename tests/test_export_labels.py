@@ -116,9 +116,10 @@ def test_json_has_the_same_appended_values(labelled: dict[str, int]) -> None:
     assert result.exit_code == 0, result.stderr
     a = {r["image_id"]: r for r in json.loads(result.stdout)}[labelled["a"]]
     assert (a["lesion_area"], a["reference_severity"], a["n_labels"]) == (0.0625, 2, 4)
-    assert list(a)[-10:] == ["code_source", "date_source", "lesion_area", "reference_severity",
+    assert list(a)[-16:] == ["code_source", "date_source", "lesion_area", "reference_severity",
                              "reference_class", "reference_source", "reference_rater",
-                             "n_labels", "n_raters", "rater_labels"]
+                             "n_labels", "n_raters", "rater_labels", "device", "fitzpatrick",
+                             "skin_ita", "skin_tone", "skin_tone_source", "quality_flag"]
 
 
 def test_rater_names_are_spreadsheet_safe(factory: sessionmaker[Session], labelled: dict[str, int],

@@ -230,6 +230,16 @@ def test_evaluate_reports_subgroups(toned_study: tuple[Path, Path],
     assert len(tones) >= 3
     assert "<b>Cam</b> X" in {r["group"] for r in section["rows"] if r["grouping"] == "device"}
 
+    # The image export carries each image's subgroups, as evaluate named them.
+    result = CliRunner().invoke(app, ["export", "--level", "image", "--format", "json"])
+    assert result.exit_code == 0, result.stderr
+    exported = {r["image_id"]: r for r in json.loads(result.stdout)}
+    assert exported[1]["device"] == "<b>Cam</b> X"
+    estimated = [r for r in exported.values() if r["skin_ita"] is not None]
+    assert len(estimated) == labelled
+    assert all(r["skin_tone_source"] == "estimated" and r["skin_tone"] in tones
+               for r in estimated)
+
     # The HTML report shows the saved evaluation's subgroup table, as text.
     html = tmp_path / "html"
     result = CliRunner().invoke(app, ["report", "--html", str(html), "--evaluation", str(out)])

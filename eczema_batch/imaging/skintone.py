@@ -93,3 +93,13 @@ def fitzpatrick_group(skin_type: int) -> str:
         return FITZPATRICK_GROUPS[skin_type]
     except KeyError:
         raise ValueError(f"Fitzpatrick type {skin_type}: must be 1 to 6") from None
+
+
+def skin_tone(fitzpatrick: int | None, ita: float | None) -> tuple[str | None, str | None]:
+    """The subgroup an image's skin tone falls in, as `evaluate`'s subgroups name it, and where
+    it came from: the manifest's Fitzpatrick type, else the estimated ITA."""
+    if fitzpatrick is not None:
+        return f"Fitzpatrick {fitzpatrick_group(fitzpatrick)}", "manifest"
+    if ita is not None:
+        return f"ITA {ita_category(ita)}", "estimated"
+    return None, None

@@ -19,6 +19,7 @@ from typing import Any, Literal, TextIO
 from sqlalchemy.orm import Session
 
 from eczema_batch.catalogue.labels import REVIEW_REPEAT
+from eczema_batch.imaging.skintone import skin_tone
 from eczema_batch.report.queries import (
     HeadInfo,
     ImageRecord,
@@ -62,7 +63,8 @@ IDENTITY_COLUMNS = ("head", "head_digest", "embedder", "embedder_digest", "segme
 TEXT_COLUMNS = frozenset({
     "study", "patient", "visit", "body_site", "body_sites", "format", "severity_class",
     "review_status", "review_reasons", "status", "code_source", "date_source", "reference_class",
-    "reference_source", "reference_rater", "rater_labels",
+    "reference_source", "reference_rater", "rater_labels", "device", "skin_tone",
+    "skin_tone_source", "quality_flag",
 })
 #: `{p}` expands to one p_<class> column per class of the head (p_clear ... p_severe).
 _LEVEL_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -95,7 +97,8 @@ _LEVEL_COLUMNS: dict[str, tuple[str, ...]] = {
 APPENDED_COLUMNS: dict[str, tuple[str, ...]] = {
     "image": ("code_source", "date_source", "lesion_area", "reference_severity",
               "reference_class", "reference_source", "reference_rater", "n_labels", "n_raters",
-              "rater_labels"),
+              "rater_labels", "device", "fitzpatrick", "skin_ita", "skin_tone",
+              "skin_tone_source", "quality_flag"),
     "visit": ("code_source", "date_source", "lesion_area"),
     "patient": ("code_source",),
 }
@@ -216,7 +219,9 @@ class _Rows:
             status, "; ".join(reasons) or None, number(record.prompt_similarity),
         ], self.identity(record.segmenter_id), [
             record.code_source, record.date_source, number(record.lesion_area),
-            *self.labels(labels),
+            *self.labels(labels), record.device, record.fitzpatrick,
+            None if record.skin_ita is None else round(record.skin_ita, 2),
+            *skin_tone(record.fitzpatrick, record.skin_ita), record.quality_flag,
         ]
 
     def labels(self, labels: Sequence[LabelRecord]) -> list[Any]:

@@ -138,6 +138,10 @@ class ImageRecord:
     lesion_area: float | None = None
     #: why the image-quality gate flagged the photograph (images.quality_flag), None when not
     quality_flag: str | None = None
+    #: the camera, the manifest's Fitzpatrick type and the estimated ITA (images table)
+    device: str | None = None
+    fitzpatrick: int | None = None
+    skin_ita: float | None = None
 
     @property
     def effective(self) -> tuple[float, ...] | None:
@@ -469,7 +473,8 @@ def image_records_select(
             Visit.visit_date, Image.body_site, Image.format, Prediction.id,
             Prediction.severity, j.review.severity, j.review.rater, j.review.note, Mask.id,
             Mask.flag, j.similarity, Mask.model_id, Patient.code_source, Visit.date_source,
-            j.lesion_area, Image.quality_flag, *j.p,
+            j.lesion_area, Image.quality_flag, Image.device, Image.fitzpatrick, Image.skin_ita,
+            *j.p,
         ).where(Image.id.is_not(None))
         .order_by(*j.patient_order(), Image.id),
         study=study, patient=patient, patient_ids=patient_ids,
@@ -488,7 +493,7 @@ def iter_image_records(session: Session, *, head: HeadInfo | None, **scope: Any
     for row in _stream(session, stmt):
         (iid, study_name, code, pid, vid, label, vdate, site, fmt, pred_id, predicted, reviewed,
          rater, note, mask_id, flag, sim, segmenter_id, code_source, date_source, area,
-         quality_flag, *probs) = row
+         quality_flag, device, fitzpatrick, skin_ita, *probs) = row
         yield ImageRecord(
             image_id=iid, study=study_name, patient=code, patient_id=pid, visit_id=vid,
             visit_label=label, visit_date=_as_date(vdate), body_site=site, format=fmt,
@@ -497,6 +502,8 @@ def iter_image_records(session: Session, *, head: HeadInfo | None, **scope: Any
             mask_flag=flag, prompt_similarity=None if sim is None else float(sim),
             segmenter_id=segmenter_id, code_source=code_source, date_source=date_source,
             lesion_area=None if area is None else float(area), quality_flag=quality_flag,
+            device=device, fitzpatrick=fitzpatrick,
+            skin_ita=None if skin_ita is None else float(skin_ita),
         )
 
 

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from eczema_batch.catalogue.models import Image
-from eczema_batch.imaging.skintone import fitzpatrick_group, ita_category
+from eczema_batch.imaging.skintone import skin_tone
 from eczema_batch.pipeline.evaluate import ECE_BINS, percentile_interval
 
 #: the groupings, in the order they are reported
@@ -118,11 +118,8 @@ class ImageAttributes:
     def group(self, grouping: str) -> tuple[str, str]:
         """(group, source) of this image in `grouping`."""
         if grouping == "skin tone":
-            if self.fitzpatrick is not None:
-                return f"Fitzpatrick {fitzpatrick_group(self.fitzpatrick)}", "manifest"
-            if self.skin_ita is not None:
-                return f"ITA {ita_category(self.skin_ita)}", "estimated"
-            return "unknown", "none"
+            group, source = skin_tone(self.fitzpatrick, self.skin_ita)
+            return (group, source) if group and source else ("unknown", "none")
         if grouping == "body site":
             return (self.body_site, "catalogue") if self.body_site else (NOT_RECORDED, "none")
         if grouping == "device":
