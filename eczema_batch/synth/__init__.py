@@ -142,7 +142,9 @@ def _write_images(
             if spec.format is Format.PNG:
                 image.save(target, "PNG", compress_level=1)
             else:
-                image.save(target, "JPEG", quality=conditions.jpeg_quality)
+                exif = Image.Exif()
+                exif[0x010F], exif[0x0110] = spec.patient.camera  # Make, Model
+                image.save(target, "JPEG", quality=conditions.jpeg_quality, exif=exif)
         if spec.mask_path is not None:
             Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(
                 root / spec.mask_path, "PNG"

@@ -82,7 +82,7 @@ def build_dataset(rgb: NDArray[np.uint8], spec: ImageSpec, seed: int, *,
     ds.ContentTime = f"09{spec.site_index % 60:02d}00"  # a minute apart
     ds.AccessionNumber = ""
     ds.Modality = "XC"
-    ds.Manufacturer = "eczema-batch (synthetic)"
+    ds.Manufacturer, ds.ManufacturerModelName = spec.patient.camera
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "Synthetic eczema photographs"
     ds.SeriesDescription = "Clinical photographs"

@@ -27,6 +27,8 @@ BODY_PART = {
     "hands": "HAND",
 }
 
+#: Cameras of the synthetic clinics, (make, model) as EXIF and DICOM name them
+CAMERAS = (("Canon", "Canon EOS 250D"), ("Apple", "iPhone 13"), ("FotoFinder", "medicam 1000"))
 #: Fitzpatrick skin types, light to deep; a patient's type is the sixth of the tone range its
 #: tone falls in, and tones are spread in strata over patients, so 6k patients hold every type
 FITZPATRICK = ("I", "II", "III", "IV", "V", "VI")
@@ -63,6 +65,12 @@ class Patient:
     trend: Trend
     tone: float  # skin tone, 0 (light) .. 1 (deep)
     sites: tuple[tuple[str, str], ...]  # (body site, file stem) photographed at every visit
+
+    @property
+    def camera(self) -> tuple[str, str]:
+        """(make, model) of the clinic's camera: the patients of a study share a few, so the
+        subgroup report has devices to compare (no random draw: every other picture stays)."""
+        return CAMERAS[self.index % len(CAMERAS)]
 
     @property
     def fitzpatrick(self) -> str:
