@@ -379,7 +379,7 @@ def test_the_html_report_shows_the_raters_agreement_once_two_raters_label(
     code, _, err = _invoke("report", "--html", str(html))
     assert code == 0, err
     index = (html / "index.html").read_text()
-    assert "<h2>agreement: quadratic-weighted kappa" in index
+    assert "<h2>Agreement</h2>" in index and "Quadratic-weighted kappa with its 95%" in index
     assert "&lt;i&gt;dr-b&lt;/i&gt; vs dr-a" in index and "<i>dr-b</i>" not in index
     assert "From the catalogue&#39;s labels: 8 images labelled by two raters" in index
     assert "Krippendorff" in index

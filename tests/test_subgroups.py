@@ -216,7 +216,7 @@ def test_evaluate_reports_subgroups(toned_study: tuple[Path, Path],
         "--model-dir", str(tiny_model_dir), "--embedder-model", "tiny-dino", "-o", str(out),
     ])
     assert result.exit_code == 0, result.stderr
-    assert "subgroups, head (none)" in result.stderr
+    assert "subgroups (head, segmenter none)" in result.stderr
     section = json.loads(out.read_text())["subgroups"]
     with factory() as session:
         labelled = len(session.scalars(select(Image.id).where(Image.skin_ita.is_not(None))).all())
@@ -245,7 +245,8 @@ def test_evaluate_reports_subgroups(toned_study: tuple[Path, Path],
     result = CliRunner().invoke(app, ["report", "--html", str(html), "--evaluation", str(out)])
     assert result.exit_code == 0, result.stderr
     index = (html / "index.html").read_text()
-    assert "<h2>subgroups, head (none)" in index and "tiny-dino" in index
+    assert "<h2>Subgroups (head, segmenter none)</h2>" in index and "tiny-dino" in index
+    assert "Pooled out-of-fold predictions; 95% intervals" in index
     assert "&lt;b&gt;Cam&lt;/b&gt; X" in index and "<b>Cam</b>" not in index
     bad = tmp_path / "not-an-evaluation.json"
     bad.write_text('{"settings": {}}')

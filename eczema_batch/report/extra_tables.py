@@ -10,6 +10,7 @@ the model beside the raters).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -47,10 +48,20 @@ def evaluation_tables(report: EvaluationReport) -> list[ReportTable]:
               f"{models.embedder.name} ({models.embedder.digest[:12]})"
               + (f", segmenter {models.segmenter.name} ({models.segmenter.digest[:12]})"
                  if models.segmenter else "") + ".")
-    return [ReportTable(title=title, header=tuple(columns),
-                        rows=tuple(tuple(row) for row in rows), note=origin)
+    return [_page_table(title, columns, rows, origin)
             for title, columns, rows in summary_tables(report)
             if title.startswith(CARRIED)]
+
+
+def _page_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], origin: str
+                ) -> ReportTable:
+    """A terminal table for a page: the title's head (before ": ") as its heading, the rest of
+    it (what the numbers are) in the note, before where they came from."""
+    heading, _, detail = title.partition(": ")
+    detail = detail[:1].upper() + detail[1:]
+    note = f"{detail.rstrip('.')}. {origin}" if detail else origin
+    return ReportTable(title=heading[:1].upper() + heading[1:], header=tuple(columns),
+                       rows=tuple(tuple(row) for row in rows), note=note)
 
 
 def rater_agreement_tables(session: Session, *, study: str | None, reference_rule: str
@@ -65,6 +76,5 @@ def rater_agreement_tables(session: Session, *, study: str | None, reference_rul
     note = (f"From the catalogue's labels: {report.multi_rated} images labelled by two raters "
             "or more. The model beside the raters: eczema-batch evaluate -o FILE, then "
             "eczema-batch report --html DIR --evaluation FILE.")
-    return [ReportTable(title=title, header=tuple(columns),
-                        rows=tuple(tuple(row) for row in rows), note=note)
+    return [_page_table(title, columns, rows, note)
             for title, columns, rows in agreement_tables(report)]

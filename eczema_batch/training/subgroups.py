@@ -273,7 +273,7 @@ SUBGROUP_COLUMNS = ["grouping", "group", "source", "patients", "images", "weight
 
 def subgroup_title(report: SubgroupReport) -> str:
     sources = report.tone_sources
-    return (f"subgroups, head ({report.segmenter}), pooled out-of-fold predictions; 95% "
+    return (f"subgroups (head, segmenter {report.segmenter}): pooled out-of-fold predictions; 95% "
             f"intervals from a bootstrap of each group's patients; skin tone from the manifest "
             f"for {sources.get('manifest', 0)} images, estimated (ITA outside the lesion mask) "
             f"for {sources.get('estimated', 0)}, unknown for {sources.get('unknown', 0)}; "
