@@ -269,6 +269,8 @@ def test_robustness_zero_changes_nothing_and_stores_nothing(
     cli(again)  # the same seed: the same section, noise draws included
     assert json.loads(again.read_text())["robustness"] == document["robustness"]
     assert document["settings"]["robustness_images"] == 9
+    refused = CliRunner().invoke(app, ["evaluate", "--robustness-images", "9"])
+    assert refused.exit_code == 2 and "give --robustness too" in refused.stderr
     section = document["robustness"]
     assert section["images"] == 9 and section["segmenter"] == "seggpt"
     assert [p["name"] for p in section["perturbations"]] == [

@@ -190,9 +190,9 @@ def evaluate(
     robustness: Annotated[bool, typer.Option(
         "--robustness", help="Also re-measure held-out images under blur, brightness, noise, "
         "JPEG and white-balance perturbations (first repeat's folds; nothing stored).")] = False,
-    robustness_images: Annotated[int, typer.Option(
-        min=1, help="--robustness: at most this many held-out images, spread over patients.")
-    ] = 200,
+    robustness_images: Annotated[int | None, typer.Option(
+        min=1, help="--robustness: at most this many held-out images, spread over patients "
+        "(default 200).")] = None,
 ) -> None:
     """Cross-validate the method by patient and report it with error bars.
 
@@ -212,13 +212,19 @@ def evaluate(
     """
     from eczema_batch.measuring.config import RunConfig
     from eczema_batch.output import output_file
-    from eczema_batch.training.evaluate import EvaluationSettings, run_evaluation
+    from eczema_batch.training.evaluate import (
+        ROBUSTNESS_IMAGES,
+        EvaluationSettings,
+        run_evaluation,
+    )
     from eczema_batch.training.report import (
         report_json,
         summary_tables,
         write_predictions_csv,
     )
 
+    if robustness_images is not None and not robustness:
+        raise UsageError("--robustness-images caps the --robustness pass: give --robustness too")
     try:
         fraction_values = tuple(float(f) for f in fractions.split(",") if f.strip())
     except ValueError:
@@ -244,7 +250,8 @@ def evaluate(
         train=_train_settings(configs[0], epochs, lr, hidden, dropout, seed, class_weights,
                               batch_size),
         reference_label=reference_label or settings.reference_label,
-        subgroups=not no_subgroups, robustness_images=robustness_images if robustness else None,
+        subgroups=not no_subgroups,
+        robustness_images=(robustness_images or ROBUSTNESS_IMAGES) if robustness else None,
     )
     stage = {"name": ""}
     with _progress("evaluating") as update:

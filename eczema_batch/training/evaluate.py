@@ -76,6 +76,8 @@ from eczema_batch.training.segmentation import segmentation_quality
 from eczema_batch.training.subgroups import SubgroupReport, image_attributes, subgroup_report
 
 DEFAULT_FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)
+#: `--robustness`: held-out images re-measured unless --robustness-images says otherwise
+ROBUSTNESS_IMAGES = 200
 
 
 @dataclass(frozen=True)
