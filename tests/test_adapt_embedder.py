@@ -117,6 +117,8 @@ def test_defaults_suit_the_base_model() -> None:
     # the tiny backbone's features vary too little for DINO's plain head: batch norm keeps it
     # from collapsing to a uniform output; DINO's ViT recipe has none
     assert (tiny.head_bn, tiny.epochs, real.head_bn) == (True, 60, False)
+    # batches of 16: four times the steps of 64 on a small study (README, "Adapting the embedder")
+    assert (tiny.batch_size, real.batch_size) == (16, 64)
 
 
 def test_the_head_can_batch_normalise_its_hidden_layers() -> None:

@@ -29,10 +29,10 @@ def models_adapt_embedder(
         "--from", help="The model to start from (default: ECZEMA_BATCH_EMBEDDER_MODEL).")] = None,
     study: Annotated[str | None, typer.Option(help="Only this study's images.")] = None,
     epochs: Annotated[int | None, typer.Option(
-        min=1, help="Epochs (default: 30; 15 for tiny models).")] = None,
+        min=1, help="Epochs (default: 30; 60 for tiny models).")] = None,
     batch_size: Annotated[int | None, typer.Option(
         min=2, help="Images per step, each cut into 2 global and several local crops "
-        "(default 64).")] = None,
+        "(default 64; 16 for tiny models).")] = None,
     lr: Annotated[float | None, typer.Option(
         help="Peak learning rate of the head (default: 5e-4 x batch size / 256, DINO's rule; "
         "5e-4 for tiny models).")] = None,
