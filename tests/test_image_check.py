@@ -154,6 +154,15 @@ def test_ingest_checks_a_large_photo_without_holding_its_pixels(
     # The file's bytes (a few MB) are read; the ~250 MB of pixels are not held.
     assert full > 100 << 20
     assert checked < len(data) + (32 << 20)
+    # A JPEG's quality comes from a reduced-scale decode; a PNG this large would need a full one,
+    # so it is left unmeasured, and ingest says why (read again here: the check ran in a child).
+    ingest_read._init_worker({}, LIMIT, ingest_read.StudyRoot(scan.root, scan.root_id))
+    read = ingest_read.read_file(task)
+    if kind == "JPEG":
+        assert read.quality is not None and read.quality_skipped is None
+    else:
+        assert read.quality is None
+        assert read.quality_skipped is not None and "6000 x 6000 px" in read.quality_skipped
 
 
 def _until(condition: Callable[[], bool]) -> None:

@@ -268,3 +268,24 @@ def test_a_wrong_quality_mode_is_refused(
 ) -> None:
     code, _, err = invoke("run", "--model-dir", str(tiny_model_dir), "--quality", "drop")
     assert code == 2 and "--quality 'drop': use one of flag, skip" in err
+
+
+def test_a_png_too_large_to_sample_is_recorded_unmeasured_and_not_decoded_again(
+    tmp_path: Path, factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eczema_batch.imaging import photo
+
+    root = tmp_path / "study"
+    (root / "P001" / "v1").mkdir(parents=True)
+    PilImage.fromarray(skin_checkerboard()).save(root / "P001" / "v1" / "big.png")
+    monkeypatch.setattr(photo, "PNG_SAMPLE_MAX_PIXELS", 100)  # this PNG is "too large"
+    assert run_ingest(root, factory).exit_code == 0
+    with factory() as session:
+        quality, flag = session.execute(select(Image.quality, Image.quality_flag)).one()
+    assert flag is None and set(quality) == {"method", "not_measured"}
+    assert "which ingest would have to decode in full" in quality["not_measured"]
+    # Known now, and not a "never measured" row: ingest does not decode it again.
+    monkeypatch.setattr(photo, "PNG_SAMPLE_MAX_PIXELS", 10**9)
+    assert run_ingest(root, factory).exit_code == 0
+    with factory() as session:
+        assert session.scalar(select(Image.quality)) == quality

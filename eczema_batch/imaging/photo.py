@@ -100,7 +100,8 @@ class ImageInfo:
     dicom: DicomTags | None = None
     #: the camera ("Make Model" from EXIF or DICOM), None when the file does not say
     device: str | None = None
-    #: the picture shrunk to `check_bytes`'s sample_side (RGB uint8), when asked for
+    #: the picture shrunk to `check_bytes`'s sample_side (RGB uint8), when asked for and
+    #: allowed (a PNG over PNG_SAMPLE_MAX_PIXELS is not sampled)
     sample: np.ndarray | None = None
 
 
@@ -173,6 +174,11 @@ def _kind(data: bytes) -> Format:
     return kind
 
 
+#: A PNG has no reduced-scale decode: its sample costs a full decode (3 bytes a pixel). Above
+#: this size `check_bytes` gives none, so that ingest still never holds a large photo's pixels.
+PNG_SAMPLE_MAX_PIXELS = 8_000_000
+
+
 def check_bytes(data: bytes, *, max_pixels: int, pseudonym_key: bytes | None = None,
                 sample_side: int | None = None) -> ImageInfo:
     """Decode a whole file's content as a check, keeping only its size (see the module's notes).
@@ -180,15 +186,16 @@ def check_bytes(data: bytes, *, max_pixels: int, pseudonym_key: bytes | None = N
     Raises RejectedFileError (and only that) for bad content, with the reasons `decode_bytes`
     gives. `pseudonym_key` as in `decode_bytes`. `sample_side`: also keep a copy of the picture
     with this longest side (`ImageInfo.sample`, for the quality measures); a JPEG then decodes at
-    the DCT scale that still covers it, a PNG is decoded a second time in full (its check holds no
-    pixels), DICOM shrinks the frame it decoded anyway.
+    the DCT scale that still covers it, a PNG of at most PNG_SAMPLE_MAX_PIXELS is decoded a second
+    time in full (its check holds no pixels; a larger one gets no sample), DICOM shrinks the frame
+    it decoded anyway.
     """
     kind = _kind(data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "png":
             info = _check_png(data, max_pixels=max_pixels)
-            if sample_side is None:
+            if sample_side is None or info.width * info.height > PNG_SAMPLE_MAX_PIXELS:
                 return info
             decoded = _decode_photo(data, kind, max_pixels=max_pixels, max_side=sample_side)
             return dataclasses.replace(info, device=decoded.device, sample=decoded.pixels)

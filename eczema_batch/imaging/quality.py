@@ -201,6 +201,12 @@ def quality_record(m: QualityMeasures, t: QualityThresholds) -> tuple[dict[str, 
     return doc, "; ".join(reasons) or None
 
 
+def not_measured(reason: str) -> dict[str, Any]:
+    """`images.quality` of a picture ingest decoded but did not measure (no flag): present, so
+    that ingest does not decode it again to measure it."""
+    return {"method": METHOD, "not_measured": reason}
+
+
 def measures_from(doc: dict[str, Any]) -> QualityMeasures:
     """The measures stored by `quality_record`."""
     return QualityMeasures(**{k: float(doc[k]) for k in QualityMeasures.__dataclass_fields__})

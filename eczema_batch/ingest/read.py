@@ -29,7 +29,7 @@ from eczema_batch.imaging import (
     read_mask,
     sniff_format,
 )
-from eczema_batch.imaging.photo import NOT_AN_IMAGE, PNG_MAGIC
+from eczema_batch.imaging.photo import NOT_AN_IMAGE, PNG_MAGIC, PNG_SAMPLE_MAX_PIXELS
 from eczema_batch.imaging.quality import SAMPLE_SIDE, QualityMeasures, measure
 from eczema_batch.ingest.scan import ScanEntry
 from eczema_batch.studyfiles import FileId, read_study_file
@@ -79,6 +79,8 @@ class FileRead:
     device: str | None = None
     #: blur, exposure and colour cast of the decoded picture; None when it was not decoded
     quality: QualityMeasures | None = None
+    #: why a decoded picture was not measured (a PNG too large to sample), else None
+    quality_skipped: str | None = None
 
 
 #: Set once per worker process: sha256 -> (width, height) of everything already catalogued,
@@ -146,7 +148,10 @@ def read_file(task: ReadTask) -> FileRead:
                               sample_side=SAMPLE_SIDE)
     except RejectedFileError as exc:
         return FileRead(rel=task.rel, sha256=sha, size_bytes=len(data), error=str(exc))
-    assert decoded.sample is not None
+    skipped = None
+    if decoded.sample is None:
+        skipped = (f"not measured: a PNG of {decoded.width} x {decoded.height} px, which ingest "
+                   f"would have to decode in full (over {PNG_SAMPLE_MAX_PIXELS:,} pixels)")
     return FileRead(
         rel=task.rel,
         sha256=sha,
@@ -158,7 +163,8 @@ def read_file(task: ReadTask) -> FileRead:
         mask=_read_mask(task, (decoded.width, decoded.height)),
         device=decoded.device,
         # here, in the decode process, on the small copy: a few ms beside the decode itself
-        quality=measure(decoded.sample),
+        quality=None if decoded.sample is None else measure(decoded.sample),
+        quality_skipped=skipped,
     )
 
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Image, Label, Mask, Patient, Rejection, Study, Visit
 from eczema_batch.clock import utcnow
-from eczema_batch.imaging.quality import QualityThresholds, quality_record
+from eczema_batch.imaging.quality import QualityThresholds, not_measured, quality_record
 from eczema_batch.ingest.read import FileRead
 from eczema_batch.ingest.rejections import DUPLICATE, FILE, rejection
 from eczema_batch.ingest.resolve import Identity
@@ -245,7 +245,8 @@ class CatalogueWriter:
 
     def _quality(self, read: FileRead) -> dict[str, Any]:
         if read.quality is None:
-            return {"quality": None, "quality_flag": None}
+            skipped = None if read.quality_skipped is None else not_measured(read.quality_skipped)
+            return {"quality": skipped, "quality_flag": None}
         doc, flag = quality_record(read.quality, self._thresholds)
         self._flagged += flag is not None
         return {"quality": doc, "quality_flag": flag}
@@ -265,7 +266,8 @@ class CatalogueWriter:
                 session.execute(update(Image).where(Image.id == existing.id)
                                 .values(fitzpatrick=item.fitzpatrick))
                 changed += 1
-            if item.read.quality is not None:  # measured now: it had no measures
+            # measured now (or found too large to): it had no measures
+            if item.read.quality is not None or item.read.quality_skipped is not None:
                 session.execute(update(Image).where(Image.id == existing.id,
                                                     Image.quality.is_(None))
                                 .values(device=item.read.device, **self._quality(item.read)))
