@@ -25,6 +25,7 @@ from eczema_batch.imaging.skintone import (
     ita_degrees,
     skin_ita,
     srgb_to_lab,
+    tone_order,
 )
 from eczema_batch.ingest.service import ingest_study
 from eczema_batch.measuring.skintone import NO_MASK, estimate_skin_tones
@@ -264,3 +265,25 @@ def test_evaluate_reports_subgroups(toned_study: tuple[Path, Path],
     ])
     assert result.exit_code == 0, result.stderr
     assert "subgroups" not in json.loads(out.read_text())
+
+
+def test_skin_tone_command_estimates_every_image_and_counts_the_groups(
+        toned_study: tuple[Path, Path], factory: sessionmaker[Session]) -> None:
+    with factory() as session, session.begin():
+        ids = session.scalars(select(Image.id).order_by(Image.id)).all()
+        session.execute(update(Image).where(Image.id == ids[0]).values(fitzpatrick=5))
+    result = CliRunner().invoke(app, ["skin-tone", "--json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert (doc["estimated"], doc["unchanged"], doc["failed"]) == (len(ids), 0, {})
+    groups = {(g["group"], g["source"]): g["images"] for g in doc["groups"]}
+    assert groups.pop(("Fitzpatrick V-VI", "manifest")) == 1
+    assert sum(groups.values()) == len(ids) - 1
+    assert all(source == "estimated" and group.startswith("ITA ") for group, source in groups)
+    # Light to dark, the manifest's types first.
+    order = [g["group"] for g in doc["groups"]]
+    assert order[0] == "Fitzpatrick V-VI" and order == sorted(order, key=tone_order)
+    result = CliRunner().invoke(app, ["skin-tone"])
+    assert result.exit_code == 0 and f"estimated 0, unchanged {len(ids)}" in result.stderr
+    result = CliRunner().invoke(app, ["skin-tone", "--study", "nope"])
+    assert result.exit_code == 2 and "no study named 'nope'" in result.stderr

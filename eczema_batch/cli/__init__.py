@@ -13,6 +13,7 @@ from eczema_batch.cli.common import app, main
 from eczema_batch.cli import catalogue, measure, training, reports, review, agreement, demo  # noqa: F401
 from eczema_batch.cli import tuning  # noqa: F401
 from eczema_batch.cli import adapting  # noqa: F401
+from eczema_batch.cli import skintone  # noqa: F401
 # isort: on
 
 __all__ = ["app", "main"]

@@ -103,3 +103,15 @@ def skin_tone(fitzpatrick: int | None, ita: float | None) -> tuple[str | None, s
     if ita is not None:
         return f"ITA {ita_category(ita)}", "estimated"
     return None, None
+
+
+#: every skin-tone group `skin_tone` names, light to dark, manifest types first
+TONE_GROUPS: Final[tuple[str, ...]] = (
+    *(f"Fitzpatrick {g}" for g in dict.fromkeys(FITZPATRICK_GROUPS.values())),
+    *(f"ITA {name}" for name, _ in ITA_CATEGORIES),
+)
+
+
+def tone_order(group: str) -> tuple[int, str]:
+    """A sort key that lists skin-tone groups light to dark, anything else after them."""
+    return (TONE_GROUPS.index(group) if group in TONE_GROUPS else len(TONE_GROUPS), group)

@@ -20,7 +20,7 @@ from eczema_batch.catalogue.measurements import ImageRow, image_rows
 from eczema_batch.catalogue.models import Image, Mask
 from eczema_batch.errors import RejectedFileError
 from eczema_batch.imaging.masks import decode_mask_png
-from eczema_batch.imaging.skintone import skin_ita
+from eczema_batch.imaging.skintone import skin_ita, skin_tone, tone_order
 from eczema_batch.measuring.files import load_pixels
 
 #: the longest side the estimate decodes at: a tone is a median, it needs no detail
@@ -100,3 +100,23 @@ def _estimate(row: ImageRow, png: bytes | None, max_pixels: int) -> float | None
             full = np.asarray(small) > 127
         lesion = full
     return skin_ita(pixels, lesion)
+
+
+def estimate_catalogue_tones(session: Session, *, study_id: int | None, image_root: str | None,
+                             max_pixels: int, threads: int = 2
+                             ) -> tuple[ToneEstimates, dict[tuple[str, str], int]]:
+    """`estimate_skin_tones` for every readable image (of one study), and how many images each
+    skin-tone group holds, (group, source) -> images, light to dark, manifest types first."""
+    scope = select(Image.id).where(Image.decode_status == "ok")
+    if study_id is not None:
+        scope = scope.where(Image.study_id == study_id)
+    ids = session.scalars(scope).all()
+    done = estimate_skin_tones(session, ids, image_root=image_root, max_pixels=max_pixels,
+                               threads=threads)
+    groups: dict[tuple[str, str], int] = {}
+    for fitzpatrick, ita in session.execute(
+            select(Image.fitzpatrick, Image.skin_ita).where(Image.id.in_(ids))):
+        group, source = skin_tone(fitzpatrick, ita)
+        key = (group or "unknown", source or "none")
+        groups[key] = groups.get(key, 0) + 1
+    return done, dict(sorted(groups.items(), key=lambda item: tone_order(item[0][0])))

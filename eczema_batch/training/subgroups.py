@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from eczema_batch.catalogue.models import Image
-from eczema_batch.imaging.skintone import skin_tone
+from eczema_batch.imaging.skintone import skin_tone, tone_order
 from eczema_batch.pipeline.evaluate import ECE_BINS, percentile_interval
 
 #: the groupings, in the order they are reported
@@ -167,13 +167,9 @@ def subgroup_report(
 
 
 def _group_order(grouping: str) -> Any:
-    tone_order = ["Fitzpatrick I-II", "Fitzpatrick III-IV", "Fitzpatrick V-VI",
-                  "ITA very light", "ITA light", "ITA intermediate", "ITA tan", "ITA brown",
-                  "ITA dark", "unknown"]
-
     def key(name: str) -> tuple[int, str]:
         if grouping == "skin tone":
-            return (tone_order.index(name) if name in tone_order else len(tone_order), name)
+            return tone_order(name)
         return (name in (NOT_RECORDED, "unknown"), name)
 
     return key
