@@ -287,3 +287,29 @@ def test_skin_tone_command_estimates_every_image_and_counts_the_groups(
     assert result.exit_code == 0 and f"estimated 0, unchanged {len(ids)}" in result.stderr
     result = CliRunner().invoke(app, ["skin-tone", "--study", "nope"])
     assert result.exit_code == 2 and "no study named 'nope'" in result.stderr
+
+
+def test_a_study_whose_manifest_types_some_patients_mixes_both_sources(
+        tmp_path: Path, factory: sessionmaker[Session]) -> None:
+    root, truth = tmp_path / "study", tmp_path / "truth"
+    result = CliRunner().invoke(app, [
+        "synth", str(root), "--patients", "6", "--visits", "2", "--images-per-visit", "1",
+        "--width", "96", "--height", "72", "--truth", str(truth), "--fitzpatrick-share", "0.5"])
+    assert result.exit_code == 0, result.stderr
+    with (root / "manifest.csv").open() as handle:
+        manifest = list(csv.DictReader(handle))
+    with (truth / "truth.csv").open() as handle:
+        painted = {r["path"]: r["tone"] for r in csv.DictReader(handle)}
+    typed = [r for r in manifest if r["fitzpatrick"]]
+    assert len({r["patient"] for r in typed}) == 3 and len(typed) == 6
+    assert all(r["fitzpatrick"] == painted[r["path"]] for r in typed)  # the painted type
+    assert ingest_study(root, factory=factory, max_pixels=DEFAULT_MAX_IMAGE_PIXELS
+                        ).exit_code == 0
+    result = CliRunner().invoke(app, ["skin-tone", "--json"])
+    assert result.exit_code == 0, result.stderr
+    groups = json.loads(result.stdout)["groups"]
+    by_source = {s: sum(g["images"] for g in groups if g["source"] == s)
+                 for s in ("manifest", "estimated")}
+    assert by_source == {"manifest": 6, "estimated": 6}
+    assert [g["source"] for g in groups] == sorted((g["source"] for g in groups),
+                                                   key=lambda s: s != "manifest")

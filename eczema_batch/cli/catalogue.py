@@ -248,6 +248,9 @@ def synth(
         typer.Option(help="New folder, outside the study, for the known truth: truth.csv and "
                      "every image's true lesion mask."),
     ] = None,
+    fitzpatrick_share: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Share of patients whose Fitzpatrick skin type the manifest "
+        "gives (the others' is estimated from the pixels).")] = 0.0,
     as_json: JsonOption = False,
 ) -> None:
     """Write a synthetic study (photos, DICOM, masks, manifest) to try the tool.
@@ -264,6 +267,7 @@ def synth(
         images_per_visit=images_per_visit,
         size=(width, height),
         truth=truth,
+        fitzpatrick_share=fitzpatrick_share,
     )
     payload = {
         "folder": str(summary.root),

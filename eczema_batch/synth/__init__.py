@@ -160,12 +160,20 @@ def _chunks(specs: Sequence[ImageSpec], parts: int) -> Iterable[Sequence[ImageSp
         yield specs[i : i + step]
 
 
-def manifest_text(specs: Iterable[ImageSpec]) -> str:
-    """manifest.csv for `specs` (paths relative to the study root)."""
-    return csv_text(MANIFEST_FIELDS, (
-        (spec.path, spec.patient.code, spec.visit_date.isoformat(), spec.body_site,
-         spec.severity, spec.mask_path or "")
-        for spec in specs))
+def manifest_text(specs: Sequence[ImageSpec], *, fitzpatrick_share: float = 0.0) -> str:
+    """manifest.csv for `specs` (paths relative to the study root). With `fitzpatrick_share`,
+    a `fitzpatrick` column gives the painted skin type of that share of the patients (the first
+    ones: tones are spread over patients at random), blank for the others, as when only some
+    sites record it."""
+    rows = [(spec.path, spec.patient.code, spec.visit_date.isoformat(), spec.body_site,
+             spec.severity, spec.mask_path or "") for spec in specs]
+    if fitzpatrick_share <= 0.0:
+        return csv_text(MANIFEST_FIELDS, rows)
+    patients = len({spec.patient.index for spec in specs})
+    typed = round(fitzpatrick_share * patients)
+    return csv_text((*MANIFEST_FIELDS, "fitzpatrick"), (
+        (*row, spec.patient.fitzpatrick if spec.patient.index < typed else "")
+        for row, spec in zip(rows, specs, strict=True)))
 
 
 def _check(
@@ -221,6 +229,7 @@ def write_synthetic_study(
     manifest: bool = True,
     workers: int = 1,
     truth: Path | None = None,
+    fitzpatrick_share: float = 0.0,
 ) -> SynthSummary:
     """Write a synthetic study of `patients` x `visits` x `images_per_visit` photographs.
 
@@ -229,7 +238,8 @@ def write_synthetic_study(
     baseline), `png_fraction` PNG (at most what DICOM leaves), the rest JPEG.
 
     `truth`, a new or empty folder outside `root`, receives the known truth: truth.csv and the
-    painted lesion mask of every image (`eczema_batch.synth.truth`).
+    painted lesion mask of every image (`eczema_batch.synth.truth`). `fitzpatrick_share`: that
+    share of the patients has its skin type in the manifest (`manifest_text`).
 
     `workers` > 1 paints in that many processes (spawned: a calling script needs the usual
     ``if __name__ == "__main__":`` guard) and writes the same files. Raises UsageError on bad
@@ -248,6 +258,7 @@ def write_synthetic_study(
             "reference_fraction": reference_fraction,
             "dicom_fraction": dicom_fraction,
             "png_fraction": png_fraction,
+            "fitzpatrick_share": fitzpatrick_share,
         },
         size=size,
         visit_interval_days=visit_interval_days,
@@ -279,7 +290,9 @@ def write_synthetic_study(
             for future in futures:
                 future.result()
     if manifest:
-        (root / "manifest.csv").write_text(manifest_text(specs), encoding="utf-8", newline="")
+        (root / "manifest.csv").write_text(
+            manifest_text(specs, fitzpatrick_share=fitzpatrick_share), encoding="utf-8",
+            newline="")
     if truth is not None:
         write_truth_table(truth, specs)
     labels = dict.fromkeys(range(4), 0)
