@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from eczema_batch.imaging.skintone import srgb_to_lab
+
 if TYPE_CHECKING:
     from eczema_batch.config import Settings
 
@@ -111,7 +113,7 @@ def _median_chroma(pixels: NDArray[np.uint8], grey: NDArray[np.float32]) -> tupl
     chosen = sampled[(levels > DARK_LEVEL) & (levels < BRIGHT_LEVEL)]
     if not len(chosen):
         return 0.0, 0.0
-    lab = _lab(chosen)
+    lab = srgb_to_lab(chosen)
     return float(np.median(lab[:, 1])), float(np.median(lab[:, 2]))
 
 
@@ -134,34 +136,6 @@ def _outside_skin_hues(a: float, b: float) -> float:
     # angle to the nearer edge of the sector, going round the circle
     off = min((low - hue) % 360.0, (hue - high) % 360.0)
     return chroma * float(np.sin(np.radians(off))) if off < 90.0 else chroma
-
-
-#: sRGB (D65) -> XYZ, and the D65 white point.
-_RGB_TO_XYZ = np.asarray([[0.4124, 0.3576, 0.1805],
-                          [0.2126, 0.7152, 0.0722],
-                          [0.0193, 0.1192, 0.9505]], dtype=np.float32)
-_WHITE = np.asarray([0.95047, 1.0, 1.08883], dtype=np.float32)
-
-
-def _srgb_to_linear() -> NDArray[np.float32]:
-    srgb = np.arange(256, dtype=np.float32) / 255.0
-    return np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4).astype(
-        np.float32)
-
-
-#: sRGB level -> linear light (the sRGB transfer function, as a table of its 256 values)
-_LINEAR = _srgb_to_linear()
-
-
-def _lab(srgb: NDArray[np.uint8]) -> NDArray[np.float32]:
-    """(n, 3) sRGB levels -> (n, 3) CIELAB."""
-    xyz = (_LINEAR[srgb] @ _RGB_TO_XYZ.T) / _WHITE
-    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
-    lab = np.empty_like(f)
-    lab[:, 0] = 116 * f[:, 1] - 16
-    lab[:, 1] = 500 * (f[:, 0] - f[:, 1])
-    lab[:, 2] = 200 * (f[:, 1] - f[:, 2])
-    return lab
 
 
 def _cast_name(a: float, b: float) -> str:

@@ -41,11 +41,19 @@ _SRGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
 _D65_WHITE = np.array([0.95047, 1.0, 1.08883])
 
 
+def _srgb_to_linear() -> NDArray[np.float64]:
+    c = np.arange(256, dtype=np.float64) / 255.0
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+#: sRGB level -> linear light (the sRGB transfer function, as a table of its 256 values)
+_LINEAR = _srgb_to_linear()
+
+
 def srgb_to_lab(rgb: NDArray[np.uint8]) -> NDArray[np.float64]:
-    """(..., 3) uint8 sRGB to (..., 3) CIELAB (D65 white, 2 degree observer)."""
-    c = np.asarray(rgb, dtype=np.float64) / 255.0
-    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    xyz = linear @ _SRGB_TO_XYZ.T / _D65_WHITE
+    """(..., 3) uint8 sRGB to (..., 3) CIELAB (D65 white, 2 degree observer); the one
+    conversion the skin-tone estimate and the quality gate's colour cast share."""
+    xyz = _LINEAR[np.asarray(rgb, dtype=np.uint8)] @ _SRGB_TO_XYZ.T / _D65_WHITE
     delta = 6.0 / 29.0
     f = np.where(xyz > delta**3, np.cbrt(xyz), xyz / (3 * delta**2) + 4.0 / 29.0)
     lightness = 116.0 * f[..., 1] - 16.0
