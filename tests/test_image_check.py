@@ -18,6 +18,7 @@ from PIL import Image
 from eczema_batch.errors import RejectedFileError
 from eczema_batch.imaging import check_bytes, decode_bytes
 from eczema_batch.imaging.budget import DECODE_BUDGET, PixelBudget
+from eczema_batch.imaging.quality import SAMPLE_SIDE
 from eczema_batch.ingest import read as ingest_read
 from eczema_batch.ingest.scan import scan_study
 from tests.memory import peak_rss_above
@@ -86,9 +87,9 @@ def corpus() -> Iterator[bytes]:
                 yield buffer.getvalue()
 
 
-def verdict(check: object, data: bytes) -> tuple[str, ...]:
+def verdict(check: object, data: bytes, **options: object) -> tuple[str, ...]:
     try:
-        result = check(data, max_pixels=LIMIT)  # type: ignore[operator]
+        result = check(data, max_pixels=LIMIT, **options)  # type: ignore[operator]
     except RejectedFileError as exc:
         return ("rejected", str(exc))
     return ("ok", str(result.width), str(result.height), result.format)
@@ -110,10 +111,13 @@ def test_the_check_accepts_and_rejects_exactly_what_a_full_decode_does() -> None
     for original in corpus():
         for data in damaged(original, rng):
             full = verdict(decode_bytes, data)
-            checked = verdict(check_bytes, data)
-            # Same outcome; a rejection may word a corrupt stream differently.
-            if full[0] != checked[0] or (full[0] == "ok" and full != checked):
-                differ.append((len(original), len(data), full, checked))
+            # as ingest calls it (a sample for the quality measures: a PNG is decoded in full
+            # instead of checked) and without a sample
+            for options in ({}, {"sample_side": SAMPLE_SIDE}):
+                checked = verdict(check_bytes, data, **options)
+                # Same outcome; a rejection may word a corrupt stream differently.
+                if full[0] != checked[0] or (full[0] == "ok" and full != checked):
+                    differ.append((len(original), len(data), options, full, checked))
     assert differ == []
 
 
@@ -122,6 +126,7 @@ def test_exif_after_the_pixels_still_turns_the_size() -> None:
     data = interlaced_png(pixels, 2, 8, exif=sideways_exif())
     assert verdict(decode_bytes, data) == ("ok", "30", "50", "png")
     assert verdict(check_bytes, data) == ("ok", "30", "50", "png")
+    assert verdict(check_bytes, data, sample_side=SAMPLE_SIDE) == ("ok", "30", "50", "png")
 
 
 def _photo(side: int) -> Image.Image:

@@ -28,9 +28,9 @@ Why it works this way:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import stat
+import struct
 import warnings
 from dataclasses import dataclass
 from io import BytesIO
@@ -194,11 +194,13 @@ def check_bytes(data: bytes, *, max_pixels: int, pseudonym_key: bytes | None = N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "png":
-            info = _check_png(data, max_pixels=max_pixels)
-            if sample_side is None or info.width * info.height > PNG_SAMPLE_MAX_PIXELS:
-                return info
+            if sample_side is None or _png_pixels(data) > PNG_SAMPLE_MAX_PIXELS:
+                return _check_png(data, max_pixels=max_pixels)
+            # The sample needs every pixel: one full decode, which accepts and rejects exactly
+            # what the check does, rather than the check and then the decode.
             decoded = _decode_photo(data, kind, max_pixels=max_pixels, max_side=sample_side)
-            return dataclasses.replace(info, device=decoded.device, sample=decoded.pixels)
+            return ImageInfo(decoded.width, decoded.height, "png", device=decoded.device,
+                             sample=decoded.pixels)
         if kind == "dicom":
             decoded = _decode_dicom(data, max_pixels=max_pixels, max_side=sample_side,
                                     pseudonym_key=pseudonym_key)
@@ -209,6 +211,19 @@ def check_bytes(data: bytes, *, max_pixels: int, pseudonym_key: bytes | None = N
     return ImageInfo(decoded.width, decoded.height, decoded.format, decoded.dicom,
                      device=decoded.device,
                      sample=decoded.pixels if sample_side is not None else None)
+
+
+def _png_pixels(data: bytes) -> int:
+    """Width x height as the IHDR chunk (always first) declares them; 0 when the file is too short
+    to say (the decode then rejects it)."""
+    if len(data) < _IHDR_END:
+        return 0
+    width, height = struct.unpack_from(">II", data, _IHDR_END - 8)
+    return int(width) * int(height)
+
+
+#: Where a PNG's IHDR width and height end: signature (8), chunk length and type (8), 8 bytes.
+_IHDR_END = 24
 
 
 def _check_png(data: bytes, *, max_pixels: int) -> ImageInfo:
