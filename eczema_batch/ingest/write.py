@@ -227,10 +227,16 @@ class CatalogueWriter:
                 "fitzpatrick": item.fitzpatrick,
                 **self._quality(read),
             })
-        result = session.execute(
-            insert(Image).returning(Image.id, sort_by_parameter_order=True), rows
-        )
-        ids = list(result.scalars())
+        # One executemany, then the new ids by their (unique) content hash: on PostgreSQL an
+        # INSERT ... RETURNING in parameter order took 1.8x as long (one statement of up to
+        # 1,000 rows for the server to plan). render_nulls: every row names every column;
+        # without it the ORM leaves out each row's None values and starts a new statement
+        # wherever that set changes (DICOM UIDs, a camera, a flag): 834 for 2,000 images.
+        session.execute(insert(Image).execution_options(render_nulls=True), rows)
+        by_sha = dict(session.execute(
+            select(Image.sha256, Image.id).where(Image.sha256.in_([row["sha256"] for row in rows]))
+        ).tuples().all())
+        ids = [by_sha[row["sha256"]] for row in rows]
         labels, masks = [], []
         for image_id, item in zip(ids, items, strict=True):
             assert item.read.sha256 is not None
