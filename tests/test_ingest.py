@@ -13,14 +13,16 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from eczema_batch.catalogue.models import Image, Label, Mask, Patient, Rejection, Visit
 from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS
 from eczema_batch.errors import UsageError
 from eczema_batch.ingest.manifest import read_manifest
-from eczema_batch.ingest.service import IngestReport, ingest_study
+from eczema_batch.ingest.read import FileRead
+from eczema_batch.ingest.service import MIN_BATCH_FILES, IngestReport, _batches, ingest_study
+from eczema_batch.synth import write_synthetic_study
 from tests.factories import (
     png_header_only,
     truncated_jpeg,
@@ -515,3 +517,41 @@ def test_manifest_mask_that_is_missing_rejects_the_mask_not_the_photograph(
     assert "must be relative to the study folder" in rejected["../leg.png"]["reason"]
     with factory() as session:
         assert count(session, Image) == 2
+
+
+def test_a_mixed_batch_is_one_insert_of_images_and_every_id_is_its_own(
+    tmp_path: Path, factory: sessionmaker[Session]
+) -> None:
+    # Photos and DICOM, with and without a camera, flagged and not: rows whose None values differ
+    # once made the ORM start a new INSERT at every change (834 for 2,000 images).
+    root = tmp_path / "study"
+    write_synthetic_study(root, patients=3, visits=2, seed=4, dicom_fraction=0.4)
+    statements: list[str] = []
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if statement.startswith("INSERT INTO images"):
+            statements.append(statement)
+
+    engine = factory.kw["bind"]
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        report = run_ingest(root, factory, processes=1)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert report.catalogued == 12 and len(statements) == 1
+    with factory() as session:
+        rows = session.execute(select(Image.id, Image.path, Image.format)).all()
+    files = {p.relative_to(root).as_posix() for p in root.rglob("*")
+             if p.suffix in {".jpg", ".png", ".dcm"} and ".mask." not in p.name}
+    assert {path for _, path, _ in rows} == files
+    assert {fmt for _, _, fmt in rows} >= {"jpeg", "dicom"}
+
+
+def test_batches_shrink_towards_the_end_and_keep_every_read() -> None:
+    reads = [FileRead(rel=str(i)) for i in range(2000)]
+    sizes = [len(batch) for batch in _batches(iter(reads), 500, len(reads))]
+    assert sum(sizes) == 2000 and sizes[0] == 500 and max(sizes) == 500
+    assert sizes == sorted(sizes, reverse=True)
+    assert sizes[-1] <= MIN_BATCH_FILES
+    flat = [read.rel for batch in _batches(iter(reads), 500, len(reads)) for read in batch]
+    assert flat == [read.rel for read in reads]

@@ -235,7 +235,7 @@ class CatalogueWriter:
         session.execute(insert(Image).execution_options(render_nulls=True), rows)
         by_sha = dict(session.execute(
             select(Image.sha256, Image.id).where(Image.sha256.in_([row["sha256"] for row in rows]))
-        ).tuples().all())
+        ).all())
         ids = [by_sha[row["sha256"]] for row in rows]
         labels, masks = [], []
         for image_id, item in zip(ids, items, strict=True):
