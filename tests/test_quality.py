@@ -13,6 +13,7 @@ from eczema_batch.config import Settings, get_settings
 from eczema_batch.imaging import check_bytes
 from eczema_batch.imaging.camera import MAX_DEVICE, camera_name
 from eczema_batch.imaging.quality import (
+    METHOD,
     SAMPLE_SIDE,
     QualityThresholds,
     flag_reasons,
@@ -99,7 +100,7 @@ def test_skin_under_warm_light_and_a_blue_drape_at_the_edge_pass() -> None:
 
 def test_the_record_keeps_measures_and_thresholds_and_the_flag_says_why() -> None:
     doc, flag = quality_record(measure(blurred(skin_checkerboard(), 4)), QualityThresholds())
-    assert doc["method"] == 1 and doc["side"] == SAMPLE_SIDE
+    assert doc["method"] == METHOD and doc["side"] == SAMPLE_SIDE
     assert doc["thresholds"] == QualityThresholds().as_dict()
     assert set(doc) >= {"sharpness", "luminance", "dark_share", "bright_share", "cast"}
     assert flag is not None and flag.startswith("blurred")

@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 #: Longest side of the copy measured (pixels); images already smaller are measured as they are.
 SAMPLE_SIDE = 512
 #: Changes when a measure's definition changes (not when thresholds do: those are stored too).
-METHOD = 1
+#: 1: the whole copy; 2: strips of its rows (BAND_ROWS of every BAND_PERIOD), the colour median
+#: of 1,024 pixels (the same quantities, estimated; measures already stored are kept).
+METHOD = 2
 #: Grey levels at or below / at or above these are clipped shadows / highlights.
 DARK_LEVEL = 2
 BRIGHT_LEVEL = 253
