@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import os
 import shutil
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from eczema_batch.catalogue.models import Image, Label, Mask, Patient, Rejection, Visit
 from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS
 from eczema_batch.errors import UsageError
+from eczema_batch.ingest import write
 from eczema_batch.ingest.manifest import read_manifest
 from eczema_batch.ingest.read import FileRead
 from eczema_batch.ingest.service import MIN_BATCH_FILES, IngestReport, _batches, ingest_study
@@ -520,7 +522,7 @@ def test_manifest_mask_that_is_missing_rejects_the_mask_not_the_photograph(
 
 
 def test_a_mixed_batch_is_one_insert_of_images_and_every_id_is_its_own(
-    tmp_path: Path, factory: sessionmaker[Session]
+    tmp_path: Path, factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Photos and DICOM, with and without a camera, flagged and not: rows whose None values differ
     # once made the ORM start a new INSERT at every change (834 for 2,000 images).
@@ -532,6 +534,7 @@ def test_a_mixed_batch_is_one_insert_of_images_and_every_id_is_its_own(
         if statement.startswith("INSERT INTO images"):
             statements.append(statement)
 
+    monkeypatch.setattr(write, "ID_LOOKUP_CHUNK", 5)  # the new ids read back in 3 lookups
     engine = factory.kw["bind"]
     event.listen(engine, "before_cursor_execute", seen)
     try:
@@ -541,6 +544,14 @@ def test_a_mixed_batch_is_one_insert_of_images_and_every_id_is_its_own(
     assert report.catalogued == 12 and len(statements) == 1
     with factory() as session:
         rows = session.execute(select(Image.id, Image.path, Image.format)).all()
+        # each image's label and mask went to its own id
+        labelled = dict(session.execute(
+            select(Image.path, Label.severity).join(Label, Label.image_id == Image.id)).all())
+        masked = set(session.execute(
+            select(Image.path).join(Mask, Mask.image_id == Image.id)).scalars())
+    manifest = list(csv.DictReader((root / "manifest.csv").open(encoding="utf-8")))
+    assert labelled == {row["path"]: int(row["severity"]) for row in manifest}
+    assert masked == {row["path"] for row in manifest if row["mask"]} != set()
     files = {p.relative_to(root).as_posix() for p in root.rglob("*")
              if p.suffix in {".jpg", ".png", ".dcm"} and ".mask." not in p.name}
     assert {path for _, path, _ in rows} == files

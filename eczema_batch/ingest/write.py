@@ -53,6 +53,10 @@ class _Known:
     study_id: int
 
 
+#: Content hashes per lookup of new ids: SQLite takes at most 32,766 parameters a statement.
+ID_LOOKUP_CHUNK = 1000
+
+
 class CatalogueWriter:
     def __init__(
         self, *, factory: sessionmaker[Session], study_id: int, present: set[str] | None = None,
@@ -233,9 +237,12 @@ class CatalogueWriter:
         # without it the ORM leaves out each row's None values and starts a new statement
         # wherever that set changes (DICOM UIDs, a camera, a flag): 834 for 2,000 images.
         session.execute(insert(Image).execution_options(render_nulls=True), rows)
-        by_sha = dict(session.execute(
-            select(Image.sha256, Image.id).where(Image.sha256.in_([row["sha256"] for row in rows]))
-        ).all())
+        shas = [row["sha256"] for row in rows]
+        by_sha: dict[str, int] = {}
+        for start in range(0, len(shas), ID_LOOKUP_CHUNK):  # a batch may be any size
+            chunk = shas[start:start + ID_LOOKUP_CHUNK]
+            by_sha.update(session.execute(
+                select(Image.sha256, Image.id).where(Image.sha256.in_(chunk))).all())
         ids = [by_sha[row["sha256"]] for row in rows]
         labels, masks = [], []
         for image_id, item in zip(ids, items, strict=True):
