@@ -7,7 +7,6 @@ import colorsys
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,18 +26,10 @@ from eczema_batch.pipeline.derived import PatientRef, read_identity
 from eczema_batch.pipeline.dino_loss import DINOHead, DINOLoss, teacher_temperatures
 from eczema_batch.pipeline.loading import load_embedder, load_trainable_backbone, weights_digest
 from eczema_batch.synth import write_synthetic_study
-from tests._model_fixtures import tiny_model_dir  # noqa: F401
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    # Tiny models: extra threads only contend on a shared machine, and one thread keeps the
-    # float sums in one order (the resume test compares weights exactly).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+from tests._model_fixtures import (
+    one_torch_thread,  # noqa: F401
+    tiny_model_dir,  # noqa: F401
+)
 
 # --- the loss by hand ---------------------------------------------------------------------------
 

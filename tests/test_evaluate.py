@@ -6,14 +6,12 @@ from __future__ import annotations
 import csv
 import json
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import (
     accuracy_score,
     cohen_kappa_score,
@@ -48,18 +46,13 @@ from eczema_batch.synth import write_synthetic_study
 from eczema_batch.training.evaluate import EvaluationResult, EvaluationSettings, run_evaluation
 from eczema_batch.training.report import report_json
 from eczema_batch.training.results import EvaluationReport
-from tests._model_fixtures import tiny_model_dir  # noqa: F401
+from tests._model_fixtures import (
+    one_torch_thread,  # noqa: F401
+    small_study_fixture,  # noqa: F401
+    tiny_model_dir,  # noqa: F401
+)
 
 CLASSES = ("clear", "mild", "moderate", "severe")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    # The tiny models are latency-bound: on a shared 2-core machine extra threads only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- metrics on a hand-made case ----------------------------------------------------------------
@@ -295,15 +288,6 @@ def _check_layout(report: EvaluationReport) -> None:
     # Which of a subgroup row's intervals are defined differs by row: its paths in any order.
     assert sorted(_layout(document.pop("subgroups"))) == sorted(_layout(_LAYOUT["subgroups"]))
     assert _layout(document) == _layout({k: v for k, v in _LAYOUT.items() if k != "subgroups"})
-
-
-@pytest.fixture
-def small_study(tmp_path: Path, factory: sessionmaker[Session]) -> Path:
-    root = tmp_path / "study"
-    # 48 images of 8 patients, 14 references; labels per class 22, 12, 8, 6.
-    write_synthetic_study(root, patients=8, visits=3, seed=0, size=(64, 48))
-    assert ingest_study(root, factory=factory, max_pixels=DEFAULT_MAX_IMAGE_PIXELS).exit_code == 0
-    return root
 
 
 def test_evaluate_is_leak_free_cached_and_repeatable(

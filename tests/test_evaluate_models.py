@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,19 +32,14 @@ from eczema_batch.training.evaluate import EvaluationSettings, run_evaluation
 from eczema_batch.training.leakage import UsedModel, check_scorable, exclusion, scored_splits
 from eczema_batch.training.report import report_json, summary_tables
 from eczema_batch.training.results import EvaluationReport
-from tests._model_fixtures import tiny_model_dir_fixture  # noqa: F401
+from tests._model_fixtures import (
+    one_torch_thread,  # noqa: F401
+    tiny_model_dir_fixture,  # noqa: F401
+)
 
 #: small and quick: the rule and the pairing are under test, not the figures
 SETTINGS = EvaluationSettings(folds=3, repeats=1, fractions=(1.0,), bootstrap=50,
                               ablation=False, train=TrainSettings(epochs=5))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

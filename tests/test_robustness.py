@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from eczema_batch.catalogue.models import Embedding, Mask
 from eczema_batch.cli import app
-from eczema_batch.config import DEFAULT_MAX_IMAGE_PIXELS
-from eczema_batch.ingest.service import ingest_study
 from eczema_batch.measuring.config import RunConfig
 from eczema_batch.pipeline.evaluate import Split
 from eczema_batch.pipeline.perturb import (
@@ -31,21 +27,16 @@ from eczema_batch.pipeline.perturb import (
     image_rng,
 )
 from eczema_batch.pipeline.train import TrainSettings
-from eczema_batch.synth import write_synthetic_study
 from eczema_batch.training import evaluate as evaluate_module
 from eczema_batch.training.evaluate import EvaluationSettings, run_evaluation
 from eczema_batch.training.report import summary_tables
 from eczema_batch.training.results import EvaluationReport
 from eczema_batch.training.robustness import sample_held_out
-from tests._model_fixtures import tiny_model_dir_fixture  # noqa: F401
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests._model_fixtures import (
+    one_torch_thread,  # noqa: F401
+    small_study_fixture,  # noqa: F401
+    tiny_model_dir_fixture,  # noqa: F401
+)
 
 
 def _textured(seed: int = 0, size: tuple[int, int] = (48, 64)) -> np.ndarray:
@@ -186,15 +177,6 @@ def test_the_sample_spreads_over_patients() -> None:
 
 
 # --- end to end ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def small_study(tmp_path: Path, factory: sessionmaker[Session]) -> Path:
-    root = tmp_path / "study"
-    # 48 images of 8 patients, 14 references (the evaluate tests' study).
-    write_synthetic_study(root, patients=8, visits=3, seed=0, size=(64, 48))
-    assert ingest_study(root, factory=factory, max_pixels=DEFAULT_MAX_IMAGE_PIXELS).exit_code == 0
-    return root
 
 
 def _stored(factory: sessionmaker[Session]) -> tuple[list[tuple[object, ...]], ...]:

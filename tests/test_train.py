@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +28,14 @@ from eczema_batch.pipeline.train import (
 )
 from eczema_batch.synth import write_synthetic_study
 from eczema_batch.training.data import labelled_images
-from tests._model_fixtures import tiny_model_dir  # noqa: F401
+from tests._model_fixtures import (
+    one_torch_thread,  # noqa: F401
+    small_study_fixture,  # noqa: F401
+    tiny_model_dir,  # noqa: F401
+)
 
 runner = CliRunner()
 MODELS = ("--segmenter-model", "tiny-seggpt", "--embedder-model", "tiny-dino")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    # The tiny models are latency-bound: on a shared 2-core machine extra threads only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _blobs(n: int = 120, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -110,12 +104,8 @@ def test_too_few_labels_names_every_count() -> None:
 
 
 @pytest.fixture
-def study(tmp_path: Path, factory: sessionmaker[Session]) -> Path:
-    root = tmp_path / "study"
-    # 48 images; labels per class 22, 12, 8, 6 (all >= 5).
-    write_synthetic_study(root, patients=8, visits=3, seed=0, size=(64, 48))
-    assert ingest_study(root, factory=factory, max_pixels=DEFAULT_MAX_IMAGE_PIXELS).exit_code == 0
-    return root
+def study(small_study: Path) -> Path:
+    return small_study
 
 
 def cli(*args: str) -> tuple[int, str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,18 +43,13 @@ from eczema_batch.training.tune_segmenter import (
     split_patients,
     tune_study_segmenter,
 )
-from tests._model_fixtures import tiny_model_dir_fixture  # noqa: F401
+from tests._model_fixtures import (
+    one_torch_thread,  # noqa: F401
+    tiny_model_dir_fixture,  # noqa: F401
+)
 
 runner = CliRunner()
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _images(count: int, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
